@@ -1,0 +1,106 @@
+"""Augmentation on whole batches of tensors (N, 1, H, W), floats in [0, 1], on any device.
+
+Every random draw comes from the CPU generator passed in and is then moved to the batch's
+device, so the random stream is the same on every device, a run is repeatable, and a resumed
+run continues it exactly. One batched op per transform, no per-image Python.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, fields
+
+import torch
+import torch.nn.functional as F
+
+
+@dataclass(frozen=True)
+class Augment:
+    flip: float = 0.0  # probability of a horizontal flip
+    crop: int = 0  # random translation of up to this many pixels (pad with background, crop back)
+    rotate: float = 0.0  # random rotation in [-rotate, rotate] degrees
+    scale: float = 0.0  # random zoom in [1 - scale, 1 + scale]
+    erase: float = 0.0  # probability of random erasing (one rectangle, 2% to 25% of the image)
+
+    @classmethod
+    def from_dict(cls, d: dict | None) -> "Augment":
+        d = dict(d or {})
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"unknown augmentation {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        return cls(**d)
+
+    def to_dict(self) -> dict:
+        return {k: v for k, v in asdict(self).items() if v}
+
+    @property
+    def active(self) -> bool:
+        return any(asdict(self).values())
+
+    def __call__(self, x: torch.Tensor, g: torch.Generator) -> torch.Tensor:
+        if self.flip:
+            x = random_flip(x, self.flip, g)
+        if self.rotate or self.scale:
+            x = random_affine(x, self.rotate, self.scale, g)
+        if self.crop:
+            x = random_translate(x, self.crop, g)
+        if self.erase:
+            x = random_erase(x, self.erase, g)
+        return x
+
+
+def _rand(n: int, g: torch.Generator, device) -> torch.Tensor:
+    return torch.rand(n, generator=g).to(device)
+
+
+def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
+    return _rand(n, g, device) * (hi - lo) + lo
+
+
+def random_flip(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    mask = _rand(x.shape[0], g, x.device) < p
+    return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
+def random_translate(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:
+    """Shift each image by its own (dy, dx) in [-pad, pad], filling with zeros (the background)."""
+    n, c, h, w = x.shape
+    padded = F.pad(x, (pad, pad, pad, pad))
+    oy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    ox = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    rows = (oy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # (n,1,h,1)
+    cols = (ox[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # (n,1,1,w)
+    batch = torch.arange(n, device=x.device)[:, None, None, None]
+    chan = torch.arange(c, device=x.device)[None, :, None, None]
+    return padded[batch, chan, rows, cols]
+
+
+def random_affine(x: torch.Tensor, degrees: float, scale: float, g: torch.Generator) -> torch.Tensor:
+    n = x.shape[0]
+    angle = _uniform(n, -degrees, degrees, g, x.device) * (math.pi / 180)
+    zoom = _uniform(n, 1 - scale, 1 + scale, g, x.device)
+    cos, sin = torch.cos(angle) / zoom, torch.sin(angle) / zoom
+    zeros = torch.zeros_like(cos)
+    theta = torch.stack([torch.stack([cos, -sin, zeros], 1), torch.stack([sin, cos, zeros], 1)], 1)
+    grid = F.affine_grid(theta.to(x.dtype), list(x.shape), align_corners=False)
+    return F.grid_sample(x, grid, mode="bilinear", padding_mode="zeros", align_corners=False)
+
+
+def random_erase(x: torch.Tensor, p: float, g: torch.Generator, area=(0.02, 0.25), ratio=(0.3, 3.3)) -> torch.Tensor:
+    """Zero one random rectangle per chosen image (Zhong et al., random erasing)."""
+    n, _, h, w = x.shape
+    dev = x.device
+    frac = _uniform(n, *area, g, dev)
+    log_r = _uniform(n, math.log(ratio[0]), math.log(ratio[1]), g, dev)
+    aspect = torch.exp(log_r)
+    eh = torch.sqrt(frac * h * w * aspect).clamp(1, h)
+    ew = torch.sqrt(frac * h * w / aspect).clamp(1, w)
+    y0 = _rand(n, g, dev) * (h - eh)
+    x0 = _rand(n, g, dev) * (w - ew)
+    chosen = _rand(n, g, dev) < p
+    ys = torch.arange(h, device=dev)[None, :, None]
+    xs = torch.arange(w, device=dev)[None, None, :]
+    inside = ((ys >= y0[:, None, None]) & (ys < (y0 + eh)[:, None, None])
+              & (xs >= x0[:, None, None]) & (xs < (x0 + ew)[:, None, None]) & chosen[:, None, None])
+    return x.masked_fill(inside[:, None], 0.0)

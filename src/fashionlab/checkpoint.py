@@ -1,0 +1,137 @@
+"""Run-folder files: model weights and training state in safetensors, descriptions in JSON.
+
+Nothing here is a pickle: a checkpoint is tensors plus JSON, so loading one never runs code.
+Every file is written to a temporary name and renamed, so a crash leaves the old file or the
+new one, never half of one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors.torch import load_file, save_file
+from safetensors import safe_open
+
+from . import models
+from .errors import UserError
+
+MODEL_WEIGHTS, MODEL_JSON, STATE_FILE = "model.safetensors", "model.json", "checkpoint.safetensors"
+
+
+class RunError(UserError):
+    """A run folder is missing a file or holds one that cannot be read."""
+
+
+def atomic_path(path: Path):
+    """A temporary sibling path; the caller writes it and then calls os.replace."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    os.close(fd)
+    return Path(tmp)
+
+
+def write_json(path: Path, obj: Any) -> None:
+    path = Path(path)
+    tmp = atomic_path(path)
+    try:
+        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def read_json(path: Path) -> Any:
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: file not found")
+    try:
+        return json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise RunError(f"{path}: not valid JSON ({e})") from None
+
+
+def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
+    tmp = atomic_path(path)
+    try:
+        # safetensors wants contiguous, non-shared tensors; clone detaches from the live model.
+        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata)
+        os.replace(tmp, path)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def save_model(run_dir: Path, model: torch.nn.Module, info: dict[str, Any]) -> None:
+    """model.safetensors (weights, with model.json's content as metadata) and model.json."""
+    run_dir = Path(run_dir)
+    _save_tensors(run_dir / MODEL_WEIGHTS, model.state_dict(), {"fashionlab": json.dumps(info)})
+    write_json(run_dir / MODEL_JSON, info)
+
+
+def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a model from a run folder (or a folder with model.json + model.safetensors)."""
+    run_dir = Path(run_dir)
+    if not run_dir.is_dir():
+        raise RunError(f"{run_dir}: no such run folder")
+    info = read_json(run_dir / MODEL_JSON)
+    for key in ("family", "kwargs"):
+        if key not in info.get("architecture", {}):
+            raise RunError(f"{run_dir / MODEL_JSON}: field architecture.{key} is missing")
+    arch = info["architecture"]
+    model = models.build_from_spec(arch["family"], arch["kwargs"])
+    weights = run_dir / MODEL_WEIGHTS
+    if not weights.is_file():
+        raise RunError(f"{weights}: file not found")
+    try:
+        state = load_file(str(weights))
+    except Exception as e:  # safetensors raises its own error types
+        raise RunError(f"{weights}: not a readable safetensors file ({e})") from None
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    if missing or unexpected:
+        raise RunError(f"{weights}: weights do not fit {arch['name']!r}: missing {missing}, unexpected {unexpected}")
+    return model.to(device).eval(), info
+
+
+# --------------------------------------------------------------------------- training state
+
+def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer,
+               extra_tensors: dict[str, torch.Tensor], state: dict[str, Any]) -> None:
+    """Everything needed to continue training, in one file: one rename makes it visible."""
+    tensors = {f"model.{k}": v for k, v in model.state_dict().items()}
+    opt = optimizer.state_dict()
+    opt_meta: dict[str, Any] = {"param_groups": opt["param_groups"], "state": {}}
+    for pid, pstate in opt["state"].items():
+        opt_meta["state"][str(pid)] = {}
+        for name, value in pstate.items():
+            if isinstance(value, torch.Tensor):
+                tensors[f"optim.{pid}.{name}"] = value
+                opt_meta["state"][str(pid)][name] = "tensor"
+            else:
+                opt_meta["state"][str(pid)][name] = value
+    tensors.update({f"extra.{k}": v for k, v in extra_tensors.items()})
+    _save_tensors(Path(path), tensors, {"state": json.dumps(state), "optimizer": json.dumps(opt_meta)})
+
+
+def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
+               ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    path = Path(path)
+    try:
+        with safe_open(str(path), framework="pt") as fh:
+            meta = fh.metadata()
+        tensors = load_file(str(path))
+    except Exception as e:
+        raise RunError(f"{path}: not a readable checkpoint ({e})") from None
+    model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    opt_meta = json.loads(meta["optimizer"])
+    opt_state: dict[int, dict[str, Any]] = {}
+    for pid, pstate in opt_meta["state"].items():
+        opt_state[int(pid)] = {
+            name: (tensors[f"optim.{pid}.{name}"] if value == "tensor" else value) for name, value in pstate.items()
+        }
+    optimizer.load_state_dict({"state": opt_state, "param_groups": opt_meta["param_groups"]})
+    extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
+    return extra, json.loads(meta["state"])

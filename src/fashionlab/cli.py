@@ -1,0 +1,272 @@
+"""The `fashionlab` command: parses arguments and calls the library; no logic of its own."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from . import __version__
+
+def _user_errors():
+    from .errors import UserError
+    return (UserError, ValueError, KeyError, FileNotFoundError, FileExistsError, NotADirectoryError)
+
+
+def _message(e: BaseException) -> str:
+    return str(e.args[0]) if isinstance(e, KeyError) and e.args else str(e)
+
+
+# --------------------------------------------------------------------------- shared options
+
+def _data_options(p: argparse.ArgumentParser) -> None:
+    g = p.add_argument_group("data")
+    g.add_argument("--data-dir", help="folder with the four IDX files (.gz or decompressed); searched first")
+    g.add_argument("--offline", action="store_true", default=None,
+                   help="never download (also FASHIONLAB_OFFLINE=1)")
+    g.add_argument("--class-names", help="comma-separated class names, or a file with one per line: "
+                                         "use --data-dir as a custom IDX dataset (no reference checksums)")
+
+
+def _class_names(value: str | None) -> list[str] | None:
+    if not value:
+        return None
+    path = Path(value)
+    if path.is_file():
+        names = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    else:
+        names = [n.strip() for n in value.split(",") if n.strip()]
+    return names
+
+
+def load_data(args, quiet: bool = False):
+    from . import data
+    names = _class_names(getattr(args, "class_names", None))
+    if names and not args.data_dir:
+        raise ValueError("--class-names describes a custom dataset: give its folder with --data-dir")
+    spec = data.custom_spec(names) if names else data.FASHION_MNIST
+    return data.load(spec, data_dir=args.data_dir, offline=args.offline,
+                     progress=None if quiet else (lambda m: print(m, file=sys.stderr)))
+
+
+def _runtime_options(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    p.add_argument("--precision", choices=["auto", "fp32", "bf16"], default=None,
+                   help="auto: bf16 autocast and channels_last where the CPU or GPU supports it")
+
+
+def _key_values(text: str | None, flag: str) -> dict:
+    """'a=1,b=[3,5],c=max' -> {'a': 1, 'b': [3, 5], 'c': 'max'} (values parsed as JSON when they can be)."""
+    if not text:
+        return {}
+    out = {}
+    for part in _split_top(text):
+        if "=" not in part:
+            raise ValueError(f"{flag} {text!r}: expected key=value pairs separated by commas, got {part!r}")
+        key, value = part.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas that are not inside brackets, so list values survive."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{("
+        depth -= ch in "]})"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p for p in parts + [cur] if p.strip()]
+
+
+# --------------------------------------------------------------------------- commands
+
+def cmd_data(args) -> int:
+    import numpy as np
+    ds = load_data(args)
+    print(f"dataset      {ds.name}")
+    print(f"source       {ds.source}")
+    print(f"verified     {ds.verification}")
+    for split, x, y in (("train", ds.train_images, ds.train_labels), ("test", ds.test_images, ds.test_labels)):
+        print(f"{split:<12} images {tuple(x.shape)} {x.dtype}, pixels {int(x.min())}..{int(x.max())}; "
+              f"labels {tuple(y.shape)} {y.dtype}")
+    counts_tr = np.bincount(ds.train_labels, minlength=ds.num_classes)
+    counts_te = np.bincount(ds.test_labels, minlength=ds.num_classes)
+    print(f"\n{'class':<4} {'name':<14} {'train':>7} {'test':>6}")
+    for i, name in enumerate(ds.class_names):
+        print(f"{i:<4} {name:<14} {counts_tr[i]:>7} {counts_te[i]:>6}")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from . import models
+    print(f"{'name':<14} {'family':<9} {'params':>11}  origin")
+    for name, entry in models.MODELS.items():
+        n = models.count_params(models.build_model(name))
+        print(f"{name:<14} {entry.family:<9} {n:>11,}  {entry.origin}")
+    if args.summary:
+        rows = models.summary(models.build_model(args.summary))
+        print(f"\n{args.summary}:\n{'layer':<12} {'type':<12} {'output shape':<18} {'params':>10}")
+        for r in rows:
+            print(f"{r['layer']:<12} {r['type']:<12} {str(tuple(r['output_shape'])):<18} {r['params']:>10,}")
+    return 0
+
+
+def cmd_recipes(args) -> int:
+    from .recipes import RECIPES
+    for r in RECIPES.values():
+        ref = ", ".join(f"{m} {a:.2%}" for m, a in r.reference.items()) or "none"
+        print(f"{r.name}\n  {r.description}\n  models: {', '.join(r.models)}; reported: {ref}")
+    return 0
+
+
+def train_config_from_args(args):
+    from .train import make_config
+    return make_config(
+        recipe=args.recipe, model=args.model, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        optimizer=args.optimizer, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
+        label_smoothing=args.label_smoothing, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
+        val_split=args.val_split, patience=args.patience, monitor=args.monitor, ema=args.ema,
+        tta_flip=args.tta_flip, seed=args.seed, subset=args.subset, device=args.device, precision=args.precision,
+        augment=_key_values(args.augment, "--augment") or None,
+        model_args=_key_values(args.model_arg, "--model-arg") or None,
+        class_names=_class_names(args.class_names),
+    )
+
+
+def cmd_train(args) -> int:
+    from . import train
+    if args.resume:
+        train.resume(args.resume, quiet=args.quiet, data_dir=args.data_dir, offline=args.offline)
+        return 0
+    cfg = train_config_from_args(args)
+    train.train(cfg, args.out, quiet=args.quiet, data_dir=args.data_dir, offline=args.offline)
+    return 0
+
+
+def cmd_evaluate(args) -> int:
+    from . import checkpoint, evaluate
+    from .device import resolve
+    from .train import TrainConfig
+    model, info = checkpoint.load_model(args.run)
+    saved = checkpoint.read_json(Path(args.run) / "config.json")
+    args.class_names = args.class_names or (",".join(saved["class_names"]) if saved.get("class_names") else None)
+    ds = load_data(args)
+    rt = resolve(args.device or saved.get("device", "auto"), args.precision or info.get("precision", "auto"),
+                 conv_model=info["architecture"].get("channels_last", True))
+    import torch
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    model = model.to(rt.device)
+    m = evaluate.evaluate_model(model, ds.test_images, ds.test_labels, ds.class_names, rt,
+                                saved.get("eval_batch_size", TrainConfig.eval_batch_size), info.get("tta_flip", False))
+    if args.json:
+        print(json.dumps(m, indent=2))
+        return 0
+    print(f"test accuracy {m['test_accuracy']:.4f}   loss {m['test_loss']:.4f}   ECE {m['ece']:.4f}\n")
+    print(f"{'class':<14} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}")
+    for name, s in m["per_class"].items():
+        print(f"{name:<14} {s['precision']:>9.4f} {s['recall']:>7.4f} {s['f1']:>7.4f} {s['support']:>8}")
+    print("\nconfusion matrix (rows = true class, columns = predicted):")
+    for name, row in zip(ds.class_names, m["confusion_matrix"]):
+        print(f"{name:<14} " + " ".join(f"{v:>5}" for v in row))
+    print("\nmost confused: " + "; ".join(f"{p['true']} -> {p['predicted']} ({p['count']})" for p in m["most_confused"]))
+    stored = Path(args.run) / "metrics.json"
+    if stored.exists():
+        ref = checkpoint.read_json(stored)
+        same = abs(ref["test_accuracy"] - m["test_accuracy"]) < 1e-9 and abs(ref["test_loss"] - m["test_loss"]) < 1e-6
+        print(f"\n{'matches' if same else 'DIFFERS FROM'} {stored} (accuracy {ref['test_accuracy']:.4f}, loss {ref['test_loss']:.4f})")
+    return 0
+
+
+def cmd_predict(args) -> int:
+    from . import predict
+    model_run = predict.Predictor.from_run(args.run, device=args.device or "auto")
+    for path in args.images:
+        images = predict.images.load_images(path)
+        for i, ranked in enumerate(model_run.predict(images, top_k=args.top_k)):
+            label = f"{path}[{i}]" if len(images) > 1 else str(path)
+            print(label + ": " + ", ".join(f"{r['label']} {r['score']:.3f}" for r in ranked))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fashionlab", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser.add_argument("--version", action="version", version=f"fashionlab {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    p = sub.add_parser("data", help="find, verify and describe the dataset")
+    _data_options(p)
+    p.set_defaults(func=cmd_data)
+
+    p = sub.add_parser("models", help="list registered models with parameter counts")
+    p.add_argument("--summary", metavar="MODEL", help="also print one model's layers, output shapes and parameters")
+    p.set_defaults(func=cmd_models)
+
+    p = sub.add_parser("recipes", help="list training recipes and the figures their studies reported")
+    p.set_defaults(func=cmd_recipes)
+
+    p = sub.add_parser("train", help="train a model and write a run folder")
+    p.add_argument("--model", help="registered model name (see `fashionlab models`)")
+    p.add_argument("--model-arg", metavar="K=V,...", help="override model arguments, e.g. dropout=0.3,channels=[16,32]")
+    p.add_argument("--recipe", help="named preset (see `fashionlab recipes`); explicit flags override it")
+    p.add_argument("--epochs", type=int)
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--lr", type=float)
+    p.add_argument("--optimizer", choices=["adam", "adamw", "sgd"])
+    p.add_argument("--momentum", type=float)
+    p.add_argument("--nesterov", action="store_true", default=None)
+    p.add_argument("--weight-decay", type=float)
+    p.add_argument("--label-smoothing", type=float)
+    p.add_argument("--schedule", choices=["constant", "cosine", "onecycle"])
+    p.add_argument("--warmup-epochs", type=float)
+    p.add_argument("--val-split", type=float, help="fraction of training images held out for validation")
+    p.add_argument("--patience", type=int, help="early stopping after this many epochs without improvement")
+    p.add_argument("--monitor", choices=["val_accuracy", "val_loss"])
+    p.add_argument("--augment", metavar="K=V,...", help="e.g. flip=0.5,crop=2,rotate=10,scale=0.1,erase=0.25")
+    p.add_argument("--ema", type=float, help="evaluate an exponential moving average of the weights (decay)")
+    p.add_argument("--tta-flip", action="store_true", default=None, help="average predictions with mirror images")
+    p.add_argument("--seed", type=int)
+    p.add_argument("--subset", type=int, metavar="N", help="train on a stratified subset of N training images")
+    p.add_argument("--out", help="run folder (default runs/<time>-<model>)")
+    p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
+    p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    _runtime_options(p)
+    _data_options(p)
+    p.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("evaluate", help="evaluate a run on the test set")
+    p.add_argument("run")
+    p.add_argument("--json", action="store_true", help="print all metrics as JSON")
+    _runtime_options(p)
+    _data_options(p)
+    p.set_defaults(func=cmd_evaluate)
+
+    p = sub.add_parser("predict", help="classify PNG/JPEG images or .npy arrays with a trained run")
+    p.add_argument("run")
+    p.add_argument("images", nargs="+")
+    p.add_argument("--top-k", type=int, default=3)
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    p.set_defaults(func=cmd_predict)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .train import TrainingInterrupted
+    try:
+        return args.func(args) or 0
+    except TrainingInterrupted as e:
+        print(f"\nfashionlab {args.command}: {e}; continue with: fashionlab train --resume {e.run_dir}", file=sys.stderr)
+        return 128 + e.signum
+    except _user_errors() as e:
+        print(f"fashionlab {args.command}: error: {_message(e)}", file=sys.stderr)
+        return 2

@@ -1,0 +1,75 @@
+"""Where and at what precision code runs: one object, resolved once, passed everywhere.
+
+Behaviour (shuffling, augmentation, schedules) never depends on the device; only speed does.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+from dataclasses import dataclass
+
+import torch
+
+DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def cpu_has_bf16() -> bool:
+    """AVX-512 BF16 or AMX: bf16 matrix work runs natively (several times fp32 speed)."""
+    try:
+        return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    except AttributeError:  # older torch
+        return False
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name not in DEVICES:
+        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {name!r}")
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda: no CUDA device is available to this PyTorch build")
+    if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
+        raise ValueError("--device mps: MPS is not available on this machine")
+    return torch.device(name)
+
+
+def bf16_supported(device: torch.device) -> bool:
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        return cpu_has_bf16()
+    return False  # MPS autocast support varies by OS version; fp32 is the safe default
+
+
+@dataclass(frozen=True)
+class Runtime:
+    device: torch.device
+    precision: str  # "fp32" or "bf16" (resolved, never "auto")
+    channels_last: bool
+
+    def autocast(self):
+        if self.precision == "bf16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return nullcontext()
+
+    def describe(self) -> dict:
+        return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
+                "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+
+def resolve(device: str = "auto", precision: str = "auto", conv_model: bool = True) -> Runtime:
+    dev = resolve_device(device)
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+    if precision == "auto":
+        precision = "bf16" if bf16_supported(dev) else "fp32"
+    elif precision == "bf16" and dev.type == "mps":
+        raise ValueError("--precision bf16 is not supported on MPS here; use fp32")
+    # NHWC layout only pays for convolutions with a fast bf16/tensor-core path.
+    channels_last = conv_model and precision == "bf16" and dev.type in ("cpu", "cuda")
+    return Runtime(dev, precision, channels_last)

@@ -1,0 +1,128 @@
+"""Prediction over tensors and the metrics of DESIGN.md: accuracy, loss, per-class scores,
+confusion matrix (rows = true class), most-confused pairs, calibration (ECE, reliability bins)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from .device import Runtime
+
+
+def to_input(images_u8: torch.Tensor, runtime: Runtime | None = None) -> torch.Tensor:
+    """uint8 (N, 28, 28) or (N, 1, 28, 28) -> float pixels in [0, 1], (N, 1, 28, 28)."""
+    x = images_u8.float().div_(255.0)
+    if x.dim() == 3:
+        x = x.unsqueeze(1)
+    if runtime is not None and runtime.channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
+    return x
+
+
+@torch.no_grad()
+def predict_logits(model: torch.nn.Module, images: torch.Tensor | np.ndarray, runtime: Runtime,
+                   batch_size: int = 1000, tta_flip: bool = False) -> torch.Tensor:
+    """Logits (float32, on CPU) for uint8 images, in batches, in eval mode, under the run's precision.
+
+    tta_flip averages the logits of each image and its mirror image (test-time augmentation).
+    """
+    if isinstance(images, np.ndarray):
+        images = torch.from_numpy(images)
+    was_training = model.training
+    model.eval()
+    out = []
+    try:
+        for i in range(0, len(images), batch_size):
+            x = to_input(images[i: i + batch_size].to(runtime.device), runtime)
+            with runtime.autocast():
+                logits = model(x).float()
+                if tta_flip:
+                    logits = (logits + model(x.flip(-1)).float()) / 2
+            out.append(logits.cpu())
+    finally:
+        model.train(was_training)
+    return torch.cat(out) if out else torch.empty(0, 0)
+
+
+def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:
+    return np.bincount(y_true * num_classes + y_pred, minlength=num_classes * num_classes).reshape(num_classes, num_classes)
+
+
+def per_class_scores(cm: np.ndarray, class_names: list[str]) -> dict[str, dict[str, float]]:
+    tp = np.diag(cm).astype(float)
+    predicted, support = cm.sum(0).astype(float), cm.sum(1).astype(float)
+    precision = np.divide(tp, predicted, out=np.zeros_like(tp), where=predicted > 0)
+    recall = np.divide(tp, support, out=np.zeros_like(tp), where=support > 0)
+    denom = precision + recall
+    f1 = np.divide(2 * precision * recall, denom, out=np.zeros_like(tp), where=denom > 0)
+    return {
+        name: {"precision": float(precision[i]), "recall": float(recall[i]), "f1": float(f1[i]), "support": int(support[i])}
+        for i, name in enumerate(class_names)
+    }
+
+
+def most_confused(cm: np.ndarray, class_names: list[str], k: int = 5) -> list[dict[str, Any]]:
+    off = cm.copy()
+    np.fill_diagonal(off, 0)
+    order = np.argsort(-off, axis=None)[:k]
+    pairs = []
+    for flat in order:
+        t, p = divmod(int(flat), cm.shape[0])
+        if off[t, p] == 0:
+            break
+        pairs.append({"true": class_names[t], "predicted": class_names[p], "count": int(off[t, p])})
+    return pairs
+
+
+def calibration(probs: np.ndarray, y_true: np.ndarray, bins: int = 15) -> dict[str, Any]:
+    """Expected calibration error over equal-width confidence bins, with the bins for a reliability diagram."""
+    conf = probs.max(1)
+    correct = probs.argmax(1) == y_true
+    edges = np.linspace(0, 1, bins + 1)
+    which = np.clip(np.digitize(conf, edges[1:-1]), 0, bins - 1)
+    rows, ece = [], 0.0
+    for b in range(bins):
+        sel = which == b
+        n = int(sel.sum())
+        acc = float(correct[sel].mean()) if n else 0.0
+        mean_conf = float(conf[sel].mean()) if n else 0.0
+        ece += n / max(len(conf), 1) * abs(acc - mean_conf)
+        rows.append({"lower": float(edges[b]), "upper": float(edges[b + 1]), "count": n,
+                     "accuracy": acc, "confidence": mean_conf})
+    return {"ece": float(ece), "bins": rows}
+
+
+def compute_metrics(logits: torch.Tensor, labels: np.ndarray | torch.Tensor, class_names: list[str]) -> dict[str, Any]:
+    y = torch.as_tensor(labels, dtype=torch.long)
+    loss = float(F.cross_entropy(logits, y))
+    probs = torch.softmax(logits, 1).numpy()
+    y_np = y.numpy()
+    pred = probs.argmax(1)
+    cm = confusion_matrix(y_np, pred, len(class_names))
+    cal = calibration(probs, y_np)
+    return {
+        "test_accuracy": float((pred == y_np).mean()),
+        "test_loss": loss,
+        "per_class": per_class_scores(cm, class_names),
+        "confusion_matrix": cm.tolist(),
+        "most_confused": most_confused(cm, class_names),
+        "ece": cal["ece"],
+        "reliability": cal["bins"],
+        "num_test": int(len(y_np)),
+    }
+
+
+def quick_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, float]:
+    """(loss, accuracy) for validation during training."""
+    labels = labels.cpu()
+    return float(F.cross_entropy(logits, labels)), float((logits.argmax(1) == labels).float().mean())
+
+
+def evaluate_model(model, images, labels, class_names, runtime: Runtime, batch_size: int = 1000,
+                   tta_flip: bool = False) -> dict[str, Any]:
+    logits = predict_logits(model, images, runtime, batch_size, tta_flip)
+    return compute_metrics(logits, labels, class_names)
+

@@ -1,0 +1,119 @@
+"""Turning user images into model input: PNG/JPEG files of any size and colour, or .npy arrays.
+
+Fashion-MNIST images are light garments on a black background, trimmed to the object, with the
+longest edge scaled to 28 pixels and centred. Product photos are the opposite (dark garment on
+white, with margins), so preprocessing converts to grayscale, inverts a light background, crops
+to the object, pads to a square and resizes: a photo then looks like the dataset image it shows.
+"""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+
+import numpy as np
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from .errors import UserError
+
+SIDE = 28
+MAX_PIXELS = 40_000_000  # decoded size limit: refuses decompression bombs before decoding
+
+
+class ImageError(UserError):
+    """An input that is not a usable image or array; the message says what was wrong."""
+
+
+def _border(a: np.ndarray) -> np.ndarray:
+    return np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
+
+
+def to_dataset_style(gray: np.ndarray) -> np.ndarray:
+    """A 2-D uint8 image -> (28, 28) uint8 in the dataset's style (object light on black)."""
+    a = gray.astype(np.float32)
+    background = float(np.median(_border(a)))
+    if background > 127:  # light background (a photo): invert so the object is light
+        a = 255.0 - a
+        background = 255.0 - background
+    if a.shape == (SIDE, SIDE):
+        return np.clip(a, 0, 255).astype(np.uint8)
+    # Remove the background level, then crop to what stands out from it.
+    a = np.clip(a - background, 0, None) * (255.0 / max(255.0 - background, 1.0))
+    if a.max() > 0:
+        mask = a > max(12.0, 0.08 * float(a.max()))
+        rows, cols = np.flatnonzero(mask.any(1)), np.flatnonzero(mask.any(0))
+        if rows.size and cols.size:
+            a = a[rows[0]: rows[-1] + 1, cols[0]: cols[-1] + 1]
+    h, w = a.shape
+    side = max(h, w)
+    square = np.zeros((side, side), dtype=np.float32)
+    top, left = (side - h) // 2, (side - w) // 2
+    square[top: top + h, left: left + w] = a
+    img = Image.fromarray(np.clip(square, 0, 255).astype(np.uint8), mode="L")
+    return np.asarray(img.resize((SIDE, SIDE), Image.LANCZOS), dtype=np.uint8)
+
+
+def decode_image(blob: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """PNG/JPEG/... bytes -> 2-D uint8 grayscale (alpha composited over white)."""
+    if not blob:
+        raise ImageError(f"{name}: empty file (0 bytes); expected a PNG or JPEG image")
+    try:
+        img = Image.open(io.BytesIO(blob))
+    except UnidentifiedImageError:
+        raise ImageError(f"{name}: not a recognised image format; expected PNG, JPEG, BMP, GIF or WebP") from None
+    w, h = img.size
+    if w * h > max_pixels:
+        raise ImageError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+    try:
+        img = ImageOps.exif_transpose(img)
+        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
+            rgba = img.convert("RGBA")
+            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+            img = Image.alpha_composite(white, rgba)
+        gray = np.asarray(img.convert("L"), dtype=np.uint8)
+    except (OSError, SyntaxError, ValueError) as e:
+        raise ImageError(f"{name}: truncated or corrupt image ({e})") from None
+    if gray.ndim != 2 or min(gray.shape) < 1:
+        raise ImageError(f"{name}: decoded to shape {gray.shape}; expected a 2-D image")
+    return gray
+
+
+def array_to_images(arr: np.ndarray, name: str = "array") -> np.ndarray:
+    """A (28, 28) or (N, 28, 28) array (uint8, or floats in [0, 1] or [0, 255]) -> (N, 28, 28) uint8."""
+    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
+                                   or arr.dtype == bool):
+        raise ImageError(f"{name}: array dtype {arr.dtype} is not numeric; expected uint8 or float pixels")
+    if arr.ndim == 2:
+        arr = arr[None]
+    if arr.ndim != 3 or arr.shape[1:] != (SIDE, SIDE) or arr.shape[0] == 0:
+        raise ImageError(f"{name}: array shape {arr.shape}; expected (28, 28) or (N, 28, 28) with N >= 1")
+    if np.issubdtype(arr.dtype, np.floating):
+        if not np.isfinite(arr).all():
+            raise ImageError(f"{name}: array holds NaN or infinite values")
+        hi = float(arr.max()) if arr.size else 0.0
+        if arr.min() < 0 or hi > 255:
+            raise ImageError(f"{name}: float pixel values must lie in [0, 1] or [0, 255]; got [{arr.min()}, {hi}]")
+        arr = arr * 255.0 if hi <= 1.0 else arr
+        return np.rint(arr).astype(np.uint8)
+    if arr.min() < 0 or arr.max() > 255:
+        raise ImageError(f"{name}: integer pixel values must lie in [0, 255]; got [{arr.min()}, {arr.max()}]")
+    return arr.astype(np.uint8)
+
+
+def decode_npy(blob: bytes, name: str = "array") -> np.ndarray:
+    try:
+        arr = np.load(io.BytesIO(blob), allow_pickle=False)
+    except (ValueError, OSError, EOFError) as e:
+        raise ImageError(f"{name}: not a valid .npy array ({e})") from None
+    return array_to_images(np.asarray(arr), name)
+
+
+def load_images(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """A file -> (N, 28, 28) uint8: .npy arrays as they are, images preprocessed to the dataset's style."""
+    path = Path(path)
+    if not path.is_file():
+        raise ImageError(f"{path}: no such file")
+    blob = path.read_bytes()
+    if path.suffix.lower() == ".npy":
+        return decode_npy(blob, str(path))
+    return to_dataset_style(decode_image(blob, str(path), max_pixels))[None]

@@ -1,0 +1,73 @@
+"""Named training presets: each reference study's set-up (and the fast and best recipes) as data.
+
+A recipe is a set of TrainConfig values; explicit command-line flags override them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Recipe:
+    name: str
+    description: str
+    settings: dict[str, Any]  # TrainConfig field -> value (model is the recipe's default model)
+    models: tuple[str, ...]  # the models the study trains with this recipe
+    reference: dict[str, float] = field(default_factory=dict)  # model -> test accuracy the study reported
+
+
+RECIPES: dict[str, Recipe] = {}
+
+
+def register(recipe: Recipe) -> Recipe:
+    RECIPES[recipe.name] = recipe
+    return recipe
+
+
+def get_recipe(name: str) -> Recipe:
+    try:
+        return RECIPES[name]
+    except KeyError:
+        raise KeyError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}") from None
+
+
+register(Recipe(
+    "dense-vs-conv",
+    "Dense baseline against a small CNN: Adam, 10 epochs, batch 128, 15% validation.",
+    dict(model="cnn", optimizer="adam", lr=1e-3, epochs=10, batch_size=128, val_split=0.15),
+    models=("cnn", "mlp"),
+))
+register(Recipe(
+    "dropout-cnn",
+    "CNN with dropout 0.5 after every block: Adam, 5 epochs, batch 300.",
+    dict(model="cnn_dropout", optimizer="adam", lr=1e-3, epochs=5, batch_size=300, val_split=0.1),
+    models=("cnn_dropout",),
+    reference={"cnn_dropout": 0.8936},
+))
+register(Recipe(
+    "cnn-vs-rnn",
+    "Small CNN against an LSTM over image rows: Adam, 8 epochs, batch 256, 20% validation, seed 4.",
+    dict(model="cnn_small", optimizer="adam", lr=1e-3, epochs=8, batch_size=256, val_split=0.2, seed=4),
+    models=("cnn_small", "lstm"),
+    reference={"cnn_small": 0.880, "lstm": 0.862},
+))
+register(Recipe(
+    "augmented-cnn",
+    "CNN on 32x32 inputs scaled to [-1, 1], random flips and small rotations, dropout 0.3: "
+    "Adam lr 1e-3, batch 64, 10 epochs.",
+    dict(model="cnn", model_args={"dropout": 0.3, "resize": 32, "mean": 0.5, "std": 0.5},
+         augment={"flip": 0.5, "rotate": 10.0}, optimizer="adam", lr=1e-3, epochs=10, batch_size=64,
+         val_split=0.1),
+    models=("cnn",),
+    reference={"cnn": 0.9173},
+))
+register(Recipe(
+    "vgg-early-stop",
+    "VGG-style network: Adam, up to 10 epochs, early stopping on validation accuracy (patience 2), "
+    "20% validation.",
+    dict(model="vgg", optimizer="adam", lr=1e-3, epochs=10, batch_size=128, val_split=0.2, patience=2,
+         monitor="val_accuracy", restore_best=True),
+    models=("vgg",),
+))

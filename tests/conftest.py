@@ -1,0 +1,75 @@
+"""Shared fixtures: the real dataset (must be present under CI), tiny synthetic data, isolation."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from fashionlab import data
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(autouse=True)
+def _isolated_cache(tmp_path_factory, monkeypatch):
+    """Each test gets its own empty dataset cache and no network: nothing leaks between tests."""
+    monkeypatch.setenv("FASHIONLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+    monkeypatch.setenv("FASHIONLAB_OFFLINE", "1")
+    monkeypatch.delenv("FASHIONLAB_DATA", raising=False)
+
+
+_REAL: data.Dataset | None = None
+
+
+@pytest.fixture
+def real_data() -> data.Dataset:
+    """The real Fashion-MNIST, verified. Missing data fails under CI (CI=true) and skips elsewhere,
+    so a broken install step can never hide behind a green, skipped suite."""
+    global _REAL
+    if _REAL is None:
+        try:
+            _REAL = data.load(data.FASHION_MNIST, offline=True)
+        except data.DataError as e:
+            if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+                pytest.fail(f"the real dataset is required under CI and is missing: {e}")
+            pytest.skip(f"real dataset not installed: {e}")
+    return _REAL
+
+
+def synthetic_dataset(n_train: int = 200, n_test: int = 100, seed: int = 0, classes: int = 10) -> data.Dataset:
+    """Tiny learnable data: each class is a bright bar at its own position, plus noise."""
+    rng = np.random.default_rng(seed)
+
+    def make(n):
+        labels = np.arange(n) % classes
+        rng.shuffle(labels)
+        images = rng.integers(0, 40, size=(n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            row = 2 + (c * 24) // classes
+            images[i, row: row + 3, 4:24] = 220
+        return images, labels.astype(np.int64)
+
+    tr_x, tr_y = make(n_train)
+    te_x, te_y = make(n_test)
+    return data.Dataset(tr_x, tr_y, te_x, te_y, [f"class{i}" for i in range(classes)], "synthetic", "none", "synthetic")
+
+
+@pytest.fixture
+def tiny_data() -> data.Dataset:
+    return synthetic_dataset()
+
+
+def run_cli(*args: str, env: dict | None = None, timeout: float = 600, check: bool = False):
+    """Run `python -m fashionlab ARGS` in a subprocess; returns the CompletedProcess."""
+    import subprocess
+    full_env = {**os.environ, **(env or {})}
+    full_env["PYTHONPATH"] = str(ROOT / "src") + os.pathsep + full_env.get("PYTHONPATH", "")
+    proc = subprocess.run([sys.executable, "-m", "fashionlab", *args], capture_output=True, text=True,
+                          env=full_env, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"fashionlab {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+    return proc
