@@ -7,7 +7,9 @@ cache can be trusted without the original archive.
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import http.client
 import os
 import shutil
 import tempfile
@@ -148,6 +150,25 @@ def parse_idx(raw: bytes | bytearray, kind: str, path: str) -> np.ndarray:
     return np.frombuffer(raw, dtype=np.uint8, offset=header).reshape(dims)
 
 
+def idx_bytes(array: np.ndarray) -> bytes:
+    """Encode a uint8 array as IDX (the inverse of parse_idx)."""
+    array = np.ascontiguousarray(array, dtype=np.uint8)
+    header = bytes([0, 0, 0x08, array.ndim]) + b"".join(int(d).to_bytes(4, "big") for d in array.shape)
+    return header + array.tobytes()
+
+
+def write_idx_folder(folder: str | os.PathLike, ds: "Dataset", spec: DatasetSpec = FASHION_MNIST,
+                     gz: bool = False) -> Path:
+    """Write a dataset as the four IDX files of spec's layout (e.g. to use a subset with --data-dir)."""
+    folder = Path(folder)
+    arrays = {("train", "images"): ds.train_images, ("train", "labels"): ds.train_labels,
+              ("test", "images"): ds.test_images, ("test", "labels"): ds.test_labels}
+    for key, f in spec.files.items():
+        raw = idx_bytes(arrays[key])
+        _atomic_write(folder / (f.name + (".gz" if gz else "")), gzip.compress(raw, mtime=0) if gz else raw)
+    return folder
+
+
 def gunzip(body: bytes, name: str) -> bytes:
     """Decompress one gzip member, telling a truncated file from a corrupt one."""
     try:
@@ -245,7 +266,10 @@ def _fetch(url: str, timeout: float = 60.0) -> bytes:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (address is configuration)
             expected_len = resp.headers.get("Content-Length")
             body = resp.read()
-    except urllib.error.URLError as e:
+    except http.client.IncompleteRead as e:
+        raise DataError(f"download of {url} was cut short: {len(e.partial)} bytes received, "
+                        f"{e.expected} more expected") from None
+    except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
         raise DataError(f"download of {url} failed: {e}") from None
     if expected_len is not None and len(body) != int(expected_len):
         raise DataError(f"download of {url} was cut short: {len(body)} of {expected_len} bytes")

@@ -83,10 +83,11 @@ def array_to_images(arr: np.ndarray, name: str = "array") -> np.ndarray:
     if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
                                    or arr.dtype == bool):
         raise ImageError(f"{name}: array dtype {arr.dtype} is not numeric; expected uint8 or float pixels")
+    given = arr.shape
     if arr.ndim == 2:
         arr = arr[None]
     if arr.ndim != 3 or arr.shape[1:] != (SIDE, SIDE) or arr.shape[0] == 0:
-        raise ImageError(f"{name}: array shape {arr.shape}; expected (28, 28) or (N, 28, 28) with N >= 1")
+        raise ImageError(f"{name}: array shape {given}; expected (28, 28) or (N, 28, 28) with N >= 1")
     if np.issubdtype(arr.dtype, np.floating):
         if not np.isfinite(arr).all():
             raise ImageError(f"{name}: array holds NaN or infinite values")

@@ -1,0 +1,47 @@
+"""Batch augmentation: shapes, determinism from the generator, and what each transform does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from fashionlab.augment import Augment, random_erase, random_flip, random_translate
+
+
+def batch(n=16):
+    x = torch.zeros(n, 1, 28, 28)
+    x[:, :, 10:18, 6:12] = 1.0  # an off-centre block on black
+    return x
+
+
+def test_same_generator_same_stream():
+    aug = Augment(flip=0.5, crop=2, rotate=10, scale=0.1, erase=0.5)
+    a = aug(batch(), torch.Generator().manual_seed(1))
+    b = aug(batch(), torch.Generator().manual_seed(1))
+    c = aug(batch(), torch.Generator().manual_seed(2))
+    assert a.shape == (16, 1, 28, 28) and torch.equal(a, b) and not torch.equal(a, c)
+
+
+def test_flip_probability_one_mirrors():
+    x = batch()
+    assert torch.equal(random_flip(x, 1.0, torch.Generator()), x.flip(-1))
+    assert torch.equal(random_flip(x, 0.0, torch.Generator()), x)
+
+
+def test_translate_moves_but_keeps_the_object():
+    x = batch(64)
+    y = random_translate(x, 2, torch.Generator().manual_seed(0))
+    assert torch.equal(y.sum((1, 2, 3)), x.sum((1, 2, 3)))  # the block stays inside the frame
+    assert not torch.equal(x, y)
+
+
+def test_erase_only_removes():
+    x = torch.ones(32, 1, 28, 28)
+    y = random_erase(x, 1.0, torch.Generator().manual_seed(0))
+    removed = 1 - y.mean((1, 2, 3))
+    assert (y <= x).all() and (removed > 0.01).all() and (removed < 0.3).all()
+
+
+def test_unknown_augmentation_is_named():
+    with pytest.raises(ValueError, match="unknown augmentation blur; known: crop, erase, flip, rotate, scale"):
+        Augment.from_dict({"blur": 1})

@@ -1,0 +1,112 @@
+"""The command line: real subprocesses, real output, clear errors without tracebacks."""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from fashionlab import data
+from conftest import run_cli, synthetic_dataset
+
+
+def assert_clean_error(proc, *fragments):
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr
+    for f in fragments:
+        assert f in proc.stderr, proc.stderr
+
+
+def test_models_lists_reference_parameter_counts():
+    out = run_cli("models", "--summary", "cnn", check=True).stdout
+    assert "235,146" in out and "421,642" in out
+    assert "Conv2d" in out and "(64, 14, 14)" in out
+
+
+def test_recipes_list_reference_figures():
+    out = run_cli("recipes", check=True).stdout
+    assert "dropout-cnn" in out and "89.36%" in out and "lstm 86.20%" in out
+
+
+def test_data_describes_real_dataset(real_data):
+    out = run_cli("data", "--offline", check=True).stdout
+    assert "sha256 of decompressed bytes" in out and "(60000, 28, 28) uint8" in out
+    assert "Shirt" in out and "6000" in out and "pixels 0..255" in out
+
+
+def test_unknown_model_and_bad_flags():
+    assert_clean_error(run_cli("train", "--model", "resnet9000"), "unknown model", "cnn_small")
+    assert_clean_error(run_cli("train", "--batch-size", "0"), "batch_size=0: expected an integer >= 1")
+    assert_clean_error(run_cli("train", "--augment", "flip"), "--augment 'flip': expected key=value")
+
+
+def test_missing_data_dir_names_the_files(tmp_path):
+    assert_clean_error(run_cli("data", "--data-dir", str(tmp_path), "--offline"),
+                       f"--data-dir {tmp_path}: missing train-images-idx3-ubyte")
+
+
+def test_corrupt_file_error_names_it(tmp_path):
+    ds = synthetic_dataset(50, 20)
+    folder = data.write_idx_folder(tmp_path, ds, gz=True)
+    names = ",".join(ds.class_names)
+    # not Fashion-MNIST: refused by checksum unless declared a custom dataset
+    assert_clean_error(run_cli("data", "--data-dir", str(folder), "--offline"), "checksum mismatch")
+    (folder / "train-labels-idx1-ubyte.gz").write_bytes(b"\x1f\x8b\x08\x00garbage")
+    assert_clean_error(run_cli("data", "--data-dir", str(folder), "--class-names", names, "--offline"),
+                       "train-labels-idx1-ubyte.gz: truncated gzip")
+
+
+@pytest.fixture(scope="module")
+def trained_run(tmp_path_factory):
+    """A tiny model trained through the CLI on a custom IDX folder."""
+    tmp = tmp_path_factory.mktemp("cli")
+    ds = synthetic_dataset(300, 100)
+    folder = data.write_idx_folder(tmp / "idx", ds)
+    names = ",".join(ds.class_names)
+    out = tmp / "run"
+    proc = run_cli("train", "--model", "cnn_small", "--epochs", "3", "--batch-size", "32", "--lr", "3e-3",
+                   "--data-dir", str(folder), "--class-names", names, "--offline", "--out", str(out), check=True)
+    return out, folder, names, ds, proc
+
+
+def test_train_prints_progress_and_accuracy(trained_run):
+    out, _, _, _, proc = trained_run
+    assert "epoch 3/3: loss" in proc.stdout and "img/s" in proc.stdout
+    assert "test accuracy" in proc.stdout and str(out) in proc.stdout
+
+
+def test_evaluate_reproduces_metrics(trained_run):
+    out, folder, names, _, _ = trained_run
+    res = run_cli("evaluate", str(out), "--data-dir", str(folder), "--class-names", names, "--offline", check=True)
+    assert "matches" in res.stdout and "confusion matrix" in res.stdout and "class9" in res.stdout
+
+
+def test_predict_images_and_arrays(trained_run, tmp_path):
+    out, _, _, ds, _ = trained_run
+    np.save(tmp_path / "two.npy", ds.test_images[:2])
+    # the same image as a photo: inverted (dark object on white), upscaled, RGB, with a margin
+    photo = Image.fromarray(255 - ds.test_images[0]).resize((140, 140)).convert("RGB")
+    canvas = Image.new("RGB", (200, 180), "white")
+    canvas.paste(photo, (30, 20))
+    canvas.save(tmp_path / "photo.jpg", quality=90)
+    res = run_cli("predict", str(out), str(tmp_path / "two.npy"), str(tmp_path / "photo.jpg"), "--top-k", "2",
+                  check=True)
+    lines = res.stdout.strip().splitlines()
+    assert len(lines) == 3 and lines[0].startswith(f"{tmp_path / 'two.npy'}[0]: ")
+    first = f"class{ds.test_labels[0]}"
+    assert lines[0].split(": ")[1].startswith(first) and lines[2].split(": ")[1].startswith(first)
+
+
+def test_predict_bad_files(trained_run, tmp_path):
+    out = trained_run[0]
+    (tmp_path / "notes.png").write_text("not an image")
+    assert_clean_error(run_cli("predict", str(out), str(tmp_path / "notes.png")), "not a recognised image format")
+    buf = io.BytesIO()
+    Image.new("L", (64, 64), 200).save(buf, format="PNG")
+    (tmp_path / "cut.png").write_bytes(buf.getvalue()[:60])
+    assert_clean_error(run_cli("predict", str(out), str(tmp_path / "cut.png")), "truncated or corrupt image")
+    np.save(tmp_path / "bad.npy", np.zeros((3, 32, 32), dtype=np.uint8))
+    assert_clean_error(run_cli("predict", str(out), str(tmp_path / "bad.npy")), "array shape (3, 32, 32)")
+    assert_clean_error(run_cli("predict", str(tmp_path / "no-run"), str(tmp_path / "bad.npy")), "no such run folder")

@@ -1,0 +1,189 @@
+"""The training loop: it learns, it repeats, it writes the run folder, it stops and resumes exactly."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import threading
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from fashionlab import checkpoint, data, predict, train
+from fashionlab.device import resolve
+from conftest import ROOT, synthetic_dataset
+
+FAST = dict(model="cnn_small", epochs=2, batch_size=32, val_split=0.2, quiet=True)
+
+
+def run(tmp_path, name="run", dataset=None, **kw):
+    opts = {**FAST, **kw}
+    quiet = opts.pop("quiet")
+    cfg = train.make_config(**opts)
+    out = tmp_path / name
+    return train.train(cfg, out, dataset=dataset or synthetic_dataset(), quiet=quiet), out
+
+
+def test_learns_and_writes_the_run_folder(tmp_path):
+    metrics, out = run(tmp_path, epochs=4, lr=3e-3)
+    assert metrics["test_accuracy"] > 0.9  # the synthetic bars are easy
+    for name in ("config.json", "history.jsonl", "metrics.json", "model.safetensors", "model.json"):
+        assert (out / name).is_file(), name
+    assert not (out / checkpoint.STATE_FILE).exists()
+    m = json.loads((out / "metrics.json").read_text())
+    for key in ("test_accuracy", "test_loss", "per_class", "confusion_matrix", "params", "train_seconds", "epochs_run"):
+        assert key in m
+    assert m["epochs_run"] == 4 and len(m["confusion_matrix"]) == 10
+    assert sum(map(sum, m["confusion_matrix"])) == 100 and m["per_class"]["class3"]["support"] == 10
+    history = [json.loads(line) for line in (out / "history.jsonl").read_text().splitlines()]
+    assert [h["epoch"] for h in history] == [1, 2, 3, 4] and all("val_accuracy" in h for h in history)
+    assert not list(out.glob("*.part"))  # no temporary files left behind
+
+
+def test_same_seed_same_metrics(tmp_path):
+    kw = dict(augment={"flip": 0.5, "crop": 2, "erase": 0.3}, model="cnn_dropout", epochs=1)
+    a, _ = run(tmp_path, "a", **kw)
+    b, _ = run(tmp_path, "b", **kw)
+    c, _ = run(tmp_path, "c", seed=1, **kw)
+    strip = ("train_seconds", "wall_seconds", "images_per_s")
+    assert {k: v for k, v in a.items() if k not in strip} == {k: v for k, v in b.items() if k not in strip}
+    assert a["test_loss"] != c["test_loss"]
+
+
+def test_checkpoint_round_trip_reproduces_metrics(tmp_path):
+    metrics, out = run(tmp_path, model="cnn")
+    p = predict.Predictor.from_run(out)
+    ds = synthetic_dataset()
+    probs = p.probabilities(ds.test_images)
+    assert abs(float((probs.argmax(1) == ds.test_labels).mean()) - metrics["test_accuracy"]) < 1e-9
+    raw = (out / "model.safetensors").read_bytes()
+    assert b"pickle" not in raw[:2000] and raw[8:9] == b"{"  # safetensors: JSON header, no pickle
+
+
+def test_early_stopping_restores_best(tmp_path):
+    # A learning rate this small changes nothing measurable: no epoch beats the first.
+    metrics, out = run(tmp_path, epochs=6, lr=1e-12, patience=1, monitor="val_loss")
+    assert metrics["epochs_run"] == 2 and metrics["best_epoch"] == 1
+
+
+def test_config_errors_name_the_field():
+    with pytest.raises(ValueError, match=r"batch_size=0: expected an integer >= 1"):
+        train.make_config(batch_size=0)
+    with pytest.raises(ValueError, match=r"optimizer='rmsprop': expected one of adam, adamw, sgd"):
+        train.make_config(optimizer="rmsprop")
+    with pytest.raises(ValueError, match="patience .* needs a validation split"):
+        train.make_config(patience=2, val_split=0.0)
+    with pytest.raises(KeyError, match="unknown recipe 'fastest'; known recipes: .*dense-vs-conv"):
+        train.make_config(recipe="fastest")
+
+
+def test_recipe_values_and_explicit_overrides():
+    cfg = train.make_config(recipe="cnn-vs-rnn", epochs=1)
+    assert (cfg.model, cfg.batch_size, cfg.val_split, cfg.seed, cfg.epochs) == ("cnn_small", 256, 0.2, 4, 1)
+    cfg = train.make_config(recipe="augmented-cnn")
+    assert cfg.model_args["resize"] == 32 and cfg.augment == {"flip": 0.5, "rotate": 10.0}
+
+
+@pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
+def test_schedules(schedule):
+    cfg = train.make_config(schedule=schedule, lr=0.1, warmup_epochs=1 if schedule == "cosine" else 0)
+    lrs = [train.lr_at(s, 100, cfg, 10) for s in range(100)]
+    assert max(lrs) == pytest.approx(0.1) and all(v >= 0 for v in lrs)
+    if schedule == "constant":
+        assert set(lrs) == {0.1}
+    else:
+        assert lrs[0] < 0.05 and lrs[-1] < 0.01  # warms up, then anneals
+        assert lrs.index(max(lrs)) in ((9,) if schedule == "cosine" else (24,))
+
+
+def test_device_resolution_never_changes_behaviour():
+    """Shuffling and augmentation draw from a CPU generator: the same on every device."""
+    g1, g2 = train._epoch_generator(3, 1), train._epoch_generator(3, 1)
+    assert torch.equal(torch.randperm(1000, generator=g1), torch.randperm(1000, generator=g2))
+    rt = resolve("cpu", "fp32")
+    assert rt.precision == "fp32" and not rt.channels_last
+    with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda, mps; got 'tpu'"):
+        resolve("tpu")
+
+
+def _idx_folder(tmp_path, n_train=3000):
+    ds = synthetic_dataset(n_train=n_train, n_test=200)
+    folder = data.write_idx_folder(tmp_path / "idx", ds)
+    return ds, folder, ",".join(ds.class_names)
+
+
+def test_sigint_saves_and_resume_continues_exactly(tmp_path):
+    """A real SIGINT mid-run: exit 130 with a checkpoint; --resume then finishes the very run an
+    uninterrupted process would have produced (same metrics to the last digit)."""
+    ds, folder, names = _idx_folder(tmp_path, n_train=800)
+    common = ["--model", "mlp", "--epochs", "3", "--batch-size", "16", "--val-split", "0.1", "--seed", "5",
+              "--augment", "flip=0.5,crop=2", "--data-dir", str(folder), "--class-names", names, "--offline"]
+    env = {"PYTHONPATH": str(ROOT / "src")}
+    cmd = [sys.executable, "-m", "fashionlab", "train", *common]
+
+    proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "cut")], stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, env={**os.environ, **env})
+    lines = []
+    for line in proc.stdout:  # wait for the first finished epoch, then interrupt
+        lines.append(line)
+        if line.startswith("epoch 1/3:"):
+            proc.send_signal(signal.SIGINT)
+            break
+    rest, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 130, "".join(lines) + rest
+    assert "continue with: fashionlab train --resume" in rest
+    assert (tmp_path / "cut" / checkpoint.STATE_FILE).exists() and not (tmp_path / "cut" / "metrics.json").exists()
+
+    resumed = subprocess.run([sys.executable, "-m", "fashionlab", "train", "--resume", str(tmp_path / "cut"), "--quiet",
+                              "--data-dir", str(folder), "--offline"],
+                             capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
+    assert resumed.returncode == 0, resumed.stderr
+    whole = subprocess.run([*cmd, "--out", str(tmp_path / "whole"), "--quiet"], capture_output=True, text=True,
+                           env={**os.environ, **env}, timeout=300)
+    assert whole.returncode == 0, whole.stderr
+    a = json.loads((tmp_path / "cut" / "metrics.json").read_text())
+    b = json.loads((tmp_path / "whole" / "metrics.json").read_text())
+    assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
+    assert a["epochs_run"] == 3 and not (tmp_path / "cut" / checkpoint.STATE_FILE).exists()
+
+
+def test_resume_mid_epoch_in_process(tmp_path):
+    """SIGTERM inside an epoch: the checkpoint holds the position in the epoch, and the resumed run
+    ends identical to an uninterrupted one."""
+    ds = synthetic_dataset(n_train=1000)
+    cfg = train.make_config(model="mlp", epochs=2, batch_size=8, seed=2, augment={"erase": 0.5}, val_split=0.1)
+    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
+    timer.start()
+    try:
+        with pytest.raises(train.TrainingInterrupted):
+            train.train(cfg, tmp_path / "cut", dataset=ds, quiet=True)
+    finally:
+        timer.cancel()
+    a = train.resume(tmp_path / "cut", quiet=True, dataset=ds)
+    b = train.train(cfg, tmp_path / "whole", dataset=ds, quiet=True)
+    assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
+
+
+def test_finished_run_is_not_overwritten(tmp_path):
+    _, out = run(tmp_path, epochs=1)
+    with pytest.raises(FileExistsError, match="already holds a finished run"):
+        run(tmp_path, epochs=1)
+    with pytest.raises(ValueError, match="already finished"):
+        train.resume(out, quiet=True, dataset=synthetic_dataset())
+
+
+@pytest.mark.slow
+def test_real_data_training(real_data, tmp_path):
+    """A short real run: a small CNN on 10,000 real images for 2 epochs reaches a plausible accuracy,
+    and every class has a score."""
+    cfg = train.make_config(model="cnn_small", epochs=2, subset=10000, batch_size=128, val_split=0.1)
+    metrics = train.train(cfg, tmp_path / "real", dataset=real_data, quiet=True)
+    assert 0.78 < metrics["test_accuracy"] < 0.95
+    assert metrics["num_test"] == 10000
+    recalls = {k: v["recall"] for k, v in metrics["per_class"].items()}
+    assert min(recalls, key=recalls.get) in {"Shirt", "Pullover", "Coat", "T-shirt/top"}
+    assert math.isfinite(metrics["ece"]) and 0 <= metrics["ece"] < 0.1
