@@ -36,20 +36,24 @@ class Normalize(nn.Module):
 
 # --------------------------------------------------------------------------- families
 
+def dense_head(width: int, hidden, dropout: float, num_classes: int) -> list[nn.Module]:
+    """Dense layers with ReLU (and dropout after each hidden layer), then the classifier."""
+    layers: list[nn.Module] = []
+    for h in hidden:
+        layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
+        if dropout:
+            layers.append(nn.Dropout(dropout))
+        width = h
+    return layers + [nn.Linear(width, num_classes)]
+
+
 class MLP(nn.Module):
     def __init__(self, hidden=(256, 128), dropout: float = 0.0, num_classes: int = 10,
                  mean=FASHION_MEAN, std=FASHION_STD, resize=None):
         super().__init__()
         side = resize or 28
-        layers: list[nn.Module] = [Normalize(mean, std, resize), nn.Flatten()]
-        width = side * side
-        for h in hidden:
-            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
-            if dropout:
-                layers.append(nn.Dropout(dropout))
-            width = h
-        layers.append(nn.Linear(width, num_classes))
-        self.net = nn.Sequential(*layers)
+        self.net = nn.Sequential(Normalize(mean, std, resize), nn.Flatten(),
+                                 *dense_head(side * side, hidden, dropout, num_classes))
 
     def forward(self, x):
         return self.net(x)
@@ -100,13 +104,7 @@ class ConvNet(nn.Module):
             if side < 1:
                 raise ValueError(f"input of side {resize or 28} is too small for {len(channels)} blocks with kernel {kernel}")
         layers.append(nn.Flatten())
-        width = c_in * side * side
-        for h in dense:
-            layers += [nn.Linear(width, h), nn.ReLU(inplace=True)]
-            if head_dropout:
-                layers.append(nn.Dropout(head_dropout))
-            width = h
-        layers.append(nn.Linear(width, num_classes))
+        layers += dense_head(c_in * side * side, dense, head_dropout, num_classes)
         self.net = nn.Sequential(*layers)
 
     def forward(self, x):
