@@ -24,6 +24,10 @@ class ImageError(UserError):
     """An input that is not a usable image or array; the message says what was wrong."""
 
 
+class ImageTooLargeError(ImageError):
+    """An image whose decoded size is over the pixel limit (a service answers 413, not 400)."""
+
+
 def _border(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
 
@@ -59,11 +63,17 @@ def decode_image(blob: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
         raise ImageError(f"{name}: empty file (0 bytes); expected a PNG or JPEG image")
     try:
         img = Image.open(io.BytesIO(blob))
+    except Image.DecompressionBombError as e:  # Pillow's own, larger limit: still a too-large image
+        raise ImageTooLargeError(f"{name}: {e}") from None
     except UnidentifiedImageError:
         raise ImageError(f"{name}: not a recognised image format; expected PNG, JPEG, BMP, GIF or WebP") from None
+    except Exception as e:  # a damaged header can raise almost anything inside a format plugin
+        raise ImageError(f"{name}: corrupt image header ({type(e).__name__}: {e})") from None
     w, h = img.size
     if w * h > max_pixels:
-        raise ImageError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+        raise ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
+    if w < 1 or h < 1:
+        raise ImageError(f"{name}: image is {w}x{h} pixels; expected at least 1x1")
     try:
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
@@ -71,8 +81,10 @@ def decode_image(blob: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             img = Image.alpha_composite(white, rgba)
         gray = np.asarray(img.convert("L"), dtype=np.uint8)
-    except (OSError, SyntaxError, ValueError) as e:
-        raise ImageError(f"{name}: truncated or corrupt image ({e})") from None
+    except Image.DecompressionBombError as e:
+        raise ImageTooLargeError(f"{name}: {e}") from None
+    except Exception as e:  # OSError for truncation; plugins raise others (SyntaxError, ValueError, struct.error)
+        raise ImageError(f"{name}: truncated or corrupt image ({type(e).__name__}: {e})") from None
     if gray.ndim != 2 or min(gray.shape) < 1:
         raise ImageError(f"{name}: decoded to shape {gray.shape}; expected a 2-D image")
     return gray
@@ -100,10 +112,34 @@ def array_to_images(arr: np.ndarray, name: str = "array") -> np.ndarray:
     return arr.astype(np.uint8)
 
 
+def _npy_header(blob: bytes, name: str) -> tuple[tuple[int, ...], np.dtype]:
+    """Shape and dtype from a .npy header, checked against the bytes present *before* loading:
+    a header may claim any shape, and numpy allocates the whole array before reading it."""
+    stream = io.BytesIO(blob)
+    try:
+        version = np.lib.format.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = np.lib.format.read_array_header_1_0(stream)
+        else:
+            shape, _, dtype = np.lib.format.read_array_header_2_0(stream)
+    except Exception as e:  # bad magic, unparsable header dict, unsupported version
+        raise ImageError(f"{name}: not a valid .npy array ({e})") from None
+    if dtype.hasobject:
+        raise ImageError(f"{name}: array dtype {dtype} holds Python objects; expected uint8 or float pixels")
+    needed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    if needed > len(blob) - stream.tell():
+        raise ImageError(f"{name}: .npy header claims shape {shape} of {dtype} ({needed:,} bytes) but only "
+                         f"{len(blob) - stream.tell():,} bytes of data follow; truncated or corrupt")
+    return shape, dtype
+
+
 def decode_npy(blob: bytes, name: str = "array") -> np.ndarray:
+    if not blob:
+        raise ImageError(f"{name}: empty file (0 bytes); expected a .npy array")
+    _npy_header(blob, name)
     try:
         arr = np.load(io.BytesIO(blob), allow_pickle=False)
-    except (ValueError, OSError, EOFError) as e:
+    except Exception as e:  # ValueError, OSError, EOFError; never let a bad file escape as a crash
         raise ImageError(f"{name}: not a valid .npy array ({e})") from None
     return array_to_images(np.asarray(arr), name)
 
