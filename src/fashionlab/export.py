@@ -195,6 +195,7 @@ def package(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any
             for name in present:
                 info = tar.gettarinfo(str(run_dir / name), arcname=name)
                 info.uid = info.gid = 0
+                info.mode = 0o644  # readable by whatever user the serving container runs as
                 info.uname = info.gname = ""
                 with open(run_dir / name, "rb") as fh:
                     tar.addfile(info, fh)

@@ -515,7 +515,7 @@ _V2_BODY = {"requestBody": {"required": True, "content": {"application/json": {"
 
 def create_app(settings: Settings | None = None, service: ModelService | None = None):
     """The FastAPI app. Loads the model now (once), unless a loaded service is handed in."""
-    from fastapi import FastAPI, Query
+    from fastapi import FastAPI, Path as PathParam, Query
     from fastapi.exceptions import RequestValidationError
     from fastapi.responses import FileResponse, JSONResponse, Response
     from fastapi.staticfiles import StaticFiles
@@ -555,6 +555,7 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
 
     classes = len(service.class_names)
     TopK = Query(None, description="how many classes to return per image, best first")
+    ModelName = PathParam(description="the served model's name", examples=[settings.model_name])
 
     async def ranked(request: Request, top_k: int | None):
         batch, body_k = await read_batch(request, settings)
@@ -630,17 +631,17 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
         return {"ready": True}
 
     @app.get("/v2/models/{name}")
-    async def v2_model(name: str):
+    async def v2_model(name: str = ModelName):
         known(name)
         return v2_metadata(service)
 
     @app.get("/v2/models/{name}/ready")
-    async def v2_model_ready(name: str):
+    async def v2_model_ready(name: str = ModelName):
         known(name)
         return {"name": name, "ready": True}
 
     @app.post("/v2/models/{name}/infer", openapi_extra=_V2_BODY)
-    async def v2_infer(name: str, request: Request):
+    async def v2_infer(request: Request, name: str = ModelName):
         known(name)
         body = await request.body()
         req, batch = await run_in_threadpool(v2_decode, body, request.headers.get("inference-header-content-length"))
