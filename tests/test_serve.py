@@ -294,3 +294,47 @@ def test_openapi_schema_fuzzing_finds_no_server_errors(server):
     assert server.alive()
     assert any(code < 300 for code in seen["POST /v1/predict"]), seen  # the fuzzer reached the model too
     assert any(400 <= code < 500 for code in seen["POST /invocations"]), seen
+
+
+# --------------------------------------------------------------------------- the web page in Chromium
+
+def test_web_page_in_chromium_classifies_an_uploaded_photo_and_a_sample(server, reference, test_images, tmp_path):
+    from browser import chromium_page
+
+    x, _ = test_images
+    photo = tmp_path / "garment.jpg"
+    photo.write_bytes(images.render_photo_style(x[7]))  # a product-photo-style JPEG, as a user would have
+    expected = labels_of(reference.predict(images.preprocess_blob(photo.read_bytes())[None]))[0]
+    with chromium_page() as (page, problems):
+        requested: list[str] = []
+        page.on("request", lambda r: requested.append(r.url))
+        page.goto(server.url + "/")
+        page.wait_for_selector("#samples button")
+        page.set_input_files("#file", str(photo))
+        page.wait_for_function("document.querySelector('#status').textContent === 'Done.'", timeout=30_000)
+        assert page.inner_text("#prediction") == expected
+        bars = page.query_selector_all("#bars .bar")
+        assert [b.get_attribute("data-label") for b in bars] == reference.class_names
+        # the 28x28 input and the saliency overlay were drawn: their canvases are not blank
+        drawn = page.evaluate("""() => ['input-view', 'saliency-view'].map(id => {
+            const c = document.getElementById(id), d = c.getContext('2d').getImageData(0, 0, c.width, c.height).data;
+            let lit = 0; for (let i = 0; i < d.length; i += 4) lit += (d[i] + d[i + 1] + d[i + 2]) > 30;
+            return lit; })""")
+        assert all(n > 1000 for n in drawn), drawn
+        # a sample test image: its true class is on the button; the page shows the model's answer for it
+        button = page.query_selector_all("#samples button")[1]
+        page.evaluate("document.querySelector('#status').textContent = ''")
+        button.click()
+        page.wait_for_function("document.querySelector('#status').textContent === 'Done.'", timeout=30_000)
+        samples = httpx.get(server.url + "/v1/samples").json()["samples"]
+        sample_png = httpx.get(server.url + samples[1]["url"]).content
+        assert page.inner_text("#prediction") == labels_of(reference.predict(images.preprocess_blob(sample_png)[None]))[0]
+        # an unreadable file gets the server's message on the page, not a broken page
+        bad = tmp_path / "notes.png"
+        bad.write_bytes(b"not really a png")
+        page.set_input_files("#file", str(bad))
+        page.wait_for_function("document.querySelector('#status').textContent.startsWith('Error 400')", timeout=30_000)
+    assert problems["page"] == [] and problems["failed"] == []
+    assert requested and all(u.startswith(server.url + "/") or u.startswith("data:") for u in requested), requested
+    # the 400 above is logged by Chromium as a failed resource load; nothing else may be
+    assert all("400" in m for m in problems["console"]), problems["console"]
