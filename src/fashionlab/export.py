@@ -138,6 +138,9 @@ class OnnxPredictor:
         opts = ort.SessionOptions()
         if threads:
             opts.intra_op_num_threads = threads
+        # Idle worker threads spin by default: that steals the cores a server's other requests
+        # (and other processes) need. Measured in benchmarks/serve_latency.py.
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         source = onnx_blob_or_path if isinstance(onnx_blob_or_path, bytes) else str(onnx_blob_or_path)
         try:
             self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
