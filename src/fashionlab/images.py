@@ -18,6 +18,7 @@ from .errors import UserError
 
 SIDE = 28
 MAX_PIXELS = 40_000_000  # decoded size limit: refuses decompression bombs before decoding
+WORKING_SIDE = 1024  # larger images are reduced to about this size before preprocessing
 
 
 class ImageError(UserError):
@@ -92,12 +93,21 @@ def decode_image(blob: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
     if w < 1 or h < 1:
         raise ImageError(f"{name}: image is {w}x{h} pixels; expected at least 1x1")
     try:
+        if img.format == "JPEG" and max(w, h) > 2 * WORKING_SIDE:
+            img.draft("RGB" if img.mode == "RGB" else img.mode, (WORKING_SIDE, WORKING_SIDE))  # DCT-domain downscale
         img = ImageOps.exif_transpose(img)
         if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
             rgba = img.convert("RGBA")
             white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
             img = Image.alpha_composite(white, rgba)
-        gray = np.asarray(img.convert("L"), dtype=np.uint8)
+        if img.mode.startswith("I") or img.mode == "F":  # 16-bit or integer/float grey: Pillow's "L" would clip
+            deep = np.asarray(img, dtype=np.float64)
+            img = Image.fromarray(np.clip(deep / (257.0 if deep.max() > 255 else 1.0), 0, 255).astype(np.uint8), "L")
+        img = img.convert("L")
+        if max(img.size) > WORKING_SIDE:
+            # The answer is 28x28: a large photo is box-reduced first, so preprocessing costs little.
+            img = img.reduce(-(-max(img.size) // WORKING_SIDE))
+        gray = np.asarray(img, dtype=np.uint8)
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: {e}") from None
     except Exception as e:  # OSError for truncation; plugins raise others (SyntaxError, ValueError, struct.error)

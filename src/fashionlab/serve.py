@@ -653,8 +653,13 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     return app
 
 
+def _configure_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
 def app_from_env():
     """uvicorn factory for multi-worker serving: each worker reads the settings the parent wrote."""
+    _configure_logging()  # workers are fresh processes: they do not inherit the parent's logging set-up
     raw = os.environ.get("FASHIONLAB_SERVE_SETTINGS")
     settings = Settings(**json.loads(raw)).checked() if raw else Settings.from_env()
     return create_app(settings)
@@ -663,7 +668,7 @@ def app_from_env():
 def run(settings: Settings) -> None:
     """Serve until interrupted (what `fashionlab serve` calls)."""
     import uvicorn
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    _configure_logging()
     log.info("loading %s with %s from %s", settings.model_name, settings.backend, settings.model_path)
     common = dict(host=settings.host, port=settings.port, access_log=False, log_level="info",
                   timeout_graceful_shutdown=5)
