@@ -11,6 +11,7 @@ import io
 import json
 import re
 import struct
+import time
 import zlib
 
 import httpx
@@ -148,7 +149,12 @@ def test_one_log_line_per_request(server, test_images):
     marker = "/v1/samples/4242.png"
     httpx.get(server.url + marker)
     httpx.post(server.url + "/v1/predict", content=b"", headers={"content-type": "image/png"})
-    log = server.log()
+    # the line is written just after the response has gone out: give the server a moment
+    for _ in range(50):
+        log = server.log()
+        if re.search(r"POST /v1/predict 400 \d+\.\dms", log) and "4242.png 404" in log:
+            break
+        time.sleep(0.1)
     assert len(re.findall(r"GET /v1/samples/4242\.png 404 \d+\.\dms", log)) == 1
     assert re.search(r"POST /v1/predict 400 \d+\.\dms", log)
     assert "Traceback" not in log
