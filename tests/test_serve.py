@@ -272,6 +272,9 @@ def test_tritonclient_http_calls_the_open_inference_api(server, reference, test_
     floats = triton.InferInput("input", [2, 1, 28, 28], "FP32")  # the model's own layout, pixels in [0, 1]
     floats.set_data_from_numpy((x[:2, None] / 255.0).astype(np.float32))
     assert list(client.infer("fashionlab", [floats]).as_numpy("class_index")) == list(expected[:2].argmax(1))
+    versioned = client.infer("fashionlab", [floats], model_version="1")  # /v2/models/fashionlab/versions/1/infer
+    assert list(versioned.as_numpy("class_index")) == list(expected[:2].argmax(1))
+    assert client.is_model_ready("fashionlab", "1") and not client.is_model_ready("fashionlab", "2")
     with pytest.raises(InferenceServerException, match="not found"):
         client.infer("other-model", [inp])
     client.close()

@@ -613,10 +613,17 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     async def invocations(request: Request, top_k: int | None = TopK):
         return await ranked(request, top_k)
 
-    # ---- Open Inference protocol (KServe v2)
-    def known(name: str) -> None:
+    @app.get("/execution-parameters", summary="SageMaker batch transform: how to split and send requests")
+    async def execution_parameters():
+        return {"MaxConcurrentTransforms": settings.workers, "BatchStrategy": "SINGLE_RECORD",
+                "MaxPayloadInMB": max(1, settings.max_body_bytes // (1024 * 1024))}
+
+    # ---- Open Inference protocol (KServe v2); each model route also under /versions/1
+    def known(name: str, version: str | None = None) -> None:
         if name != settings.model_name:
             raise ClientError(404, f"model {name!r} not found; this server serves {settings.model_name!r}")
+        if version is not None and version != "1":
+            raise ClientError(404, f"model {name!r} has no version {version!r}; it has version '1'")
 
     @app.get("/v2", summary="Open Inference server metadata")
     async def v2_server():
@@ -631,18 +638,21 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
         return {"ready": True}
 
     @app.get("/v2/models/{name}")
-    async def v2_model(name: str = ModelName):
-        known(name)
+    @app.get("/v2/models/{name}/versions/{version}")
+    async def v2_model(name: str = ModelName, version: str | None = None):
+        known(name, version)
         return v2_metadata(service)
 
     @app.get("/v2/models/{name}/ready")
-    async def v2_model_ready(name: str = ModelName):
-        known(name)
+    @app.get("/v2/models/{name}/versions/{version}/ready")
+    async def v2_model_ready(name: str = ModelName, version: str | None = None):
+        known(name, version)
         return {"name": name, "ready": True}
 
     @app.post("/v2/models/{name}/infer", openapi_extra=_V2_BODY)
-    async def v2_infer(request: Request, name: str = ModelName):
-        known(name)
+    @app.post("/v2/models/{name}/versions/{version}/infer", openapi_extra=_V2_BODY)
+    async def v2_infer(request: Request, name: str = ModelName, version: str | None = None):
+        known(name, version)
         body = await request.body()
         req, batch = await run_in_threadpool(v2_decode, body, request.headers.get("inference-header-content-length"))
         probs = await run_in_threadpool(service.probabilities, batch)
