@@ -46,13 +46,14 @@ def free_port() -> int:
 
 
 class ServerProcess:
-    def __init__(self, run: str, backend: str):
+    def __init__(self, run: str, backend: str, threads: int):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
         self.proc = subprocess.Popen([sys.executable, "-m", "fashionlab", "serve", run, "--port", str(self.port),
-                                      "--backend", backend, "--samples", "0", "--device", "cpu"],
+                                      "--backend", backend, "--samples", "0", "--device", "cpu",
+                                      "--threads", str(threads)],
                                      stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
     def __enter__(self):
@@ -127,6 +128,7 @@ def main(argv=None) -> int:
     ap.add_argument("--images", type=int, default=5000, help="test images per throughput pass")
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--backends", default="torch,onnx", help="server backends to load-test")
+    ap.add_argument("--threads", default="0,1", help="server --threads settings to load-test (0: all cores)")
     args = ap.parse_args(argv)
 
     ds = data.load(data.FASHION_MNIST, offline=True)
@@ -144,26 +146,31 @@ def main(argv=None) -> int:
         Image.fromarray(img).save(buf, format="PNG")
         bodies.append(buf.getvalue())
     print("single-image requests (28x28 PNG, POST /v1/predict) on loopback, client on the same machine")
-    print(f"{'backend':<8} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} {'req/s':>8}")
+    print(f"{'backend':<8} {'threads':>7} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
+          f"{'req/s':>8}")
     for backend in args.backends.split(","):
-        with ServerProcess(str(run), backend) as server:
-            for clients in map(int, args.clients.split(",")):
-                r = asyncio.run(load_test(server.url, bodies, clients, args.requests))
-                print(f"{backend:<8} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} {r['p50_ms']:>8.1f} "
-                      f"{r['p99_ms']:>8.1f} {r['req_per_s']:>8.1f}", flush=True)
+        for threads in map(int, args.threads.split(",")):
+            with ServerProcess(str(run), backend, threads) as server:
+                for clients in map(int, args.clients.split(",")):
+                    r = asyncio.run(load_test(server.url, bodies, clients, args.requests))
+                    print(f"{backend:<8} {threads or 'all':>7} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} "
+                          f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['req_per_s']:>8.1f}", flush=True)
 
     x = ds.test_images[: args.images]
     torch_model = Predictor.from_run(run, device="cpu", precision="fp32")
-    onnx_model = export.OnnxPredictor.from_run(run)
+    default_threads = torch.get_num_threads()
     print(f"\nbatch throughput in this process, {len(x)} test images per pass (500 at batch 1), "
           f"median of {args.repeats} alternating passes")
-    print(f"{'batch':>6} {'PyTorch img/s':>14} {'ONNX Runtime img/s':>19} {'ONNX / PyTorch':>15}")
-    for batch in map(int, args.batches.split(",")):
-        n = x if batch >= 64 else x[:500]  # batch 1 is slow: fewer images keep the run short
-        r = batch_throughput({"torch": lambda b: torch_model.probabilities(b, batch),
-                              "onnx": lambda b: onnx_model.probabilities(b, batch)}, n, batch, args.repeats)
-        t, o = r["torch"], r["onnx"]
-        print(f"{batch:>6} {t:>14.0f} {o:>19.0f} {o / t:>15.2f}", flush=True)
+    print(f"{'threads':>7} {'batch':>6} {'PyTorch img/s':>14} {'ONNX Runtime img/s':>19} {'ONNX / PyTorch':>15}")
+    for threads in map(int, args.threads.split(",")):
+        torch.set_num_threads(threads or default_threads)
+        onnx_model = export.OnnxPredictor.from_run(run, threads=threads or None)
+        for batch in map(int, args.batches.split(",")):
+            n = x if batch >= 64 else x[:500]  # batch 1 is slow: fewer images keep the run short
+            r = batch_throughput({"torch": lambda b: torch_model.probabilities(b, batch),
+                                  "onnx": lambda b: onnx_model.probabilities(b, batch)}, n, batch, args.repeats)
+            t, o = r["torch"], r["onnx"]
+            print(f"{threads or 'all':>7} {batch:>6} {t:>14.0f} {o:>19.0f} {o / t:>15.2f}", flush=True)
     return 0
 
 

@@ -226,7 +226,7 @@ def cmd_serve(args) -> int:
     from . import serve
     settings = serve.Settings.from_env(
         run=args.run, backend=args.backend, host=args.host, port=args.port, workers=args.workers,
-        device=args.device, max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
+        device=args.device, threads=args.threads, max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
         model_name=args.model_name, samples=args.samples, data_dir=args.data_dir)
     serve.run(settings)
     return 0
@@ -325,6 +325,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--backend", choices=["torch", "onnx"], help="PyTorch, or ONNX Runtime on RUN/model.onnx")
     p.add_argument("--workers", type=int, help="processes (default 1; $SAGEMAKER_MODEL_SERVER_WORKERS)")
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    p.add_argument("--threads", type=int, help="threads per inference call (default: all cores; 1 often serves "
+                                               "concurrent requests faster; $FASHIONLAB_THREADS)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 10 MB)")
     p.add_argument("--max-pixels", type=int, help="largest decoded image (default 40 megapixels)")
     p.add_argument("--model-name", help="model name in the Open Inference API (default fashionlab)")

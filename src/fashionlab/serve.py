@@ -53,6 +53,7 @@ class Settings:
     model_dir: str = SAGEMAKER_MODEL_DIR  # where the model is when no run is given (SageMaker's contract)
     backend: str = "torch"
     device: str = "auto"
+    threads: int = 0  # threads per inference call (torch / ONNX Runtime); 0: the library's default (all cores)
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
@@ -66,11 +67,11 @@ class Settings:
     # environment variable -> field; SageMaker's own names win over ours, as its contract requires
     ENV = {
         "FASHIONLAB_RUN": "run", "FASHIONLAB_MODEL_DIR": "model_dir", "FASHIONLAB_BACKEND": "backend",
-        "FASHIONLAB_DEVICE": "device", "FASHIONLAB_HOST": "host", "FASHIONLAB_PORT": "port",
-        "SAGEMAKER_BIND_TO_PORT": "port", "FASHIONLAB_WORKERS": "workers",
-        "SAGEMAKER_MODEL_SERVER_WORKERS": "workers", "FASHIONLAB_MAX_BODY_BYTES": "max_body_bytes",
-        "FASHIONLAB_MAX_PIXELS": "max_pixels", "FASHIONLAB_MODEL_NAME": "model_name",
-        "FASHIONLAB_SAMPLES": "samples", "FASHIONLAB_DATA": "data_dir",
+        "FASHIONLAB_DEVICE": "device", "FASHIONLAB_THREADS": "threads", "FASHIONLAB_HOST": "host",
+        "FASHIONLAB_PORT": "port", "SAGEMAKER_BIND_TO_PORT": "port",
+        "FASHIONLAB_WORKERS": "workers", "SAGEMAKER_MODEL_SERVER_WORKERS": "workers",
+        "FASHIONLAB_MAX_BODY_BYTES": "max_body_bytes", "FASHIONLAB_MAX_PIXELS": "max_pixels",
+        "FASHIONLAB_MODEL_NAME": "model_name", "FASHIONLAB_SAMPLES": "samples", "FASHIONLAB_DATA": "data_dir",
     }
 
     @classmethod
@@ -94,8 +95,9 @@ class Settings:
         for name in ("port", "workers", "max_body_bytes", "max_pixels", "default_top_k"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise ValueError(f"setting {name} must be a positive integer; got {getattr(self, name)}")
-        if self.samples < 0:
-            raise ValueError(f"setting samples must be >= 0; got {self.samples}")
+        for name in ("samples", "threads"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"setting {name} must be >= 0; got {getattr(self, name)}")
         return self
 
     @property
@@ -140,9 +142,12 @@ class ModelService:
                 f"{path}: no such model folder" + ("" if settings.run else
                                                    " (no run given, so the SageMaker model folder is used)"))
         self.saliency_model = None
+        if settings.threads:
+            import torch
+            torch.set_num_threads(settings.threads)
         if settings.backend == "onnx":
             from .export import OnnxPredictor
-            self.predictor = OnnxPredictor.from_run(path)
+            self.predictor = OnnxPredictor.from_run(path, threads=settings.threads or None)
             if (path / checkpoint.MODEL_WEIGHTS).is_file():  # saliency needs gradients: PyTorch
                 self.saliency_model, _ = checkpoint.load_model(path)
             self.platform = "onnxruntime_onnx"
@@ -153,7 +158,7 @@ class ModelService:
             self.platform = "pytorch"
         self.class_names: list[str] = list(self.predictor.class_names)
         self._samples: tuple[np.ndarray, np.ndarray] | None = None
-        self._samples_note = ""
+        self.samples_note = ""
         self._lock = threading.Lock()
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
@@ -192,7 +197,7 @@ class ModelService:
         try:
             ds = data.load(data.FASHION_MNIST, data_dir=self.settings.data_dir, offline=True)
         except Exception as e:  # the service works without the dataset; the page just offers no samples
-            self._samples_note = f"no test images available ({str(e).splitlines()[0]})"
+            self.samples_note = f"no test images available ({str(e).splitlines()[0]})"
             return empty
         per_class = max(1, -(-self.settings.samples // ds.num_classes))
         picks = [np.flatnonzero(ds.test_labels == c)[:per_class] for c in range(ds.num_classes)]
@@ -592,7 +597,7 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     async def v1_samples():
         imgs, labels = await run_in_threadpool(service.samples)
         return {"samples": [{"id": i, "label": service.class_names[int(y)], "url": f"/v1/samples/{i}.png"}
-                            for i, y in enumerate(labels)], "note": service._samples_note}
+                            for i, y in enumerate(labels)], "note": service.samples_note}
 
     @app.get("/v1/samples/{sample_id}.png", summary="One sample test image as PNG")
     async def v1_sample(sample_id: int):
