@@ -172,7 +172,8 @@ class ModelService:
         probs = self.probabilities(image[None])[0]
         out: dict[str, Any] = {
             "input": image.tolist(),
-            "probabilities": [{"label": n, "index": i, "score": float(p)} for i, (n, p) in enumerate(zip(self.class_names, probs))],
+            "probabilities": [{"label": n, "index": i, "score": float(p)}
+                              for i, (n, p) in enumerate(zip(self.class_names, probs))],
             "prediction": self.predictor.rank(probs[None], 1)[0][0],
             "saliency": None,
         }
@@ -198,6 +199,9 @@ class ModelService:
             ds = data.load(data.FASHION_MNIST, data_dir=self.settings.data_dir, offline=True)
         except Exception as e:  # the service works without the dataset; the page just offers no samples
             self.samples_note = f"no test images available ({str(e).splitlines()[0]})"
+            return empty
+        if list(ds.class_names) != self.class_names:
+            self.samples_note = "no test images: this model's classes are not Fashion-MNIST's"
             return empty
         per_class = max(1, -(-self.settings.samples // ds.num_classes))
         picks = [np.flatnonzero(ds.test_labels == c)[:per_class] for c in range(ds.num_classes)]
