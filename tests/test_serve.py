@@ -268,7 +268,7 @@ def test_tritonclient_http_calls_the_open_inference_api(server, reference, test_
         assert list(result.as_numpy("class_index")) == list(expected.argmax(1))
         labels = [v.decode() if isinstance(v, bytes) else v for v in result.as_numpy("label")]
         assert labels == [reference.class_names[i] for i in expected.argmax(1)]
-        assert result.get_response()["id"] == "req-1"
+        assert result.get_response()["id"] == "req-1" and result.get_response()["model_name"] == "fashionlab"
     floats = triton.InferInput("input", [2, 1, 28, 28], "FP32")  # the model's own layout, pixels in [0, 1]
     floats.set_data_from_numpy((x[:2, None] / 255.0).astype(np.float32))
     assert list(client.infer("fashionlab", [floats]).as_numpy("class_index")) == list(expected[:2].argmax(1))

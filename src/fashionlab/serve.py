@@ -11,6 +11,7 @@ Endpoints
     POST /v1/explain                one image -> preprocessed input, all probabilities, saliency
     GET  /ping, POST /invocations   SageMaker inference contract
     GET  /v2, /v2/health/{live,ready}, /v2/models/{name}[/ready], POST /v2/models/{name}/infer
+         (the Open Inference codec is in openinference.py)
 """
 
 from __future__ import annotations
@@ -30,7 +31,8 @@ from typing import Any
 import numpy as np
 from fastapi import Request  # at module level: FastAPI resolves the string annotations against these globals
 
-from . import __version__, images
+from . import __version__, images, openinference
+from .errors import UserError
 
 log = logging.getLogger("fashionlab.serve")
 
@@ -333,117 +335,6 @@ def _top_k(query: int | None, body: Any, settings: Settings, classes: int) -> in
     return min(k, classes)
 
 
-# --------------------------------------------------------------------------- Open Inference (KServe v2)
-
-V2_DTYPES = {"UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64": np.uint64, "INT8": np.int8,
-             "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16, "FP32": np.float32,
-             "FP64": np.float64, "BOOL": np.bool_}
-V2_OUTPUTS = ("probabilities", "class_index", "label")
-
-
-def v2_metadata(service: ModelService) -> dict[str, Any]:
-    n = len(service.class_names)
-    return {
-        "name": service.settings.model_name, "versions": ["1"], "platform": service.platform,
-        "inputs": [{"name": "input", "datatype": "UINT8", "shape": [-1, 28, 28]}],
-        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
-                    {"name": "class_index", "datatype": "INT64", "shape": [-1]},
-                    {"name": "label", "datatype": "BYTES", "shape": [-1]}],
-        "parameters": {"class_names": service.class_names,
-                       "input_note": "UINT8 pixels (or FP32 in [0, 1]) of shape [N, 28, 28] or [N, 1, 28, 28], "
-                                     "object light on black as in the dataset"},
-    }
-
-
-def v2_decode(body: bytes, header_length: str | None) -> tuple[dict[str, Any], np.ndarray]:
-    """An inference request (JSON, or JSON + binary tensors) -> (request JSON, (N, 28, 28) uint8)."""
-    json_part, binary = body, b""
-    if header_length is not None:
-        try:
-            n = int(header_length)
-        except ValueError:
-            raise ClientError(400, f"Inference-Header-Content-Length: expected an integer; got {header_length!r}") from None
-        if not 0 < n <= len(body):
-            raise ClientError(400, f"Inference-Header-Content-Length {n}: outside the body's {len(body)} bytes")
-        json_part, binary = body[:n], body[n:]
-    if not json_part:
-        raise ClientError(400, "empty inference request; expected JSON with an 'inputs' list")
-    try:
-        req = json.loads(json_part)
-    except (json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise ClientError(400, f"malformed JSON inference request ({e})") from None
-    if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or len(req["inputs"]) != 1:
-        raise ClientError(400, "inference request: expected {'inputs': [one tensor named 'input']}")
-    tensor = req["inputs"][0]
-    if not isinstance(tensor, dict):
-        raise ClientError(400, "inputs[0]: expected an object with name, shape, datatype and data")
-    dtype_name, shape = tensor.get("datatype"), tensor.get("shape")
-    if dtype_name not in V2_DTYPES:
-        raise ClientError(400, f"inputs[0].datatype {dtype_name!r}: expected one of {', '.join(V2_DTYPES)} "
-                               "(UINT8 pixels, or FP32 in [0, 1])")
-    if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
-        raise ClientError(400, f"inputs[0].shape {shape!r}: expected a list of non-negative integers")
-    dtype = np.dtype(V2_DTYPES[dtype_name])
-    count = int(np.prod(shape, dtype=np.float64))
-    size = (tensor.get("parameters") or {}).get("binary_data_size")
-    try:
-        if size is not None:
-            if not isinstance(size, int) or size < 0 or size > len(binary):
-                raise ClientError(400, f"inputs[0].parameters.binary_data_size {size!r}: only {len(binary)} binary bytes follow")
-            if size != count * dtype.itemsize:
-                raise ClientError(400, f"inputs[0]: {size} binary bytes do not hold shape {shape} of {dtype_name} "
-                                       f"({count * dtype.itemsize} bytes)")
-            arr = np.frombuffer(binary[:size], dtype=dtype).reshape(shape)
-        else:
-            if "data" not in tensor:
-                raise ClientError(400, "inputs[0]: no 'data' and no binary_data_size parameter")
-            arr = np.asarray(tensor["data"], dtype=dtype)
-            if arr.size != count:
-                raise ClientError(400, f"inputs[0]: {arr.size} values do not fill shape {shape}")
-            arr = arr.reshape(shape)
-    except ClientError:
-        raise
-    except (ValueError, TypeError, OverflowError) as e:
-        raise ClientError(400, f"inputs[0].data: not {dtype_name} values of shape {shape} ({e})") from None
-    if arr.ndim == 4 and arr.shape[1] == 1:  # (N, 1, 28, 28): the model's own layout
-        arr = arr[:, 0]
-    return req, images.array_to_images(arr, f"inputs[0] ({dtype_name} {list(shape)})")
-
-
-def v2_encode(service: ModelService, req: dict[str, Any], probs: np.ndarray) -> tuple[bytes, dict[str, str]]:
-    """Outputs as JSON, or as JSON + binary tensors where the request asked for binary data."""
-    idx = probs.argmax(1).astype(np.int64)
-    labels = [service.class_names[i] for i in idx]
-    tensors = {"probabilities": ("FP32", list(probs.shape), probs.astype(np.float32)),
-               "class_index": ("INT64", [len(idx)], idx), "label": ("BYTES", [len(idx)], labels)}
-    wanted = req.get("outputs") or [{"name": n} for n in V2_OUTPUTS]
-    binary_default = bool((req.get("parameters") or {}).get("binary_data_output", False))
-    outputs, chunks = [], []
-    for spec in wanted:
-        name = spec.get("name") if isinstance(spec, dict) else None
-        if name not in tensors:
-            raise ClientError(400, f"requested output {name!r}: this model has outputs {', '.join(V2_OUTPUTS)}")
-        dtype, shape, value = tensors[name]
-        as_binary = bool((spec.get("parameters") or {}).get("binary_data", binary_default))
-        entry: dict[str, Any] = {"name": name, "datatype": dtype, "shape": shape}
-        if as_binary:
-            raw = (b"".join(len(s.encode()).to_bytes(4, "little") + s.encode() for s in value) if dtype == "BYTES"
-                   else np.ascontiguousarray(value).tobytes())
-            entry["parameters"] = {"binary_data_size": len(raw)}
-            chunks.append(raw)
-        else:
-            entry["data"] = value if dtype == "BYTES" else value.ravel().tolist()
-        outputs.append(entry)
-    doc = {"model_name": service.settings.model_name, "model_version": "1", "outputs": outputs}
-    if "id" in req:
-        doc["id"] = req["id"]
-    header = json.dumps(doc).encode()
-    if not chunks:
-        return header, {"content-type": "application/json"}
-    return header + b"".join(chunks), {"content-type": "application/octet-stream",
-                                       "inference-header-content-length": str(len(header))}
-
-
 # --------------------------------------------------------------------------- the app
 
 class _Guard:
@@ -543,6 +434,10 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     @app.exception_handler(ClientError)
     async def _client_error(request, e: ClientError):
         return error(e.status, e.message)
+
+    @app.exception_handler(UserError)  # bad input found by library code (a malformed inference request, ...)
+    async def _user_error(request, e: UserError):
+        return error(400, str(e))
 
     @app.exception_handler(images.ImageError)
     async def _image_error(request, e: images.ImageError):
@@ -650,7 +545,7 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     @app.get("/v2/models/{name}/versions/{version}")
     async def v2_model(name: str = ModelName, version: str | None = None):
         known(name, version)
-        return v2_metadata(service)
+        return openinference.metadata(settings.model_name, service.platform, service.class_names)
 
     @app.get("/v2/models/{name}/ready")
     @app.get("/v2/models/{name}/versions/{version}/ready")
@@ -663,9 +558,10 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     async def v2_infer(request: Request, name: str = ModelName, version: str | None = None):
         known(name, version)
         body = await request.body()
-        req, batch = await run_in_threadpool(v2_decode, body, request.headers.get("inference-header-content-length"))
+        req, batch = await run_in_threadpool(openinference.decode_request, body,
+                                             request.headers.get("inference-header-content-length"))
         probs = await run_in_threadpool(service.probabilities, batch)
-        content, headers = v2_encode(service, req, probs)
+        content, headers = openinference.encode_response(settings.model_name, service.class_names, req, probs)
         return Response(content, headers=headers, media_type=headers["content-type"])
 
     app.add_middleware(_Guard, max_body_bytes=settings.max_body_bytes)
