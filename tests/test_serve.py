@@ -293,7 +293,7 @@ def test_openapi_schema_fuzzing_finds_no_server_errors(server):
     assert len(operations) >= 12
     for op in operations:
         @given(case=op.as_strategy())
-        @settings(max_examples=12, deadline=None, database=None, derandomize=True,
+        @settings(max_examples=8, deadline=None, database=None, derandomize=True,
                   suppress_health_check=list(HealthCheck), phases=[Phase.explicit, Phase.generate])
         def fuzz(case):
             response = case.call(timeout=30)
