@@ -189,11 +189,71 @@ def cmd_evaluate(args) -> int:
 def cmd_predict(args) -> int:
     from . import predict
     model_run = predict.Predictor.from_run(args.run, device=args.device or "auto")
+    if args.out or any(Path(p).is_dir() for p in args.images):
+        return _predict_many(model_run, args)
     for path in args.images:
         images = predict.images.load_images(path)
         for i, ranked in enumerate(model_run.predict(images, top_k=args.top_k)):
             label = f"{path}[{i}]" if len(images) > 1 else str(path)
             print(label + ": " + ", ".join(f"{r['label']} {r['score']:.3f}" for r in ranked))
+    return 0
+
+
+def _predict_many(model_run, args) -> int:
+    """Folders (and files) in batches, with a progress bar; a CSV with --out, else one line per image."""
+    from . import predict
+    files = predict.expand_inputs(args.images)
+    if not files:
+        raise ValueError(f"no image or .npy files in {', '.join(args.images)}")
+    k = min(args.top_k, len(model_run.class_names))
+    rows = predict.predict_files(model_run, files, k, progress=not args.quiet)
+    if args.out:
+        done, errors = predict.write_predictions_csv(rows, args.out, k)
+        print(f"{done} images from {len(files)} files classified -> {args.out}"
+              + (f"; {errors} files could not be read (see the error column)" if errors else ""), file=sys.stderr)
+    else:
+        errors = 0
+        for path, item, ranked, err in rows:
+            if ranked is None:
+                errors += 1
+                print(f"{path}: error: {err}", file=sys.stderr)
+            else:
+                print(f"{path}[{item}]: " + ", ".join(f"{r['label']} {r['score']:.3f}" for r in ranked))
+    return 1 if errors else 0
+
+
+def cmd_serve(args) -> int:
+    from . import serve
+    settings = serve.Settings.from_env(
+        run=args.run, backend=args.backend, host=args.host, port=args.port, workers=args.workers,
+        device=args.device, threads=args.threads, max_body_bytes=args.max_body_bytes, max_pixels=args.max_pixels,
+        model_name=args.model_name, samples=args.samples, data_dir=args.data_dir)
+    serve.run(settings)
+    return 0
+
+
+def cmd_export(args) -> int:
+    from . import export
+    if args.format != "onnx":
+        raise ValueError(f"--format {args.format!r}: only onnx is supported")
+    saved = Path(args.run) / "config.json"
+    if not args.class_names and saved.is_file():
+        from . import checkpoint
+        names = checkpoint.read_json(saved).get("class_names")
+        args.class_names = ",".join(names) if names else None
+    ds = load_data(args, quiet=True)
+    n = min(args.parity_images, len(ds.test_images))
+    result = export.export_onnx(args.run, ds.test_images[:n], args.out, args.tolerance)
+    print(f"wrote {result['path']} ({result['bytes']:,} bytes): parity on {result['images']} test images: "
+          f"max |dp| {result['max_abs_prob_diff']:.2e} (tolerance {result['tolerance']:g}), "
+          f"top-1 mismatches {result['top1_mismatches']}")
+    return 0
+
+
+def cmd_package(args) -> int:
+    from . import export
+    result = export.package(args.run, args.out)
+    print(f"wrote {result['path']} ({result['bytes']:,} bytes): {', '.join(result['files'])}")
     return 0
 
 
@@ -254,7 +314,39 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("images", nargs="+")
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    p.add_argument("--out", metavar="CSV", help="write one CSV row per image (folders are searched for images)")
+    p.add_argument("--quiet", action="store_true", help="no progress bar")
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("serve", help="HTTP service: web page, JSON API, SageMaker and Open Inference contracts")
+    p.add_argument("run", nargs="?", help="run folder (default: $FASHIONLAB_RUN, else /opt/ml/model as on SageMaker)")
+    p.add_argument("--host", help="address to bind (default 127.0.0.1; $FASHIONLAB_HOST)")
+    p.add_argument("--port", type=int, help="port (default 8080; $SAGEMAKER_BIND_TO_PORT, $FASHIONLAB_PORT)")
+    p.add_argument("--backend", choices=["torch", "onnx"], help="PyTorch, or ONNX Runtime on RUN/model.onnx")
+    p.add_argument("--workers", type=int, help="processes (default 1; $SAGEMAKER_MODEL_SERVER_WORKERS)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    p.add_argument("--threads", type=int, help="threads per inference call (default: all cores; 1 often serves "
+                                               "concurrent requests faster; $FASHIONLAB_THREADS)")
+    p.add_argument("--max-body-bytes", type=int, help="largest request body (default 10 MB)")
+    p.add_argument("--max-pixels", type=int, help="largest decoded image (default 40 megapixels)")
+    p.add_argument("--model-name", help="model name in the Open Inference API (default fashionlab)")
+    p.add_argument("--samples", type=int, help="test images offered on the web page (default 20; 0 for none)")
+    p.add_argument("--data-dir", help="dataset folder for the web page's sample images")
+    p.set_defaults(func=cmd_serve)
+
+    p = sub.add_parser("export", help="export a run to ONNX after a parity check against PyTorch")
+    p.add_argument("run")
+    p.add_argument("--format", default="onnx", choices=["onnx"])
+    p.add_argument("--out", help="output file (default RUN/model.onnx)")
+    p.add_argument("--parity-images", type=int, default=1000, help="test images compared (default 1000)")
+    p.add_argument("--tolerance", type=float, default=1e-4, help="largest allowed probability difference")
+    _data_options(p)
+    p.set_defaults(func=cmd_export)
+
+    p = sub.add_parser("package", help="write the model.tar.gz SageMaker expects")
+    p.add_argument("run")
+    p.add_argument("--out", help="output file (default RUN/model.tar.gz)")
+    p.set_defaults(func=cmd_package)
     return parser
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -50,4 +52,78 @@ class Predictor:
         return self.rank(self.probabilities(batch), top_k)
 
 
-__all__ = ["Predictor", "images"]
+# --------------------------------------------------------------------------- folders of images
+
+INPUT_SUFFIXES = (".png", ".jpg", ".jpeg", ".gif", ".bmp", ".webp", ".tif", ".tiff", ".npy")
+
+
+def expand_inputs(paths: list[str | Path]) -> list[Path]:
+    """Files as given, folders as their image and .npy files (recursively, sorted)."""
+    out: list[Path] = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            out += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in INPUT_SUFFIXES)
+        else:
+            out.append(p)
+    return out
+
+
+def predict_files(predictor, files: list[Path], top_k: int | None = 3, batch_size: int = 256,
+                  progress: bool = False):
+    """Yield (path, item, ranked or None, error or None) per image; a bad file is reported, not fatal.
+
+    Files are decoded and classified in batches so a large folder is as fast as one array.
+    """
+    from tqdm import tqdm
+    bar = tqdm(total=len(files), unit="file", disable=not progress, file=sys.stderr)
+    try:
+        for start in range(0, len(files), batch_size):
+            chunk, decoded = files[start: start + batch_size], []
+            for path in chunk:
+                try:
+                    decoded.append((path, images.load_images(path), None))
+                except images.ImageError as e:
+                    decoded.append((path, None, str(e)))
+            good = [d for d in decoded if d[1] is not None]
+            ranked = iter(predictor.predict(np.concatenate([d[1] for d in good]), top_k) if good else [])
+            for path, arr, err in decoded:
+                if arr is None:
+                    yield path, 0, None, err
+                    continue
+                for i in range(len(arr)):
+                    yield path, i, next(ranked), None
+            bar.update(len(chunk))
+    finally:
+        bar.close()
+
+
+def write_predictions_csv(rows, out: str | Path, top_k: int) -> tuple[int, int]:
+    """Write predict_files' rows as CSV (atomically); returns (images classified, files with errors)."""
+    import csv
+    import io
+    buf = io.StringIO()
+    writer = csv.writer(buf)
+    extra = [c for j in range(2, top_k + 1) for c in (f"label_{j}", f"score_{j}")]
+    writer.writerow(["path", "item", "label", "index", "score", *extra, "error"])
+    done = errors = 0
+    for path, item, ranked, err in rows:
+        if ranked is None:
+            errors += 1
+            writer.writerow([str(path), item, "", "", "", *[""] * len(extra), err])
+            continue
+        done += 1
+        first, rest = ranked[0], ranked[1:]
+        cells = [c for r in rest for c in (r["label"], f"{r['score']:.6f}")]
+        writer.writerow([str(path), item, first["label"], first["index"], f"{first['score']:.6f}",
+                         *cells, *[""] * (len(extra) - len(cells)), ""])
+    out = Path(out)
+    tmp = checkpoint.atomic_path(out)
+    try:
+        tmp.write_text(buf.getvalue())
+        os.replace(tmp, out)
+    finally:
+        tmp.unlink(missing_ok=True)
+    return done, errors
+
+
+__all__ = ["Predictor", "images", "expand_inputs", "predict_files", "write_predictions_csv"]
