@@ -31,11 +31,14 @@ def test_photo_comes_back_close_to_the_dataset_image(real_data):
     assert worst > 0.8
 
 
-def test_dataset_sized_images_pass_through():
+def test_dataset_sized_images_pass_through(real_data):
+    for img in real_data.test_images[:50]:  # dataset images peak at 254-255: unchanged
+        assert np.array_equal(images.to_dataset_style(img), img)
     img = np.zeros((28, 28), np.uint8)
-    img[5:20, 8:18] = 200
-    assert np.array_equal(images.to_dataset_style(img), img)
+    img[5:20, 8:18] = 255
     assert np.array_equal(images.to_dataset_style(255 - img), img)  # light background: inverted
+    faint = (img // 2).astype(np.uint8)
+    assert images.to_dataset_style(faint).max() == 255  # a faint image is stretched to full range
 
 
 def test_alpha_is_composited_on_white():
