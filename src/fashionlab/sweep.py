@@ -421,6 +421,7 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
     """Optuna RDB storage with heartbeats and retry of stale trials; SQLite transactions serialised."""
     import optuna
     quiet_optuna()
+    url = _with_installed_driver(url)
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 120}
@@ -430,6 +431,17 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
     if url.startswith("sqlite"):
         _serialise_sqlite(storage.engine)
     return storage
+
+
+def _with_installed_driver(url: str) -> str:
+    """postgresql://... with the driver that is installed: SQLAlchemy 2.1 defaults to psycopg 3, the
+    sweep extra installs psycopg2-binary; an explicit postgresql+driver:// is left alone."""
+    if not url.startswith("postgresql://"):
+        return url
+    import importlib.util
+    if importlib.util.find_spec("psycopg") is None and importlib.util.find_spec("psycopg2") is not None:
+        return "postgresql+psycopg2://" + url[len("postgresql://"):]
+    return url
 
 
 def _serialise_sqlite(engine) -> None:
