@@ -25,9 +25,10 @@ def write_spec(folder: Path, body: str, name: str = "spec.toml") -> Path:
     return path
 
 
-def tiny_spec(tmp_path: Path, name: str = "tiny", seeds: int = 2, extra: str = "") -> Path:
-    """4 points x `seeds` seeds of a convnet with 4-8 filters on 1,000 synthetic images: about 1 s a training."""
-    data_dir = write_idx_dataset(tmp_path / "data", synthetic_dataset(n_train=1000, n_test=200))
+def tiny_spec(tmp_path: Path, name: str = "tiny", seeds: int = 2, extra: str = "", epochs: int = 3,
+              filters: str = "[4, 8]") -> Path:
+    """2 x 2 points x `seeds` seeds of a convnet with 4-8 filters on 600 synthetic images: about 1 s a training."""
+    data_dir = write_idx_dataset(tmp_path / "data", synthetic_dataset(n_train=600, n_test=100))
     return write_spec(tmp_path, f"""
         [experiment]
         name = "{name}"
@@ -36,14 +37,14 @@ def tiny_spec(tmp_path: Path, name: str = "tiny", seeds: int = 2, extra: str = "
         folder = "{tmp_path / 'exp'}"
         {extra}
         [train]
-        epochs = 2
+        epochs = {epochs}
         batch_size = 50
         precision = "fp32"
         [model_args]
         dense = [16]
         [factors]
         kernel = [3, 5]
-        filters = [4, 8]
+        filters = {filters}
         depth = [1]
         [data]
         data_dir = "{data_dir}"
@@ -131,7 +132,7 @@ def test_random_design_draws_distinct_points_reproducibly(tmp_path):
 # --------------------------------------------------------------------------- workers in-process
 
 def test_duplicate_enqueue_is_pruned_and_finished_runs_are_reused(tmp_path):
-    spec = sweep.load_spec(tiny_spec(tmp_path, seeds=1))
+    spec = sweep.load_spec(tiny_spec(tmp_path, seeds=1, epochs=1, filters="[4]"))
     spec.folder.mkdir(parents=True)
     storage = sweep.open_storage(spec.default_storage(), 1, 3)
     study = sweep.open_study(spec, storage)
@@ -140,7 +141,7 @@ def test_duplicate_enqueue_is_pruned_and_finished_runs_are_reused(tmp_path):
     study.enqueue_trial(first, user_attrs=sweep._trial_attrs(first, 0))
     worker = sweep.Worker(spec, storage)
     final = worker.run()
-    assert final.finished and final.done == 4 and worker.trained == 4
+    assert final.finished and final.done == 2 and worker.trained == 2
     trials = study.get_trials()
     complete = [t.user_attrs["key"] for t in trials if t.state.name == "COMPLETE"]
     assert sorted(complete) == sorted(sweep.trial_key(p, 0) for p in sweep.design_points(spec))
@@ -151,18 +152,18 @@ def test_duplicate_enqueue_is_pruned_and_finished_runs_are_reused(tmp_path):
     # The database is lost: a new sweep over the same folder reuses every finished run folder.
     (spec.folder / "sweep.db").unlink()
     again = sweep.Worker(spec, sweep.open_storage(spec.default_storage(), 1, 3))
-    assert again.run().done == 4
-    assert again.trained == 0 and again.reused == 4
+    assert again.run().done == 2
+    assert again.trained == 0 and again.reused == 2
 
 
 def test_tpe_runs_each_point_with_every_seed(tmp_path):
-    spec = sweep.load_spec(tiny_spec(tmp_path, seeds=2, extra='sampler = "tpe"\npoints = 3'))
+    spec = sweep.load_spec(tiny_spec(tmp_path, seeds=2, epochs=1, extra='sampler = "tpe"\npoints = 2'))
     spec.folder.mkdir(parents=True)
     worker = sweep.Worker(spec, sweep.open_storage(spec.default_storage(), 1, 3))
     final = worker.run()
-    assert final.finished and final.done == 6 and final.points_tried == 3
+    assert final.finished and final.done == 4 and final.points_tried == 2
     res = sweep_report.analyse(spec, sweep_report.collect(spec, worker.storage))
-    assert len(res.points) == 3 and all(r.seeds == 2 for r in res.points)
+    assert len(res.points) == 2 and all(r.seeds == 2 for r in res.points)
 
 
 # --------------------------------------------------------------------------- real processes, real storage
@@ -232,7 +233,7 @@ def test_sqlite_sweep_survives_a_killed_worker(tmp_path):
 
     # Restarted when everything is finished: nothing is trained again.
     before = len(trials)
-    proc = run_cli(*args[:1], "--heartbeat-interval", "1", "--grace-period", "3", timeout=120)
+    proc = run_cli("sweep", str(spec_path), "--heartbeat-interval", "1", "--grace-period", "3", timeout=120)
     assert proc.returncode == 0, proc.stderr
     assert len(_trials(url, spec.name)) == before
 

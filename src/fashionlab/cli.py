@@ -209,6 +209,9 @@ def cmd_sweep(args) -> int:
         print(f"\nfashionlab sweep: {e}; the trial is queued again: run the same command to continue",
               file=sys.stderr)
         return 128 + e.signum
+    except KeyboardInterrupt:
+        print("\nfashionlab sweep: interrupted; run the same command to continue", file=sys.stderr)
+        return 130
     if args.worker_only:
         return 0
     if not t.finished:

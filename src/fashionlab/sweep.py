@@ -33,7 +33,6 @@ import subprocess
 import sys
 import threading
 import time
-import tomllib
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +40,11 @@ from typing import Any, Callable
 
 from . import checkpoint, models
 from .errors import UserError
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10: the same parser as a package
+    import tomli as tomllib
 
 SAMPLERS = ("grid", "random", "tpe")
 METRICS = {"test_accuracy": "maximize", "test_loss": "minimize", "val_accuracy": "maximize", "val_loss": "minimize"}
@@ -425,9 +429,12 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
     engine_kwargs: dict[str, Any] = {}
     if url.startswith("sqlite"):
         engine_kwargs["connect_args"] = {"timeout": 120}
-    storage = optuna.storages.RDBStorage(
-        url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval, grace_period=grace_period,
-        heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(max_retry=max_retry))
+    # Optuna 5 renamed the retry callback and its argument; older releases have the first names.
+    retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
+    retry = {"heartbeat_stale_trial_callback": retry_cls(max_retry=max_retry)} if retry_cls else \
+        {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)}
+    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                         grace_period=grace_period, **retry)
     if url.startswith("sqlite"):
         _serialise_sqlite(storage.engine)
     return storage
@@ -672,7 +679,7 @@ class Worker:
 
     spec: Spec
     storage: Any
-    log: Callable[[str], None] = lambda m: None
+    log: Callable[[str], None] = lambda m: None  # trial starts; failures always go to stderr
     poll_s: float = 1.0
     ident: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     trained: int = 0
@@ -748,9 +755,11 @@ class Worker:
                 raise
             except Exception as e:
                 trial.set_user_attr("error", f"{type(e).__name__}: {e}")
-                self.log(f"{self.ident}: trial {trial.number} {key} failed: {type(e).__name__}: {e}")
+                print(f"\n{self.ident}: trial {trial.number} ({key}) failed: {type(e).__name__}: {e}", file=sys.stderr)
                 self.study.tell(trial, state=TrialState.FAIL)
-                callback = self.store.get_heartbeat_stale_trial_callback()
+                callback = getattr(self.store, "get_heartbeat_stale_trial_callback", None) \
+                    or self.store.get_failed_trial_callback
+                callback = callback()
                 if callback:
                     callback(self.study, self.store.get_trial(trial_id))
                 return "failed"
