@@ -5,6 +5,7 @@ from __future__ import annotations
 import glob
 import os
 import pwd
+import shlex
 import shutil
 import socket
 import struct
@@ -64,7 +65,7 @@ def postgres_cluster():
         if _ci():
             pytest.fail("PostgreSQL is required under CI (apt-get install postgresql) and initdb/pg_ctl were not found")
         pytest.skip("PostgreSQL not installed (apt-get install postgresql)")
-    as_user: list[str] = []
+    as_user: list[str] | None = []  # None: run through `su postgres -c` (no runuser)
     base = Path(tempfile.mkdtemp(prefix="fashionlab-pg-", dir="/tmp"))
     if os.geteuid() == 0:
         try:
@@ -72,25 +73,29 @@ def postgres_cluster():
         except KeyError:
             pytest.fail("running as root needs the `postgres` system user to start PostgreSQL")
         os.chown(base, pw.pw_uid, pw.pw_gid)
-        as_user = ["runuser", "-u", "postgres", "--"]
+        as_user = ["runuser", "-u", "postgres", "--"] if shutil.which("runuser") else None
     os.chmod(base, 0o700)
     datadir, port = base / "data", free_port()
     log = base / "server.log"
 
+    def command(cmd) -> list[str]:
+        cmd = [str(c) for c in cmd]
+        return ["su", "postgres", "-s", "/bin/sh", "-c", shlex.join(cmd)] if as_user is None else [*as_user, *cmd]
+
     def run(*cmd):
-        proc = subprocess.run([*as_user, *map(str, cmd)], capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(command(cmd), capture_output=True, text=True, timeout=120)
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
                                + (f"\n{log.read_text()}" if log.exists() else ""))
         return proc
 
-    run(bindir / "initdb", "-D", datadir, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
-    run(bindir / "pg_ctl", "-D", datadir, "-l", log, "-w", "-t", "60", "-o",
-        f"-h 127.0.0.1 -p {port} -k {base} -c fsync=off -c max_connections=100", "start")
     try:
+        run(bindir / "initdb", "-D", datadir, "-U", "postgres", "-A", "trust", "--no-sync", "-E", "UTF8")
+        run(bindir / "pg_ctl", "-D", datadir, "-l", log, "-w", "-t", "60", "-o",
+            f"-h 127.0.0.1 -p {port} -k {base} -c fsync=off -c max_connections=100", "start")
         yield f"postgresql://postgres@127.0.0.1:{port}/postgres"
     finally:
-        subprocess.run([*as_user, str(bindir / "pg_ctl"), "-D", str(datadir), "-m", "immediate", "-w", "stop"],
+        subprocess.run(command([bindir / "pg_ctl", "-D", datadir, "-m", "immediate", "-w", "stop"]),
                        capture_output=True, timeout=60)
         shutil.rmtree(base, ignore_errors=True)
 
