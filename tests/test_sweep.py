@@ -19,6 +19,17 @@ from sweep_support import postgres_cluster, start_sweep, wait_for, write_idx_dat
 CLASSES = [f"c{i}" for i in range(10)]
 
 
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """In-process trainings on one thread, as the worker processes here run (--threads 1): on a
+    shared 2-core machine two intra-op threads mostly wait for each other."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
 def write_spec(folder: Path, body: str, name: str = "spec.toml") -> Path:
     path = folder / name
     path.write_text(textwrap.dedent(body))
@@ -130,6 +141,17 @@ def test_random_design_draws_distinct_points_reproducibly(tmp_path):
 
 
 # --------------------------------------------------------------------------- workers in-process
+
+def test_a_changed_design_is_refused_against_the_existing_study(tmp_path):
+    first = sweep.load_spec(write_spec(tmp_path, BASE, "a.toml"))
+    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'shared.db'}")
+    study = sweep.open_study(first, storage)
+    assert len(study.get_trials()) == 2 * 3  # 2 points x 3 seeds, queued once
+    assert len(sweep.open_study(first, storage).get_trials()) == 6  # joining again queues nothing more
+    changed = sweep.load_spec(write_spec(tmp_path, BASE.replace("[3, 5]", "[3, 7]"), "b.toml"))
+    with pytest.raises(sweep.SpecError, match=r"b.toml: the study 'x' .* different design \(differs in: factors\)"):
+        sweep.open_study(changed, storage)
+
 
 def test_duplicate_enqueue_is_pruned_and_finished_runs_are_reused(tmp_path):
     spec = sweep.load_spec(tiny_spec(tmp_path, seeds=1, epochs=1, filters="[4]"))
