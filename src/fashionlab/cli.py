@@ -254,6 +254,44 @@ def cmd_package(args) -> int:
     from . import export
     result = export.package(args.run, args.out)
     print(f"wrote {result['path']} ({result['bytes']:,} bytes): {', '.join(result['files'])}")
+
+def cmd_sweep(args) -> int:
+    from . import sweep
+    from .train import TrainingInterrupted
+    spec = sweep.load_spec(args.spec, folder=args.out)
+    try:
+        t = sweep.run_sweep(spec, args.storage, workers=args.workers, heartbeat_interval=args.heartbeat_interval,
+                            grace_period=args.grace_period, max_retry=args.max_retry, threads=args.threads,
+                            worker_only=args.worker_only, quiet=args.quiet)
+    except TrainingInterrupted as e:
+        print(f"\nfashionlab sweep: {e}; the trial is queued again: run the same command to continue",
+              file=sys.stderr)
+        return 128 + e.signum
+    except KeyboardInterrupt:
+        print("\nfashionlab sweep: interrupted; run the same command to continue", file=sys.stderr)
+        return 130
+    if args.worker_only:
+        return 0
+    if not t.finished:
+        print(f"fashionlab sweep: stopped with {t.total - t.done - t.failed} of {t.total} trainings not done; "
+              f"run the same command to continue", file=sys.stderr)
+        return 1
+    if not args.no_report:
+        from . import sweep_report
+        res, path = sweep_report.write_report(spec, args.storage)
+        print(sweep_report.text_table(res))
+        print(f"\nreport: {path}")
+    return 1 if t.failed else 0
+
+
+def cmd_sweep_report(args) -> int:
+    from . import sweep, sweep_report
+    spec = sweep.load_spec(args.spec, folder=args.out)
+    res, path = sweep_report.write_report(spec, args.storage, args.html)
+    print(sweep_report.text_table(res))
+    if args.markdown:
+        print("\n" + sweep_report.markdown_table(res))
+    print(f"\nreport: {path}")
     return 0
 
 
@@ -347,6 +385,31 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run")
     p.add_argument("--out", help="output file (default RUN/model.tar.gz)")
     p.set_defaults(func=cmd_package)
+
+    p = sub.add_parser("sweep", help="run a controlled experiment (a spec file) on Optuna storage, with any number of workers")
+    p.add_argument("spec", help="experiment spec (TOML), e.g. experiments/conv-layers.toml")
+    p.add_argument("--storage", metavar="URL", help="Optuna RDB storage shared by all workers (default: a SQLite "
+                   "file in the experiment folder); e.g. postgresql://user:pass@host/db for many machines")
+    p.add_argument("--workers", type=int, default=1, help="worker processes on this machine (default 1)")
+    p.add_argument("--out", metavar="DIR", help="experiment folder (default: the spec's folder, runs/sweeps/<name>)")
+    p.add_argument("--heartbeat-interval", type=int, default=10, metavar="S",
+                   help="seconds between a running trial's heartbeats (default 10)")
+    p.add_argument("--grace-period", type=int, default=30, metavar="S",
+                   help="a trial silent this long is failed and queued again (default 30)")
+    p.add_argument("--max-retry", type=int, default=2, help="times a failed point is queued again (default 2)")
+    p.add_argument("--threads", type=int, help="CPU threads per worker (default: cores / workers when workers > 1)")
+    p.add_argument("--no-report", action="store_true", help="do not write the report when the sweep is done")
+    p.add_argument("--quiet", action="store_true", help="no progress line")
+    p.add_argument("--worker-only", action="store_true", help=argparse.SUPPRESS)  # a child of --workers N
+    p.set_defaults(func=cmd_sweep)
+
+    p = sub.add_parser("sweep-report", help="tables, tests and an HTML report of a sweep's results")
+    p.add_argument("spec")
+    p.add_argument("--storage", metavar="URL", help="the storage the sweep used (default: its SQLite file)")
+    p.add_argument("--out", metavar="DIR", help="experiment folder, if the sweep used --out")
+    p.add_argument("--html", metavar="PATH", help="where to write the report (default <folder>/report.html)")
+    p.add_argument("--markdown", action="store_true", help="also print the per-level table as Markdown")
+    p.set_defaults(func=cmd_sweep_report)
     return parser
 
 
