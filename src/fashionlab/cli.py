@@ -296,7 +296,9 @@ def cmd_sweep_report(args) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="fashionlab", description=__doc__.splitlines()[0] if __doc__ else None)
+    parser = argparse.ArgumentParser(
+        prog="fashionlab", description="Fast, reproducible image classification on Fashion-MNIST: data, models, "
+        "training, evaluation, reports, sweeps and serving.")
     parser.add_argument("--version", action="version", version=f"fashionlab {__version__}")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
