@@ -197,6 +197,25 @@ def cmd_predict(args) -> int:
     return 0
 
 
+def cmd_study(args) -> int:
+    from . import study
+    overrides = dict(epochs=args.epochs, subset=args.subset, device=args.device, precision=args.precision)
+    out = args.out or f"studies/{args.name}"
+    result = study.run_study(args.name, out, seeds=args.seeds, overrides=overrides, run_reports=not args.no_run_reports,
+                             data_dir=args.data_dir, offline=args.offline)
+    print("\n".join(study.summary_lines(result["summary"])))
+    print(f"\ntrained {len(result['trained'])} run(s), reused {len(result['reused'])}; report: {result['report']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import study
+    page, summary = study.write_comparison(args.runs, args.out, title=args.title or "Comparison of runs")
+    print("\n".join(study.summary_lines(summary)))
+    print(f"\nreport: {page}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fashionlab", description=__doc__.splitlines()[0] if __doc__ else None)
     parser.add_argument("--version", action="version", version=f"fashionlab {__version__}")
@@ -255,6 +274,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("study", help="train a study's models over several seeds and compare them in one report")
+    p.add_argument("name", help="study name: dense-vs-conv, cnn-vs-rnn or zoo")
+    p.add_argument("--seeds", type=int, default=3, help="runs per model, seeds offset from the recipe's (default 3)")
+    p.add_argument("--out", help="study folder (default studies/<name>); finished runs in it are reused")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs (quick looks)")
+    p.add_argument("--subset", type=int, metavar="N", help="train on a stratified subset of N images (quick looks)")
+    p.add_argument("--no-run-reports", action="store_true", help="skip each run's report.html (faster)")
+    _runtime_options(p)
+    _data_options(p)
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("compare", help="compare finished runs side by side (mean and std over runs of a model)")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", default="compare.html", help="HTML page to write (PNG figures go beside it)")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 
