@@ -145,9 +145,16 @@ def cmd_train(args) -> int:
     from . import train
     if args.resume:
         train.resume(args.resume, quiet=args.quiet, data_dir=args.data_dir, offline=args.offline)
-        return 0
-    cfg = train_config_from_args(args)
-    train.train(cfg, args.out, quiet=args.quiet, data_dir=args.data_dir, offline=args.offline)
+        run_dir = Path(args.resume)
+    else:
+        cfg = train_config_from_args(args)
+        run_dir = Path(args.out) if args.out else train.default_run_dir(cfg.model)
+        train.train(cfg, run_dir, quiet=args.quiet, data_dir=args.data_dir, offline=args.offline)
+    if not getattr(args, "no_report", False):
+        from . import report
+        path = report.write_run_report(run_dir, data_dir=args.data_dir, offline=args.offline)
+        if not args.quiet:
+            print(f"report: {path}")
     return 0
 
 
@@ -194,6 +201,29 @@ def cmd_predict(args) -> int:
         for i, ranked in enumerate(model_run.predict(images, top_k=args.top_k)):
             label = f"{path}[{i}]" if len(images) > 1 else str(path)
             print(label + ": " + ", ".join(f"{r['label']} {r['score']:.3f}" for r in ranked))
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import report
+    path = report.write_run_report(args.run, out=args.out, with_explain=not args.no_explain,
+                                   data_dir=args.data_dir, offline=args.offline, device=args.device or "auto")
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from . import explain, report
+    ds = report.dataset_for_run(args.run, args.data_dir, args.offline)
+    path = explain.write_explanation(args.run, ds, out=args.out, device=args.device or "auto")
+    print(f"explanation: {path}")
+    return 0
+
+
+def cmd_explore(args) -> int:
+    from . import explore
+    path = explore.write_exploration(load_data(args), args.out)
+    print(f"exploration: {path}")
     return 0
 
 
@@ -257,6 +287,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<time>-<model>)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html after training")
     _runtime_options(p)
     _data_options(p)
     p.set_defaults(func=cmd_train)
@@ -274,6 +305,26 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--top-k", type=int, default=3)
     p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
     p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser("report", help="write a run's report.html (figures embedded, PNGs beside it)")
+    p.add_argument("run")
+    p.add_argument("--out", help="HTML file to write (default RUN/report.html)")
+    p.add_argument("--no-explain", action="store_true", help="leave out the look inside the model (faster)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    _data_options(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("explain", help="filters, feature maps, Grad-CAM/saliency and embeddings of a run's model")
+    p.add_argument("run")
+    p.add_argument("--out", help="HTML file to write (default RUN/explain.html)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    _data_options(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("explore", help="exploration report of the dataset: counts, samples, means, histograms")
+    p.add_argument("--out", default="eda.html", help="HTML file to write (PNG figures go beside it)")
+    _data_options(p)
+    p.set_defaults(func=cmd_explore)
 
     p = sub.add_parser("study", help="train a study's models over several seeds and compare them in one report")
     p.add_argument("name", help="study name: dense-vs-conv, cnn-vs-rnn or zoo")

@@ -20,7 +20,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import checkpoint, models, pages, train as train_mod
+from . import checkpoint, models, pages, report, train as train_mod
 from .recipes import get_recipe
 
 
@@ -137,7 +137,6 @@ def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, over
 
     run_dirs = [d for *_, d in plan]
     if run_reports:
-        from . import report
         for d in run_dirs:
             if not (d / "report.html").exists():
                 log(f"writing {d / 'report.html'}")
@@ -292,7 +291,7 @@ def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], f
     for i, k in enumerate(labels):
         ax = fig.add_subplot(rows, cols, i + 1)
         cm = np.asarray(summary[k]["confusion_mean"])
-        _confusion_axes(ax, cm, names, f"{k} (mean of {summary[k]['runs']} runs)", small=True)
+        report.draw_confusion(ax, cm, names, f"{k} (mean of {summary[k]['runs']} runs)", small=True)
     out["confusion"] = figs.add("confusion", fig, "Confusion matrices (rows: true class; mean counts over seeds)")
 
     # curves overlaid: mean over seeds with a band of one standard deviation
@@ -322,24 +321,6 @@ def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], f
     axes[1].set_title("Accuracy")
     out["curves"] = figs.add("curves", fig, "Training curves overlaid, mean over seeds with ± one standard deviation")
     return out
-
-
-def _confusion_axes(ax, cm: np.ndarray, names: Sequence[str], title: str, small: bool = False) -> None:
-    """Heatmap with counts in every cell (shared with the run report)."""
-    shown = cm / np.maximum(cm.sum(1, keepdims=True), 1)
-    ax.imshow(shown, cmap="Blues", vmin=0, vmax=1)
-    fs = 6 if small else 7.5
-    for t in range(cm.shape[0]):
-        for p in range(cm.shape[1]):
-            v = cm[t, p]
-            text = f"{v:.0f}" if float(v).is_integer() or v >= 10 else f"{v:.1f}"
-            ax.text(p, t, text, ha="center", va="center", fontsize=fs,
-                    color="white" if shown[t, p] > .5 else "black")
-    ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=fs + 1)
-    ax.set_yticks(range(len(names)), names, fontsize=fs + 1)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title, fontsize=9)
 
 
 def comparison_sections(run_dirs: Sequence[str | Path], figs: pages.FigureWriter,
