@@ -250,21 +250,21 @@ def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], f
     means = [summary[k]["test_accuracy"]["mean"] * 100 for k in labels]
     stds = [summary[k]["test_accuracy"]["std"] * 100 for k in labels]
     ax.bar(labels, means, yerr=stds, capsize=5, color=colors, alpha=.85)
+    refs = [(i, references[k] * 100) for i, k in enumerate(labels) if k in references]
     for i, k in enumerate(labels):
         for v in summary[k]["test_accuracy"]["values"]:
             ax.plot(i, v * 100, "k.", ms=4)
-        if k in references:
-            ax.plot(i, references[k] * 100, marker="_", ms=30, mew=2, color="crimson",
-                    label="reported by the reference study" if "ref" not in out else None)
-            out["ref"] = ""
-    lo = min(min(m - s for m, s in zip(means, stds)), *(references[k] * 100 for k in labels if k in references))
-    ax.set_ylim(max(0, lo - 3), min(100, max(m + s for m, s in zip(means, stds)) + 1.5))
+    for j, (i, v) in enumerate(refs):
+        ax.plot(i, v, marker="_", ms=30, mew=2, color="crimson",
+                label="reported by the reference study" if j == 0 else None)
+    lo = min([m - s for m, s in zip(means, stds)] + [v for _, v in refs])
+    hi = max([m + s for m, s in zip(means, stds)] + [v for _, v in refs])
+    ax.set_ylim(max(0, lo - 3), min(100, hi + 1.5))
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy: mean ± std over seeds (dots: single runs)")
-    if "ref" in out:
+    ax.set_title("Test accuracy: mean ± std over seeds (dots: single runs)", fontsize=9)
+    if refs:
         ax.legend(loc="lower right", fontsize=8)
     ax.tick_params(axis="x", labelrotation=20 if len(labels) > 4 else 0)
-    out.pop("ref", None)
     out["accuracy"] = figs.add("accuracy", fig, "Test accuracy per model, mean and one standard deviation over seeds")
 
     # per-class accuracy side by side
