@@ -245,7 +245,7 @@ def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], f
     out = {}
 
     # accuracy with error bars (one standard deviation), reference figures as markers
-    fig = pages.new_figure(max(4.5, 1.2 * len(labels) + 2), 3.6)
+    fig = pages.new_figure(max(6.0, 1.2 * len(labels) + 2), 3.6)
     ax = fig.add_subplot()
     means = [summary[k]["test_accuracy"]["mean"] * 100 for k in labels]
     stds = [summary[k]["test_accuracy"]["std"] * 100 for k in labels]
