@@ -116,3 +116,28 @@ def test_study_cli_on_real_data_shows_progress_and_resumes(real_data, tmp_path):
     second = run_cli(*args, timeout=300)
     assert second.returncode == 0, second.stderr
     assert "trained 0 run(s), reused 2" in second.stdout and "epoch" not in second.stderr
+
+
+def test_interrupted_study_continues_where_it_stopped(real_data, tmp_path):
+    """SIGINT mid-study: the run in progress is checkpointed; the same command finishes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    args = [sys.executable, "-m", "fashionlab", "study", "dense-vs-conv", "--seeds", "1", "--epochs", "2",
+            "--subset", "1000", "--no-run-reports", "--out", str(tmp_path), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:  # wait for the first epoch of the first run, then interrupt
+        if "cnn seed 0 epoch 1/2" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "run `fashionlab study dense-vs-conv" in err and (tmp_path / "cnn" / "seed-0" / "checkpoint.safetensors").exists()
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "[1/2] cnn seed 0: resuming" in done.stderr and "trained 2 run(s), reused 0" in done.stdout
+    assert not (tmp_path / "cnn" / "seed-0" / "checkpoint.safetensors").exists()

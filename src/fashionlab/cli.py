@@ -231,8 +231,15 @@ def cmd_study(args) -> int:
     from . import study
     overrides = dict(epochs=args.epochs, subset=args.subset, device=args.device, precision=args.precision)
     out = args.out or f"studies/{args.name}"
-    result = study.run_study(args.name, out, seeds=args.seeds, overrides=overrides, run_reports=not args.no_run_reports,
-                             data_dir=args.data_dir, offline=args.offline)
+    from .train import TrainingInterrupted
+    try:
+        result = study.run_study(args.name, out, seeds=args.seeds, overrides=overrides,
+                                 run_reports=not args.no_run_reports, data_dir=args.data_dir, offline=args.offline)
+    except TrainingInterrupted as e:
+        again = " ".join(a for a in sys.argv[1:]) if sys.argv[1:] and sys.argv[1] == "study" else f"study {args.name} --out {out}"
+        print(f"\nfashionlab study: {e}; finished runs are kept: run `fashionlab {again}` again to continue",
+              file=sys.stderr)
+        return 128 + e.signum
     print("\n".join(study.summary_lines(result["summary"])))
     print(f"\ntrained {len(result['trained'])} run(s), reused {len(result['reused'])}; report: {result['report']}")
     return 0
