@@ -91,7 +91,7 @@ def distance_figure(dist: np.ndarray, names):
     for i in range(len(names)):
         for j in range(len(names)):
             ax.text(j, i, f"{dist[i, j]:.2f}", ha="center", va="center", fontsize=6,
-                    color="white" if dist[i, j] < dist.max() * .5 else "black")
+                    color="black" if dist[i, j] < dist.max() * .5 else "white")  # viridis_r: small is bright
     ax.set_xticks(range(len(names)), names, rotation=45, ha="right", fontsize=7)
     ax.set_yticks(range(len(names)), names, fontsize=7)
     fig.colorbar(im, ax=ax, shrink=.8, label="RMS difference of class means")
