@@ -178,10 +178,12 @@ def test_run_report_has_every_section_and_figure(runs, tmp_path):
         assert f"<td class=\"\">{row['layer']}</td>" in html
 
 
-def test_lstm_report_explains_what_it_cannot_show(runs, tmp_path):
-    html = report.write_run_report(runs["lstm"], dataset=DS, out=tmp_path / "r.html").read_text()
-    assert "explain_filters" not in img_sources(html) and "no filters to show" in html
-    assert "no feature maps to show" in html and "explain_saliency" in img_sources(html)
+def test_lstm_explanation_says_what_it_cannot_show(runs, tmp_path):
+    figs = pages.FigureWriter(tmp_path)
+    html = "".join(pages.html_page("lstm", explain.explain_sections(_model(runs["lstm"]), DS.test_images,
+                                                                    DS.test_labels, DS.class_names, figs)))
+    assert figs.names == ["explain_saliency", "explain_embedding"]
+    assert "no filters to show" in html and "no feature maps to show" in html
 
 
 def test_report_of_unfinished_run_is_a_clear_error(tmp_path):
