@@ -279,7 +279,8 @@ def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], f
                yerr=[pc[n]["std"] * 100 for n in names], capsize=2, label=k, color=colors[i])
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("accuracy (recall, %)")
-    ax.set_ylim(max(0, min(summary[k]["per_class_accuracy"][n]["mean"] for k in labels for n in names) * 100 - 10), 100)
+    low = min(pc["mean"] - pc["std"] for k in labels for pc in summary[k]["per_class_accuracy"].values())
+    ax.set_ylim(max(0, low * 100 - 5), 100)  # room for the lowest error bar
     ax.legend(fontsize=8, ncols=min(len(labels), 4))
     ax.set_title("Per-class test accuracy, mean ± std over seeds")
     out["per_class"] = figs.add("per_class", fig, "Per-class accuracy side by side")
