@@ -145,9 +145,16 @@ def cmd_train(args) -> int:
     from . import train
     if args.resume:
         train.resume(args.resume, quiet=args.quiet, data_dir=args.data_dir, offline=args.offline)
-        return 0
-    cfg = train_config_from_args(args)
-    train.train(cfg, args.out, quiet=args.quiet, data_dir=args.data_dir, offline=args.offline)
+        run_dir = Path(args.resume)
+    else:
+        cfg = train_config_from_args(args)
+        run_dir = Path(args.out) if args.out else train.default_run_dir(cfg.model)
+        train.train(cfg, run_dir, quiet=args.quiet, data_dir=args.data_dir, offline=args.offline)
+    if not getattr(args, "no_report", False):
+        from . import report
+        path = report.write_run_report(run_dir, data_dir=args.data_dir, offline=args.offline)
+        if not args.quiet:
+            print(f"report: {path}")
     return 0
 
 
@@ -254,6 +261,8 @@ def cmd_package(args) -> int:
     from . import export
     result = export.package(args.run, args.out)
     print(f"wrote {result['path']} ({result['bytes']:,} bytes): {', '.join(result['files'])}")
+    return 0
+
 
 def cmd_sweep(args) -> int:
     from . import sweep
@@ -292,6 +301,55 @@ def cmd_sweep_report(args) -> int:
     if args.markdown:
         print("\n" + sweep_report.markdown_table(res))
     print(f"\nreport: {path}")
+    return 0
+
+
+def cmd_report(args) -> int:
+    from . import report
+    path = report.write_run_report(args.run, out=args.out, with_explain=not args.no_explain,
+                                   data_dir=args.data_dir, offline=args.offline, device=args.device or "auto")
+    print(f"report: {path}")
+    return 0
+
+
+def cmd_explain(args) -> int:
+    from . import explain, report
+    ds = report.dataset_for_run(args.run, args.data_dir, args.offline)
+    path = explain.write_explanation(args.run, ds, out=args.out, device=args.device or "auto")
+    print(f"explanation: {path}")
+    return 0
+
+
+def cmd_explore(args) -> int:
+    from . import explore
+    path = explore.write_exploration(load_data(args), args.out)
+    print(f"exploration: {path}")
+    return 0
+
+
+def cmd_study(args) -> int:
+    from . import study
+    overrides = dict(epochs=args.epochs, subset=args.subset, device=args.device, precision=args.precision)
+    out = args.out or f"studies/{args.name}"
+    from .train import TrainingInterrupted
+    try:
+        result = study.run_study(args.name, out, seeds=args.seeds, overrides=overrides,
+                                 run_reports=not args.no_run_reports, data_dir=args.data_dir, offline=args.offline)
+    except TrainingInterrupted as e:
+        again = " ".join(a for a in sys.argv[1:]) if sys.argv[1:] and sys.argv[1] == "study" else f"study {args.name} --out {out}"
+        print(f"\nfashionlab study: {e}; finished runs are kept: run `fashionlab {again}` again to continue",
+              file=sys.stderr)
+        return 128 + e.signum
+    print("\n".join(study.summary_lines(result["summary"])))
+    print(f"\ntrained {len(result['trained'])} run(s), reused {len(result['reused'])}; report: {result['report']}")
+    return 0
+
+
+def cmd_compare(args) -> int:
+    from . import study
+    page, summary = study.write_comparison(args.runs, args.out, title=args.title or "Comparison of runs")
+    print("\n".join(study.summary_lines(summary)))
+    print(f"\nreport: {page}")
     return 0
 
 
@@ -338,6 +396,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--out", help="run folder (default runs/<time>-<model>)")
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
+    p.add_argument("--no-report", action="store_true", help="do not write report.html after training")
     _runtime_options(p)
     _data_options(p)
     p.set_defaults(func=cmd_train)
@@ -412,6 +471,43 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--html", metavar="PATH", help="where to write the report (default <folder>/report.html)")
     p.add_argument("--markdown", action="store_true", help="also print the per-level table as Markdown")
     p.set_defaults(func=cmd_sweep_report)
+
+    p = sub.add_parser("report", help="write a run's report.html (figures embedded, PNGs beside it)")
+    p.add_argument("run")
+    p.add_argument("--out", help="HTML file to write (default RUN/report.html)")
+    p.add_argument("--no-explain", action="store_true", help="leave out the look inside the model (faster)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    _data_options(p)
+    p.set_defaults(func=cmd_report)
+
+    p = sub.add_parser("explain", help="filters, feature maps, Grad-CAM/saliency and embeddings of a run's model")
+    p.add_argument("run")
+    p.add_argument("--out", help="HTML file to write (default RUN/explain.html)")
+    p.add_argument("--device", choices=["auto", "cpu", "cuda", "mps"], default=None)
+    _data_options(p)
+    p.set_defaults(func=cmd_explain)
+
+    p = sub.add_parser("explore", help="exploration report of the dataset: counts, samples, means, histograms")
+    p.add_argument("--out", default="eda.html", help="HTML file to write (PNG figures go beside it)")
+    _data_options(p)
+    p.set_defaults(func=cmd_explore)
+
+    p = sub.add_parser("study", help="train a study's models over several seeds and compare them in one report")
+    p.add_argument("name", help="study name: dense-vs-conv, cnn-vs-rnn or zoo")
+    p.add_argument("--seeds", type=int, default=3, help="runs per model, seeds offset from the recipe's (default 3)")
+    p.add_argument("--out", help="study folder (default studies/<name>); finished runs in it are reused")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs (quick looks)")
+    p.add_argument("--subset", type=int, metavar="N", help="train on a stratified subset of N images (quick looks)")
+    p.add_argument("--no-run-reports", action="store_true", help="skip each run's report.html (faster)")
+    _runtime_options(p)
+    _data_options(p)
+    p.set_defaults(func=cmd_study)
+
+    p = sub.add_parser("compare", help="compare finished runs side by side (mean and std over runs of a model)")
+    p.add_argument("runs", nargs="+", metavar="RUN")
+    p.add_argument("--out", default="compare.html", help="HTML page to write (PNG figures go beside it)")
+    p.add_argument("--title")
+    p.set_defaults(func=cmd_compare)
     return parser
 
 

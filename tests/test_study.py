@@ -1,0 +1,149 @@
+"""Studies: seeds, progress, resume (finished runs are reused, never retrained) and comparison."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from conftest import run_cli, synthetic_dataset
+from fashionlab import study
+from report_support import img_sources
+
+DS = synthetic_dataset(n_train=200, n_test=100)
+QUICK = {"epochs": 1, "batch_size": 64}
+
+
+def _mtimes(out):
+    return {p: p.stat().st_mtime_ns for p in sorted(out.rglob("model.safetensors"))}
+
+
+def test_study_trains_every_model_and_seed_then_resumes_without_training(tmp_path):
+    lines = []
+    first = study.run_study("dense-vs-conv", tmp_path, seeds=2, dataset=DS, overrides=QUICK,
+                            log=lines.append, run_reports=False)
+    assert len(first["trained"]) == 4 and first["reused"] == []
+    for model in ("cnn", "mlp"):
+        for seed in (0, 1):  # the recipe's seed (0) and the next
+            cfg = json.loads((tmp_path / model / f"seed-{seed}" / "config.json").read_text())
+            assert cfg["model"] == model and cfg["seed"] == seed and cfg["recipe"] == "dense-vs-conv"
+    # progress names the model, the seed and the epoch
+    assert any(line.startswith("[1/4] cnn seed 0 epoch 1/1:") for line in lines)
+    assert any(line.startswith("[4/4] mlp seed 1 epoch 1/1:") for line in lines)
+    before = _mtimes(tmp_path)
+
+    lines.clear()
+    second = study.run_study("dense-vs-conv", tmp_path, seeds=2, dataset=DS, overrides=QUICK,
+                             log=lines.append, run_reports=False)
+    assert second["trained"] == [] and len(second["reused"]) == 4
+    assert _mtimes(tmp_path) == before  # nothing retrained, nothing rewritten
+    assert not any("epoch" in line for line in lines)
+    assert second["summary"] == first["summary"]
+
+    # asking for a third seed trains only that seed's runs
+    third = study.run_study("dense-vs-conv", tmp_path, seeds=3, dataset=DS, overrides=QUICK,
+                            log=lines.append, run_reports=False)
+    assert sorted(p.parent.name + "/" + p.name for p in third["trained"]) == ["cnn/seed-2", "mlp/seed-2"]
+
+
+def test_study_refuses_runs_trained_with_other_settings(tmp_path):
+    study.run_study("cnn-vs-rnn", tmp_path, seeds=1, dataset=DS, overrides=QUICK, log=lambda m: None,
+                    run_reports=False)
+    with pytest.raises(study.StudyError, match="epochs: saved 1, asked 2"):
+        study.run_study("cnn-vs-rnn", tmp_path, seeds=1, dataset=DS, overrides={**QUICK, "epochs": 2},
+                        log=lambda m: None, run_reports=False)
+
+
+def test_cnn_vs_rnn_seeds_start_at_the_recipe_seed():
+    assert study.study_seeds(study.get_study("cnn-vs-rnn"), 3) == [4, 5, 6]
+    assert study.study_seeds(study.get_study("dense-vs-conv"), 2) == [0, 1]
+    assert set(study.get_study("zoo").model_names()) >= {"mlp", "cnn", "cnn_small", "lstm", "vgg"}
+    with pytest.raises(study.StudyError, match="unknown study 'nope'; known studies: cnn-vs-rnn, dense-vs-conv, zoo"):
+        study.get_study("nope")
+
+
+def test_comparison_reports_mean_and_std_over_seeds(tmp_path):
+    res = study.run_study("dense-vs-conv", tmp_path, seeds=2, dataset=DS, overrides=QUICK, log=lambda m: None,
+                          run_reports=False)
+    html = res["report"].read_text()
+    assert set(img_sources(html)) == {"compare_accuracy", "compare_per_class", "compare_confusion", "compare_curves"}
+    for name in ("compare_accuracy", "compare_per_class", "compare_confusion", "compare_curves"):
+        assert (tmp_path / f"{name}.png").exists()
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    for model in ("cnn", "mlp"):
+        accs = [json.loads((tmp_path / model / f"seed-{s}" / "metrics.json").read_text())["test_accuracy"]
+                for s in (0, 1)]
+        assert summary[model]["test_accuracy"]["mean"] == pytest.approx(np.mean(accs))
+        assert summary[model]["test_accuracy"]["std"] == pytest.approx(np.std(accs, ddof=1))
+        assert f"{np.mean(accs) * 100:.2f} ± {np.std(accs, ddof=1) * 100:.2f}" in html
+    assert "gain of cnn over mlp" in html
+
+    # `compare` builds the same page from existing runs
+    out = tmp_path / "cmp" / "compare.html"
+    page, summary2 = study.write_comparison(sorted(tmp_path.glob("*/seed-*")), out)
+    assert summary2["cnn"]["test_accuracy"] == summary["cnn"]["test_accuracy"]
+    assert set(img_sources(page.read_text())) == set(img_sources(html))
+
+
+def test_every_run_of_a_study_gets_its_report_linked_from_the_comparison(tmp_path):
+    res = study.run_study("cnn-vs-rnn", tmp_path, seeds=1, dataset=DS, overrides=QUICK, log=lambda m: None)
+    html = res["report"].read_text()
+    for model in ("cnn_small", "lstm"):
+        assert (tmp_path / model / "seed-4" / "report.html").exists()
+        assert f'href="{model}/seed-4/report.html"' in html
+
+
+def test_claims_name_the_winner_and_the_hardest_class():
+    def stats(acc, shirt):
+        per = {n: {"mean": .9, "std": 0.0, "values": [.9]} for n in ("T-shirt/top", "Coat")}
+        per["Shirt"] = {"mean": shirt, "std": 0.0, "values": [shirt]}
+        return {"test_accuracy": {"mean": acc, "std": 0.002, "values": [acc]}, "per_class_accuracy": per,
+                "hardest_class": "Shirt"}
+    lines = study.claims({"cnn_small": stats(.88, .6), "lstm": stats(.86, .55)}, {"cnn_small": .88, "lstm": .862})
+    assert lines[0].startswith("cnn_small wins: 88.00% mean test accuracy against 86.00% for lstm")
+    assert "larger than twice" in lines[0]
+    assert "its winner (cnn_small) reproduces" in lines[1]
+    assert "Hardest class for lstm: Shirt (55.00% mean accuracy)." in lines
+
+
+def test_compare_cli_rejects_unfinished_runs(tmp_path):
+    proc = run_cli("compare", str(tmp_path), "--out", str(tmp_path / "c.html"))
+    assert proc.returncode == 2 and "metrics.json is missing" in proc.stderr and "Traceback" not in proc.stderr
+
+
+def test_study_cli_on_real_data_shows_progress_and_resumes(real_data, tmp_path):
+    args = ("study", "cnn-vs-rnn", "--seeds", "1", "--epochs", "1", "--subset", "200", "--no-run-reports",
+            "--out", str(tmp_path), "--device", "cpu")
+    first = run_cli(*args, timeout=300)
+    assert first.returncode == 0, first.stderr
+    assert "[1/2] cnn_small seed 4 epoch 1/1" in first.stderr and "[2/2] lstm seed 4 epoch 1/1" in first.stderr
+    assert "trained 2 run(s), reused 0" in first.stdout and "Shirt" in (tmp_path / "report.html").read_text()
+    second = run_cli(*args, timeout=300)
+    assert second.returncode == 0, second.stderr
+    assert "trained 0 run(s), reused 2" in second.stdout and "epoch" not in second.stderr
+
+
+def test_interrupted_study_continues_where_it_stopped(real_data, tmp_path):
+    """SIGINT mid-study: the run in progress is checkpointed; the same command finishes the rest."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+    from conftest import ROOT
+    args = [sys.executable, "-m", "fashionlab", "study", "dense-vs-conv", "--seeds", "1", "--epochs", "2",
+            "--subset", "1000", "--no-run-reports", "--out", str(tmp_path), "--device", "cpu"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT / "src")}
+    proc = subprocess.Popen(args, stderr=subprocess.PIPE, stdout=subprocess.PIPE, text=True, env=env)
+    for line in proc.stderr:  # wait for the first epoch of the first run, then interrupt
+        if "cnn seed 0 epoch 1/2" in line:
+            proc.send_signal(signal.SIGINT)
+            break
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 128 + signal.SIGINT, err
+    assert "run `fashionlab study dense-vs-conv" in err and (tmp_path / "cnn" / "seed-0" / "checkpoint.safetensors").exists()
+    done = subprocess.run(args, capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    assert "[1/2] cnn seed 0: resuming" in done.stderr and "trained 2 run(s), reused 0" in done.stdout
+    assert not (tmp_path / "cnn" / "seed-0" / "checkpoint.safetensors").exists()
