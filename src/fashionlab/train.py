@@ -215,8 +215,13 @@ def model_info(cfg: TrainConfig, margs: dict[str, Any], runtime: device_mod.Runt
 
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod.Dataset | None = None,
           quiet: bool = False, resume: bool = False, data_dir=None, offline: bool | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Train, evaluate on the test set, write the run folder; returns metrics.json's content."""
+          on_epoch: Callable[[dict], None] | None = None,
+          on_epoch_model: Callable[[dict, torch.nn.Module], None] | None = None) -> dict[str, Any]:
+    """Train, evaluate on the test set, write the run folder; returns metrics.json's content.
+
+    on_epoch_model(row, model) sees the model evaluation would use (the EMA copy when on) after
+    each epoch, outside the timed part: benchmarks measure test accuracy per epoch with it.
+    """
     cfg.validate()
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg.model)
     if not resume and (run_dir / checkpoint.MODEL_JSON).exists():
@@ -373,6 +378,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
             log(_epoch_line(row, cfg.epochs))
             if on_epoch:
                 on_epoch(row)
+            if on_epoch_model:
+                on_epoch_model(row, eval_model())
 
             stop = False
             if len(va_idx):
