@@ -39,13 +39,15 @@ def forward_flops(model: nn.Module, side: int = 28) -> int:
     return total
 
 
-def matmul_rate(dtype=torch.bfloat16, n: int = 2048, seconds: float = 3.0) -> float:
-    """Sustained FLOP/s of a square matmul loop (the best this machine does on dense work)."""
+def matmul_rate(dtype=torch.bfloat16, n: int = 2048, seconds: float = 3.0) -> tuple[float, float]:
+    """Sustained FLOP/s of a square matmul loop (the best this machine does on dense work), per
+    wall-clock second and per CPU second of this process (the latter barely moves with others' load)."""
     a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     for _ in range(2):
         a @ b
-    k, t0 = 0, time.perf_counter()
+    k, t0, c0 = 0, time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         a @ b
         k += 1
-    return 2 * n ** 3 * k / (time.perf_counter() - t0)
+    work = 2 * n ** 3 * k
+    return work / (time.perf_counter() - t0), work / (time.process_time() - c0)
