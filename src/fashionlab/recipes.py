@@ -76,7 +76,7 @@ register(Recipe(
     "Shortest time to a target accuracy: a small BatchNorm conv-pool net, Nesterov SGD with a one-cycle "
     "schedule, label smoothing, flips, flip test-time augmentation, all 60,000 training images.",
     dict(model="fast", optimizer="sgd", nesterov=True, momentum=0.9, lr=0.2, weight_decay=5e-4, batch_size=256,
-         schedule="onecycle", label_smoothing=0.1, epochs=6, augment={"flip": 0.5}, tta_flip=True, val_split=0.0),
+         schedule="onecycle", label_smoothing=0.1, epochs=4, augment={"flip": 0.5}, tta_flip=True, val_split=0.0),
     models=("fast",),
 ))
 register(Recipe(
