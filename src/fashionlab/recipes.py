@@ -86,6 +86,6 @@ register(Recipe(
     "augmentation, all 60,000 training images, a fixed number of epochs (no selection on the test set).",
     dict(model="best", optimizer="sgd", nesterov=True, momentum=0.9, lr=0.1, weight_decay=5e-4, batch_size=128,
          schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, epochs=15,
-         augment={"flip": 0.5, "crop": 2, "erase": 0.5}, ema=0.999, tta_flip=True, val_split=0.0),
+         augment={"flip": 0.5, "crop": 2, "erase": 0.5}, ema=0.998, tta_flip=True, val_split=0.0),
     models=("best",),
 ))
