@@ -64,6 +64,7 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "auto"
     eval_batch_size: int = 1000
+    compile: bool = False  # torch.compile the training step's model (CUDA graphs on CUDA); off: compiling costs time
 
     def validate(self) -> None:
         def bad(name, expected):
@@ -215,8 +216,13 @@ def model_info(cfg: TrainConfig, margs: dict[str, Any], runtime: device_mod.Runt
 
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod.Dataset | None = None,
           quiet: bool = False, resume: bool = False, data_dir=None, offline: bool | None = None,
-          on_epoch: Callable[[dict], None] | None = None) -> dict[str, Any]:
-    """Train, evaluate on the test set, write the run folder; returns metrics.json's content."""
+          on_epoch: Callable[[dict], None] | None = None,
+          on_epoch_model: Callable[[dict, torch.nn.Module], None] | None = None) -> dict[str, Any]:
+    """Train, evaluate on the test set, write the run folder; returns metrics.json's content.
+
+    on_epoch_model(row, model) sees the model evaluation would use (the EMA copy when on) after
+    each epoch, outside the timed part: benchmarks measure test accuracy per epoch with it.
+    """
     cfg.validate()
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg.model)
     if not resume and (run_dir / checkpoint.MODEL_JSON).exists():
@@ -258,6 +264,9 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema) if cfg.ema else None
+    # The compiled module shares the model's parameters; evaluation and checkpoints use the plain one.
+    step_model = (torch.compile(model, mode="reduce-overhead" if dev.type == "cuda" else None)
+                  if cfg.compile else model)
     n_params = models.count_params(model)
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "best": None, "best_epoch": None,
@@ -329,7 +338,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
                     xb = xb.contiguous(memory_format=torch.channels_last)
                 yb = Y[idx]
                 with rt.autocast():
-                    logits = model(xb)
+                    logits = step_model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -373,6 +382,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
             log(_epoch_line(row, cfg.epochs))
             if on_epoch:
                 on_epoch(row)
+            if on_epoch_model:
+                on_epoch_model(row, eval_model())
 
             stop = False
             if len(va_idx):

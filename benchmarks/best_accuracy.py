@@ -1,0 +1,91 @@
+"""Test accuracy of the best recipe over several seeds: mean, spread, training time.
+
+    PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 3 [--set epochs=8] [--out runs/best]
+
+The recipe trains a fixed number of epochs on all 60,000 training images and is scored once on the
+test set at the end (nothing is selected on the test set). The per-epoch test accuracy printed on
+stderr is for watching progress only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from flops import forward_flops  # noqa: E402
+from time_to_accuracy import hardware  # noqa: E402
+
+from fashionlab import data, device, evaluate, models, train  # noqa: E402
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--recipe", default="best")
+    ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
+                    help="override a recipe setting, e.g. --set epochs=8")
+    ap.add_argument("--out", help="keep the run folders under this folder (default: discard)")
+    ap.add_argument("--json", help="also write the results as JSON to this file")
+    args = ap.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        overrides[key] = json.loads(value)
+
+    ds = data.load(data.FASHION_MNIST)
+    test_x, test_y = torch.from_numpy(ds.test_images), torch.from_numpy(ds.test_labels)
+    hw = hardware()
+    cfg0 = train.make_config(args.recipe, **overrides)
+    flops = forward_flops(models.build_model(cfg0.model, **cfg0.model_args))
+    print(f"# {hw['cpu']} | {hw['cores']} cores | torch {hw['torch']} | {hw['threads']} threads | "
+          f"load average {hw['load_average']}")
+    print(f"# recipe {args.recipe}: model {cfg0.model}, {flops / 1e6:.1f} MFLOP forward per image, "
+          f"{cfg0.epochs} epochs, overrides {overrides or 'none'}")
+
+    results = []
+    keep = Path(args.out) if args.out else None
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
+        cfg = train.make_config(args.recipe, seed=seed, **overrides)
+        rt = device.resolve(cfg.device, cfg.precision, conv_model=models.MODELS[cfg.model].channels_last)
+
+        def watch(row, model, seed=seed, rt=rt, cfg=cfg):
+            logits = evaluate.predict_logits(model, test_x, rt, cfg.eval_batch_size, cfg.tta_flip)
+            acc = float((logits.argmax(1) == test_y).float().mean())
+            print(f"    seed {seed} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                  f"test {acc:.4f} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+
+        t0 = time.perf_counter()
+        with tempfile.TemporaryDirectory() as tmp:
+            run_dir = (keep / f"seed{seed}") if keep else Path(tmp) / "run"
+            m = train.train(cfg, run_dir, dataset=ds, quiet=True, on_epoch_model=watch)
+        results.append({"seed": seed, "test_accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],
+                        "wall_seconds": time.perf_counter() - t0})
+        print(f"  seed {seed}: test accuracy {m['test_accuracy']:.4f}, {m['train_seconds']:.0f} s training",
+              flush=True)
+
+    accs = [r["test_accuracy"] for r in results]
+    secs = [r["train_seconds"] for r in results]
+    sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    print(f"\n# {args.recipe}: test accuracy {statistics.mean(accs) * 100:.2f}% ± {sd * 100:.2f} "
+          f"[{min(accs) * 100:.2f}-{max(accs) * 100:.2f}] over {len(accs)} seed(s); "
+          f"{statistics.mean(secs):.0f} s training per run; load average at end {hardware()['load_average']}")
+    if args.json:
+        Path(args.json).write_text(json.dumps({"hardware": hw, "recipe": args.recipe, "overrides": overrides,
+                                               "results": results}, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

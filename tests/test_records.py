@@ -1,0 +1,104 @@
+"""The record recipes (fast, best) and their families: they resolve, train, reload, and behave the same
+whatever the device, because every random draw comes from a CPU generator."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import synthetic_dataset
+from fashionlab import checkpoint, evaluate, models, train
+from fashionlab.augment import Augment
+from fashionlab.device import resolve
+from fashionlab.recipes import get_recipe
+from fashionlab.resnets import FastNet, ResNet, wide_resnet_blocks
+
+
+@pytest.mark.parametrize("recipe", ["fast", "best"])
+def test_record_recipe_trains_one_epoch_and_reloads(recipe, tmp_path):
+    ds = synthetic_dataset(n_train=64, n_test=40)
+    seen = []
+    cfg = train.make_config(recipe, epochs=1, batch_size=32, eval_batch_size=20)
+    assert cfg.model == get_recipe(recipe).settings["model"] == recipe
+    metrics = train.train(cfg, tmp_path / "run", dataset=ds, quiet=True,
+                          on_epoch_model=lambda row, model: seen.append((row["epoch"], model.training)))
+    assert metrics["epochs_run"] == 1 and metrics["model"] == recipe
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["train_seconds"] > 0
+    assert len(seen) == 1 and seen[0][0] == 1
+    # The run folder rebuilds the same network from its recorded family and arguments.
+    model, info = checkpoint.load_model(tmp_path / "run")
+    assert info["architecture"]["family"] == models.MODELS[recipe].family
+    rt = resolve("cpu", "fp32", conv_model=True)
+    logits = evaluate.predict_logits(model, ds.test_images, rt, tta_flip=cfg.tta_flip)
+    assert logits.shape == (40, 10) and torch.isfinite(logits).all()
+
+
+def test_fast_recipe_learns_a_learnable_task(tmp_path):
+    ds = synthetic_dataset(n_train=300, n_test=100, seed=1)
+    metrics = train.train(train.make_config("fast", epochs=3, batch_size=50), tmp_path / "run", dataset=ds, quiet=True)
+    assert metrics["test_accuracy"] >= 0.9  # bars at ten positions: trivially separable
+
+
+def test_best_recipe_uses_the_accuracy_tools():
+    s = get_recipe("best").settings
+    assert s["schedule"] == "cosine" and s["ema"] and s["tta_flip"]
+    aug = Augment.from_dict(s["augment"])
+    assert aug.flip and aug.crop and aug.erase
+
+
+def test_wide_resnet_depth_is_data():
+    assert wide_resnet_blocks(28) == (4, 4, 4)
+    with pytest.raises(ValueError, match="6n \\+ 4"):
+        wide_resnet_blocks(27)
+    net = ResNet(blocks=wide_resnet_blocks(10), widths=(8, 16, 32), stem=8)
+    assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_family_arguments_are_checked():
+    with pytest.raises(ValueError, match="equal length"):
+        ResNet(blocks=(1, 1), widths=(8, 16, 32))
+    with pytest.raises(ValueError, match="too small"):
+        FastNet(widths=(8, 8, 8, 8, 8, 8))
+    with pytest.raises(ValueError, match="bad arguments"):
+        models.build_model("fast", depth=3)
+
+
+@pytest.mark.parametrize("name", ["fast", "best"])
+def test_record_models_run_under_bf16_channels_last(name):
+    # The CUDA and CPU fast path: channels_last memory and bf16 autocast, as train() sets them up.
+    torch.manual_seed(0)
+    model = models.build_model(name).to(memory_format=torch.channels_last)
+    x = torch.rand(4, 1, 28, 28).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    loss = torch.nn.functional.cross_entropy(out.float(), torch.arange(4))
+    loss.backward()
+    assert out.shape == (4, 10) and torch.isfinite(loss)
+    assert all(p.grad is not None and torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+def test_random_stream_is_the_same_whatever_the_device():
+    """Shuffling and augmentation draw on a CPU generator, then move the draws to the batch's device.
+    The meta device stands in for CUDA/MPS here: it runs the same code path, keeps no values, and
+    must consume exactly the same draws, so the next epoch's batches are identical on any device."""
+    aug = Augment.from_dict(get_recipe("best").settings["augment"])
+    x_cpu = torch.rand(16, 1, 28, 28)
+    states = []
+    for dev in ("cpu", "meta"):
+        g = train._epoch_generator(seed=3, epoch=2)
+        perm = torch.randperm(100, generator=g).to(dev)
+        out = aug(x_cpu.to(dev), g)
+        assert out.shape == x_cpu.shape and out.device.type == dev and perm.device.type == dev
+        states.append(g.get_state())
+    assert torch.equal(states[0], states[1])
+    # And the CPU stream itself is repeatable: same seed and epoch, same permutation and images.
+    g1, g2 = train._epoch_generator(3, 2), train._epoch_generator(3, 2)
+    assert torch.equal(torch.randperm(100, generator=g1), torch.randperm(100, generator=g2))
+    assert torch.equal(aug(x_cpu, g1), aug(x_cpu, g2))
+
+
+def test_cuda_request_fails_clearly_without_a_gpu():
+    if torch.cuda.is_available():
+        pytest.skip("a GPU is present")
+    with pytest.raises(ValueError, match="no CUDA device"):
+        train.make_config("fast", device="cuda")
