@@ -69,7 +69,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = (keep / f"seed{seed}") if keep else Path(tmp) / "run"
-            m = train.train(cfg, run_dir, dataset=ds, quiet=True, on_epoch_model=watch)
+            m = train.train(cfg, run_dir, dataset=ds, quiet=True, on_epoch=watch)
         results.append({"seed": seed, "test_accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],
                         "wall_seconds": time.perf_counter() - t0})
         print(f"  seed {seed}: test accuracy {m['test_accuracy']:.4f}, {m['train_seconds']:.0f} s training",

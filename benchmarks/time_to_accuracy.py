@@ -4,7 +4,7 @@
 
 "Time to reach" a target is the cumulative training time (evaluation excluded) at the end of the
 first epoch whose test accuracy reaches it. The test set is evaluated after every epoch through
-train.train's on_epoch_model hook, outside the timed part. Runs are interleaved (reference seed 0,
+train.train's on_epoch hook, outside the timed part. Runs are interleaved (reference seed 0,
 fast seed 0, reference seed 1, ...) so that load from other processes hits both alike. A run stops
 once it has reached every target or spent --max-seconds of training.
 
@@ -90,7 +90,7 @@ def run_one(cfg: train.TrainConfig, ds: data.Dataset, targets, max_seconds: floa
 
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            train.train(cfg, Path(tmp) / "run", dataset=ds, quiet=True, on_epoch_model=hook)
+            train.train(cfg, Path(tmp) / "run", dataset=ds, quiet=True, on_epoch=hook)
         except _Enough:
             pass
     return {"curve": curve, "reached": {str(t): reached.get(t) for t in targets},

@@ -21,7 +21,7 @@ def test_record_recipe_trains_one_epoch_and_reloads(recipe, tmp_path):
     cfg = train.make_config(recipe, epochs=1, batch_size=32, eval_batch_size=20)
     assert cfg.model == get_recipe(recipe).settings["model"] == recipe
     metrics = train.train(cfg, tmp_path / "run", dataset=ds, quiet=True,
-                          on_epoch_model=lambda row, model: seen.append((row["epoch"], model.training)))
+                          on_epoch=lambda row, model: seen.append((row["epoch"], model.training)))
     assert metrics["epochs_run"] == 1 and metrics["model"] == recipe
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["train_seconds"] > 0
     assert len(seen) == 1 and seen[0][0] == 1

@@ -125,7 +125,7 @@ def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, over
         resume = (run_dir / checkpoint.STATE_FILE).exists()
         log(f"{tag}: {'resuming' if resume else 'training'} {cfg.epochs} epochs -> {run_dir}")
 
-        def on_epoch(row, tag=tag, epochs=cfg.epochs):
+        def on_epoch(row, _model, tag=tag, epochs=cfg.epochs):
             val = f" | val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
             log(f"{tag} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
                 f"{val} | {row['seconds']:.1f} s, {row['images_per_s']:,.0f} img/s")

@@ -216,12 +216,12 @@ def model_info(cfg: TrainConfig, margs: dict[str, Any], runtime: device_mod.Runt
 
 def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod.Dataset | None = None,
           quiet: bool = False, resume: bool = False, data_dir=None, offline: bool | None = None,
-          on_epoch: Callable[[dict], None] | None = None,
-          on_epoch_model: Callable[[dict, torch.nn.Module], None] | None = None) -> dict[str, Any]:
+          on_epoch: Callable[[dict, torch.nn.Module], None] | None = None) -> dict[str, Any]:
     """Train, evaluate on the test set, write the run folder; returns metrics.json's content.
 
-    on_epoch_model(row, model) sees the model evaluation would use (the EMA copy when on) after
-    each epoch, outside the timed part: benchmarks measure test accuracy per epoch with it.
+    on_epoch(row, model) is called after each epoch, outside the timed part, with the history row
+    and the model evaluation would use (the EMA copy when on): progress displays use the row,
+    benchmarks measure test accuracy per epoch with the model.
     """
     cfg.validate()
     run_dir = Path(out_dir) if out_dir else default_run_dir(cfg.model)
@@ -381,9 +381,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
             state["epoch"] = epoch + 1
             log(_epoch_line(row, cfg.epochs))
             if on_epoch:
-                on_epoch(row)
-            if on_epoch_model:
-                on_epoch_model(row, eval_model())
+                on_epoch(row, eval_model())
 
             stop = False
             if len(va_idx):
