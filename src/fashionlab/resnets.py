@@ -113,7 +113,7 @@ register_family("resnet", ResNet)
 
 for _entry in [
     ModelEntry("fast", "fastnet", dict(stem=0, widths=(32, 64, 128), convs_per_block=1),
-               "time-to-accuracy record: airbench-style conv-pool-BN-GELU blocks 48, 96, 192, max-pooled head"),
+               "time-to-accuracy record: airbench-style conv-pool-BN-GELU blocks 32, 64, 128, max-pooled head"),
     ModelEntry("best", "resnet", dict(blocks=(2, 2, 2), widths=(32, 64, 128), stem=32),
                "accuracy record on a CPU budget: pre-activation ResNet, 3 stages of 2 blocks, widths 32-64-128"),
     ModelEntry("wrn16_4", "resnet", dict(blocks=wide_resnet_blocks(16), widths=(64, 128, 256), stem=16),
