@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_overrides  # noqa: E402
 from flops import forward_flops  # noqa: E402
 from time_to_accuracy import hardware  # noqa: E402
 
@@ -39,10 +40,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
+    overrides = parse_overrides(args.set)
 
     ds = data.load(data.FASHION_MNIST)
     test_x, test_y = torch.from_numpy(ds.test_images), torch.from_numpy(ds.test_labels)

@@ -33,3 +33,16 @@ def table(headers: list[str], rows: list[list], title: str | None = None) -> str
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     out = [f"\n{title}\n" if title else "", line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     return "\n".join(out + [line(r) for r in cells])
+
+
+def parse_overrides(items: list[str]) -> dict:
+    """--set KEY=JSON items -> {KEY: value}: recipe settings a benchmark run overrides."""
+    import json
+
+    out = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep:
+            raise SystemExit(f"--set {item!r}: expected KEY=JSON, e.g. epochs=8")
+        out[key] = json.loads(value)
+    return out

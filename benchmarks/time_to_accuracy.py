@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import parse_overrides  # noqa: E402
 from flops import forward_flops, matmul_rate  # noqa: E402
 
 from fashionlab import data, device, evaluate, models, train  # noqa: E402
@@ -128,10 +129,7 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    overrides = {}
-    for item in args.set:
-        key, _, value = item.partition("=")
-        overrides[key] = json.loads(value)
+    overrides = parse_overrides(args.set)
     ds = data.load(data.FASHION_MNIST)
     configs = {args.recipe: lambda seed: train.make_config(args.recipe, seed=seed, val_split=0.0, **overrides)}
     if not args.no_reference:
