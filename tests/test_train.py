@@ -6,7 +6,6 @@ import json
 import math
 import os
 import signal
-import threading
 import subprocess
 import sys
 
@@ -122,7 +121,7 @@ def test_sigint_saves_and_resume_continues_exactly(tmp_path):
     ds, folder, names = _idx_folder(tmp_path, n_train=800)
     common = ["--model", "mlp", "--epochs", "3", "--batch-size", "16", "--val-split", "0.1", "--seed", "5",
               "--augment", "flip=0.5,crop=2", "--data-dir", str(folder), "--class-names", names, "--offline"]
-    env = {"PYTHONPATH": str(ROOT / "src")}
+    env = {"PYTHONPATH": str(ROOT / "src"), "PYTHONUNBUFFERED": "1"}
     cmd = [sys.executable, "-m", "fashionlab", "train", *common]
 
     proc = subprocess.Popen([*cmd, "--out", str(tmp_path / "cut")], stdout=subprocess.PIPE,
@@ -151,18 +150,29 @@ def test_sigint_saves_and_resume_continues_exactly(tmp_path):
     assert a["epochs_run"] == 3 and not (tmp_path / "cut" / checkpoint.STATE_FILE).exists()
 
 
-def test_resume_mid_epoch_in_process(tmp_path):
+def test_resume_mid_epoch_in_process(tmp_path, monkeypatch):
     """SIGTERM inside an epoch: the checkpoint holds the position in the epoch, and the resumed run
     ends identical to an uninterrupted one."""
     ds = synthetic_dataset(n_train=1000)
     cfg = train.make_config(model="mlp", epochs=2, batch_size=8, seed=2, augment={"erase": 0.5}, val_split=0.1)
-    timer = threading.Timer(0.5, lambda: os.kill(os.getpid(), signal.SIGTERM))
-    timer.start()
-    try:
-        with pytest.raises(train.TrainingInterrupted):
-            train.train(cfg, tmp_path / "cut", dataset=ds, quiet=True)
-    finally:
-        timer.cancel()
+    # Deliver a real SIGTERM at exactly the 30th training batch of epoch 1 (of 113): every batch
+    # passes through to_input, so counting its calls pins the moment without depending on speed.
+    real_to_input, calls = train.evaluate.to_input, []
+
+    def to_input_then_signal(images, runtime=None):
+        calls.append(1)
+        if len(calls) == 30:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return real_to_input(images, runtime)
+
+    monkeypatch.setattr(train.evaluate, "to_input", to_input_then_signal)
+    with pytest.raises(train.TrainingInterrupted):
+        train.train(cfg, tmp_path / "cut", dataset=ds, quiet=True)
+    monkeypatch.setattr(train.evaluate, "to_input", real_to_input)
+    from safetensors import safe_open
+    with safe_open(str(tmp_path / "cut" / train.checkpoint.STATE_FILE), framework="pt") as fh:
+        saved = json.loads(fh.metadata()["state"])
+    assert saved["epoch"] == 0 and saved["partial"]["step"] == 30
     a = train.resume(tmp_path / "cut", quiet=True, dataset=ds)
     b = train.train(cfg, tmp_path / "whole", dataset=ds, quiet=True)
     assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]

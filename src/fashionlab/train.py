@@ -230,7 +230,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
     if not resume and (run_dir / checkpoint.STATE_FILE).exists():
         raise FileExistsError(f"{run_dir} holds an interrupted run; continue it with --resume {run_dir}")
     run_dir.mkdir(parents=True, exist_ok=True)
-    log = (lambda *a: None) if quiet else print
+    # Flushed, so epoch lines reach a pipe or log file as they happen.
+    log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))
     wall_start = time.perf_counter()
 
     spec = data_mod.custom_spec(cfg.class_names) if cfg.class_names else data_mod.get_spec(cfg.dataset)
