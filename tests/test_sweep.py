@@ -284,8 +284,11 @@ def test_postgres_two_workers_one_killed_and_restarted(tmp_path):
                     p.kill()
         trials = _assert_every_point_complete_once(spec, url)
         _killed_and_redone(trials, victim)
-        workers = {t.user_attrs["worker"] for t in trials if t.state.name == "COMPLETE"}
-        assert len(workers) >= 2  # the design really was shared between processes
+        # The design really was shared between processes: the killed worker had claimed a trial and
+        # another finished the rest (on a fast machine the survivor may finish everything before the
+        # restarted worker has even started, so completions alone need not span two processes).
+        workers = {t.user_attrs.get("worker") for t in trials if t.state.name in ("COMPLETE", "FAIL")}
+        assert len(workers - {None}) >= 2
 
         report = run_cli("sweep-report", str(spec_path), "--storage", url, timeout=120)
         assert report.returncode == 0, report.stderr

@@ -693,6 +693,7 @@ class Worker:
         self.store = self.study._storage
         self.study_id = self.study._study_id
         duplicates = 0
+        rechecked = False
         while True:
             optuna.storages.fail_stale_trials(self.study)
             trial_id = self._claim_waiting()
@@ -701,11 +702,18 @@ class Worker:
                 if self.spec.sampler == "tpe" and duplicates < MAX_TPE_DUPLICATES \
                         and t.points_tried < min(self.spec.n_points, self.spec.grid_size):
                     trial_id = self.study.ask()._trial_id
+                elif (t.finished or (t.running == 0 and t.waiting == 0)) and t.failed and not rechecked:
+                    # Another worker may have just failed a stale trial and be queueing its retry
+                    # (two separate writes): look once more before calling the failure final.
+                    rechecked = True
+                    time.sleep(self.poll_s)
+                    continue
                 elif t.finished or (t.running == 0 and t.waiting == 0):
                     return t
                 else:
                     time.sleep(self.poll_s)  # others are running; stay to redo their points should they die
                     continue
+            rechecked = False
             outcome = self._run_trial(trial_id)
             duplicates = duplicates + 1 if outcome == "duplicate" else 0
 
