@@ -8,8 +8,6 @@ new one, never half of one.
 from __future__ import annotations
 
 import json
-import os
-import tempfile
 from pathlib import Path
 from typing import Any
 
@@ -18,6 +16,7 @@ from safetensors.torch import load_file, save_file
 from safetensors import safe_open
 
 from . import models
+from .atomic import atomic_write, write_text
 from .errors import UserError
 
 MODEL_WEIGHTS, MODEL_JSON, STATE_FILE = "model.safetensors", "model.json", "checkpoint.safetensors"
@@ -27,22 +26,8 @@ class RunError(UserError):
     """A run folder is missing a file or holds one that cannot be read."""
 
 
-def atomic_path(path: Path):
-    """A temporary sibling path; the caller writes it and then calls os.replace."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    os.close(fd)
-    return Path(tmp)
-
-
 def write_json(path: Path, obj: Any) -> None:
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(json.dumps(obj, indent=2, sort_keys=False) + "\n")
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
 
 
 def read_json(path: Path) -> Any:
@@ -56,13 +41,9 @@ def read_json(path: Path) -> Any:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    tmp = atomic_path(path)
-    try:
+    with atomic_write(path) as tmp:
         # safetensors wants contiguous, non-shared tensors; clone detaches from the live model.
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
 
 
 def save_model(run_dir: Path, model: torch.nn.Module, info: dict[str, Any]) -> None:

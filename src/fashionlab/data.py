@@ -12,7 +12,6 @@ import hashlib
 import http.client
 import os
 import shutil
-import tempfile
 import urllib.error
 import urllib.request
 import zlib
@@ -21,6 +20,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .atomic import write_bytes
 from .errors import UserError
 
 SPLITS = ("train", "test")
@@ -165,7 +165,7 @@ def write_idx_folder(folder: str | os.PathLike, ds: "Dataset", spec: DatasetSpec
               ("test", "images"): ds.test_images, ("test", "labels"): ds.test_labels}
     for key, f in spec.files.items():
         raw = idx_bytes(arrays[key])
-        _atomic_write(folder / (f.name + (".gz" if gz else "")), gzip.compress(raw, mtime=0) if gz else raw)
+        write_bytes(folder / (f.name + (".gz" if gz else "")), gzip.compress(raw, mtime=0) if gz else raw)
     return folder
 
 
@@ -249,18 +249,6 @@ def candidate_dirs(spec: DatasetSpec, data_dir: str | os.PathLike | None = None)
     return places
 
 
-def _atomic_write(path: Path, data: bytes | bytearray) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-
-
 def _fetch(url: str, timeout: float = 60.0) -> bytes:
     try:
         with urllib.request.urlopen(url, timeout=timeout) as resp:  # noqa: S310 (address is configuration)
@@ -299,7 +287,7 @@ def download(spec: DatasetSpec, dest: Path, base_url: str | None = None, progres
                 raise DataError(f"{url}: md5 of the download is {md5}, expected {f.gz_md5}; nothing was written")
         raw = gunzip(body, url)
         verify(raw, f, Path(url))
-        _atomic_write(target, body)
+        write_bytes(target, body)
 
 
 def _load_folder(folder: Path, spec: DatasetSpec, paths: dict[tuple[str, str], Path], cache: Path | None):
@@ -312,7 +300,7 @@ def _load_folder(folder: Path, spec: DatasetSpec, paths: dict[tuple[str, str], P
         # Keep a decompressed, verified copy so the next load skips gzip (warm load).
         if cache is not None and path.suffix == ".gz" and f.sha256 is not None:
             try:
-                _atomic_write(cache / f.name, raw)
+                write_bytes(cache / f.name, raw)
             except OSError:
                 pass  # a read-only cache only costs speed
     for split in SPLITS:

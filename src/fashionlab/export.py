@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import io
 import json
-import os
 import warnings
 from pathlib import Path
 from typing import Any
@@ -21,6 +20,7 @@ import torch
 from . import __version__, checkpoint
 from .device import resolve
 from .predict import Predictor
+from .atomic import atomic_write, write_bytes
 from .errors import UserError
 
 ONNX_FILE = "model.onnx"
@@ -120,12 +120,7 @@ def export_onnx(run_dir: str | Path, images: np.ndarray, out: str | Path | None 
         "parity": json.dumps(result),
     }
     blob = _with_metadata(blob, meta)
-    tmp = checkpoint.atomic_path(out)
-    try:
-        tmp.write_bytes(blob)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_bytes(out, blob)
     return {**result, "path": str(out), "bytes": len(blob)}
 
 
@@ -192,17 +187,12 @@ def package(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any
     checkpoint.load_model(run_dir)  # refuse to package a run that cannot be served
     out = Path(out) if out else run_dir / "model.tar.gz"
     present = [name for name in PACKAGE_FILES if (run_dir / name).is_file()]
-    tmp = checkpoint.atomic_path(out)
-    try:
-        with tarfile.open(tmp, "w:gz") as tar:
-            for name in present:
-                info = tar.gettarinfo(str(run_dir / name), arcname=name)
-                info.uid = info.gid = 0
-                info.mode = 0o644  # readable by whatever user the serving container runs as
-                info.uname = info.gname = ""
-                with open(run_dir / name, "rb") as fh:
-                    tar.addfile(info, fh)
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    with atomic_write(out) as tmp, tarfile.open(tmp, "w:gz") as tar:
+        for name in present:
+            info = tar.gettarinfo(str(run_dir / name), arcname=name)
+            info.uid = info.gid = 0
+            info.mode = 0o644  # readable by whatever user the serving container runs as
+            info.uname = info.gname = ""
+            with open(run_dir / name, "rb") as fh:
+                tar.addfile(info, fh)
     return {"path": str(out), "files": present, "bytes": out.stat().st_size}

@@ -15,7 +15,6 @@ from __future__ import annotations
 import base64
 import html
 import io
-import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
@@ -26,7 +25,7 @@ matplotlib.use("Agg")  # never open a window, never need a display
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from .checkpoint import atomic_path  # noqa: E402
+from . import atomic  # noqa: E402
 
 DPI = 110
 
@@ -173,14 +172,7 @@ def html_page(title: str, sections: Sequence[Section], subtitle: str = "") -> st
 
 def write_bytes(path: str | Path, data: bytes) -> Path:
     """Write to a temporary name, then rename: a reader never sees half a file."""
-    path = Path(path)
-    tmp = atomic_path(path)
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
-    return path
+    return atomic.write_bytes(path, data)
 
 
 def write_page(path: str | Path, title: str, sections: Sequence[Section], subtitle: str = "") -> Path:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import os
 import sys
 from pathlib import Path
 from typing import Any
@@ -11,6 +10,7 @@ import numpy as np
 import torch
 
 from . import checkpoint, evaluate, images
+from .atomic import write_text
 from .device import Runtime, resolve
 
 
@@ -116,13 +116,7 @@ def write_predictions_csv(rows, out: str | Path, top_k: int) -> tuple[int, int]:
         cells = [c for r in rest for c in (r["label"], f"{r['score']:.6f}")]
         writer.writerow([str(path), item, first["label"], first["index"], f"{first['score']:.6f}",
                          *cells, *[""] * (len(extra) - len(cells)), ""])
-    out = Path(out)
-    tmp = checkpoint.atomic_path(out)
-    try:
-        tmp.write_text(buf.getvalue())
-        os.replace(tmp, out)
-    finally:
-        tmp.unlink(missing_ok=True)
+    write_text(out, buf.getvalue())
     return done, errors
 
 

@@ -14,7 +14,6 @@ WRN-d-k (Zagoruyko & Komodakis) is ResNet(blocks=((d-4)//6,)*3, widths=(16k, 32k
 
 from __future__ import annotations
 
-import torch
 import torch.nn as nn
 
 from .models import FASHION_MEAN, FASHION_STD, ModelEntry, Normalize, register, register_family

@@ -9,15 +9,14 @@ not just for one lucky pair.
 
 from __future__ import annotations
 
-import base64
 import html
-import io
 import math
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from . import pages
 from .sweep import Spec, describe_point, open_storage, point_id, quiet_optuna
 
 
@@ -202,11 +201,9 @@ def markdown_table(res: SweepResults) -> str:
 # --------------------------------------------------------------------------- figures
 
 def main_effects_figure(res: SweepResults):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     names = list(res.levels)
-    fig, axes = plt.subplots(1, len(names), figsize=(3.2 * len(names) + 0.6, 3.4), sharey=True, squeeze=False)
+    fig = pages.new_figure(3.2 * len(names) + 0.6, 3.4)
+    axes = fig.subplots(1, len(names), sharey=True, squeeze=False)
     for ax, name in zip(axes[0], names):
         rows = res.levels[name]
         xs = range(len(rows))
@@ -221,14 +218,10 @@ def main_effects_figure(res: SweepResults):
         ax.grid(alpha=0.3)
     axes[0][0].set_ylabel(res.spec.metric)
     fig.suptitle("main effects: mean ± standard deviation over all runs at each level (dots: runs)", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
 def heatmap_figure(res: SweepResults, a: str, b: str):
-    import matplotlib
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
     import numpy as np
     fa, fb = res.spec.factor(a), res.spec.factor(b)
     grid = np.full((len(fa.labels), len(fb.labels)), np.nan)
@@ -238,7 +231,8 @@ def heatmap_figure(res: SweepResults, a: str, b: str):
             v = [r.value for r in res.runs if r.point[a] == la and r.point[b] == lb]
             if v:
                 grid[i, j], counts[i, j] = sum(v) / len(v), len(v)
-    fig, ax = plt.subplots(figsize=(1.3 * len(fb.labels) + 2.4, 1.0 * len(fa.labels) + 1.6))
+    fig = pages.new_figure(1.3 * len(fb.labels) + 2.4, 1.0 * len(fa.labels) + 1.6)
+    ax = fig.subplots()
     im = ax.imshow(grid, cmap="viridis" if res.spec.direction == "maximize" else "viridis_r", aspect="auto")
     for i in range(grid.shape[0]):
         for j in range(grid.shape[1]):
@@ -251,32 +245,10 @@ def heatmap_figure(res: SweepResults, a: str, b: str):
     ax.set_ylabel(a)
     fig.colorbar(im, ax=ax, label=f"mean {res.spec.metric}")
     ax.set_title(f"{a} x {b} (mean over seeds and other factors)", fontsize=9)
-    fig.tight_layout()
     return fig
 
 
 # --------------------------------------------------------------------------- HTML
-# A small private page helper; the tool's shared report helper can replace _png_uri and _page.
-
-_CSS = """body{font-family:system-ui,sans-serif;max-width:1100px;margin:2em auto;padding:0 1em;color:#222}
-table{border-collapse:collapse;margin:1em 0;font-size:14px}th,td{border:1px solid #ccc;padding:4px 8px}
-th{background:#f0f3f7}td.num{text-align:right;font-variant-numeric:tabular-nums}tr.best td{font-weight:600}
-tr.sig td.verdict{color:#a31515}img{max-width:100%}.meta{color:#555;font-size:13px}"""
-
-
-def _png_uri(fig) -> str:
-    import matplotlib.pyplot as plt
-    buf = io.BytesIO()
-    fig.savefig(buf, format="png", dpi=110)
-    plt.close(fig)
-    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
-
-
-def _page(title: str, body: str) -> str:
-    return (f"<!doctype html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
-            f"<style>{_CSS}</style></head><body>\n{body}\n</body></html>\n")
-
-
 def _rows_html(rows: list[Row], first_col: str | None = None) -> str:
     out = []
     for r in rows:
@@ -294,8 +266,7 @@ def render_html(res: SweepResults) -> str:
     spec = res.spec
     head = "<th>mean</th><th>std</th><th>runs</th><th>seeds</th><th>diff vs best</th><th>p (Welch)</th>" \
            "<th>p (Holm)</th><th>verdict</th>"
-    parts = [f"<h1>Sweep {html.escape(spec.name)}</h1>",
-             f"<p>{html.escape(spec.description)}</p>" if spec.description else "",
+    parts = [f"<p>{html.escape(spec.description)}</p>" if spec.description else "",
              f"<p class=meta>{len(res.runs)} of {res.expected} runs complete · model {spec.model}"
              f"{' · recipe ' + spec.recipe if spec.recipe else ''} · metric {spec.metric} ({spec.direction}) · "
              f"{len(spec.seeds)} seeds per point · sampler {spec.sampler} · spec {html.escape(str(spec.path))} · "
@@ -304,7 +275,7 @@ def render_html(res: SweepResults) -> str:
              f"<p>Each level pools every run at that level. The best level is compared with each other level by "
              f"Welch's t-test; p-values are Holm-corrected within a factor; significant means below {spec.alpha}.</p>"]
     if res.runs:
-        parts.append(f"<img alt=\"main effects\" src=\"{_png_uri(main_effects_figure(res))}\">")
+        parts.append(pages.figure_html(main_effects_figure(res), "main effects", "main_effects"))
     parts.append(f"<table><tr><th>factor</th><th>level</th>{head}</tr>")
     for name, rows in res.levels.items():
         parts.append(_rows_html(rows, name))
@@ -312,11 +283,11 @@ def render_html(res: SweepResults) -> str:
     if spec.heatmap and res.runs:
         a, b = spec.heatmap
         parts += [f"<h2>{html.escape(a)} × {html.escape(b)}</h2>",
-                  f"<img alt=\"heatmap {html.escape(a)} x {html.escape(b)}\" src=\"{_png_uri(heatmap_figure(res, a, b))}\">"]
+                  pages.figure_html(heatmap_figure(res, a, b), f"heatmap {a} x {b}", "heatmap")]
     parts += ["<h2>Design points</h2>",
               "<p>Mean and spread over seeds; each point is tested against the best point (Welch, Holm over all points).</p>",
               f"<table><tr><th>point</th>{head}</tr>", _rows_html(res.points), "</table>"]
-    return _page(f"Sweep {spec.name}", "\n".join(p for p in parts if p))
+    return pages.html_page(f"Sweep {spec.name}", [pages.Section("Results", [p for p in parts if p])])
 
 
 def write_report(spec: Spec, storage_url: str | None = None, html_path: str | Path | None = None):
@@ -328,12 +299,6 @@ def write_report(spec: Spec, storage_url: str | None = None, html_path: str | Pa
     storage = open_storage(storage_url or spec.default_storage())
     res = analyse(spec, collect(spec, storage))
     path = Path(html_path) if html_path else spec.folder / "report.html"
-    from .checkpoint import atomic_path
-    import os
-    tmp = atomic_path(path)
-    try:
-        tmp.write_text(render_html(res))
-        os.replace(tmp, path)
-    finally:
-        tmp.unlink(missing_ok=True)
+    from .atomic import write_text
+    write_text(path, render_html(res))
     return res, path

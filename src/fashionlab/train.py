@@ -11,7 +11,6 @@ from __future__ import annotations
 import copy
 import json
 import math
-import os
 import platform
 import signal
 import threading
@@ -27,6 +26,7 @@ import torch
 import torch.nn.functional as F
 
 from . import __version__, checkpoint, data as data_mod, device as device_mod, evaluate, models
+from .atomic import write_text
 from .augment import Augment
 from .recipes import get_recipe
 
@@ -427,10 +427,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
 
 
 def _write_history(run_dir: Path, history: list[dict]) -> None:
-    path = run_dir / "history.jsonl"
-    tmp = checkpoint.atomic_path(path)
-    tmp.write_text("".join(json.dumps(r) + "\n" for r in history))
-    os.replace(tmp, path)
+    write_text(run_dir / "history.jsonl", "".join(json.dumps(r) + "\n" for r in history))
 
 
 def _epoch_line(row: dict, epochs: int) -> str:
