@@ -20,9 +20,8 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parse_overrides  # noqa: E402
+from common import hardware, parse_overrides  # noqa: E402
 from flops import forward_flops  # noqa: E402
-from time_to_accuracy import hardware  # noqa: E402
 
 from fashionlab import data, device, evaluate, models, train  # noqa: E402
 

@@ -9,15 +9,24 @@ import statistics
 import torch
 
 
-def machine() -> str:
+def hardware() -> dict:
+    """What a benchmark ran on: CPU, cores, threads, versions, accelerator and load."""
     cpu = platform.processor() or platform.machine()
     try:
         with open("/proc/cpuinfo") as fh:
             cpu = next(line.split(":", 1)[1].strip() for line in fh if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__}, {torch.get_num_threads()} threads, "
-            f"python {platform.python_version()}")
+    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
+            "python": platform.python_version(), "bf16_cpu": torch.cpu._is_avx512_bf16_supported(),
+            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+            "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def machine() -> str:
+    hw = hardware()
+    return (f"{hw['cpu']}, {hw['cores']} cores, torch {hw['torch']}, {hw['threads']} threads, python {hw['python']}"
+            + (f", {hw['cuda']}" if hw["cuda"] else "") + f", load average {hw['load_average'][0]}")
 
 
 def spread(values: list[float]) -> str:

@@ -2,7 +2,7 @@
 
     PYTHONPATH=src python benchmarks/compile_cpu.py
 """
-import sys, time, torch, torch.nn.functional as F
+import time, torch, torch.nn.functional as F
 torch.set_num_threads(1)
 from fashionlab import models
 bs = 256

@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
@@ -27,7 +26,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import parse_overrides  # noqa: E402
+from common import hardware, parse_overrides  # noqa: E402
 from flops import forward_flops, matmul_rate  # noqa: E402
 
 from fashionlab import data, device, evaluate, models, train  # noqa: E402
@@ -38,21 +37,6 @@ REFERENCE = dict(model="cnn", optimizer="adam", lr=1e-3, batch_size=128, precisi
 
 class _Enough(Exception):
     """Raised from the per-epoch hook to end a run that has nothing left to measure."""
-
-
-def hardware() -> dict:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
-            "python": platform.python_version(), "bf16_cpu": torch.cpu._is_avx512_bf16_supported(),
-            "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-            "load_average": [round(x, 2) for x in os.getloadavg()]}
 
 
 def run_one(cfg: train.TrainConfig, ds: data.Dataset, targets, max_seconds: float) -> dict:
