@@ -1,40 +1,88 @@
-"""Per-version distance from the floor: training CPU seconds per 60k-image epoch (one thread, synthetic
-batches, steady state) against 3 x forward FLOPs / the bf16 (or fp32) matmul rate per CPU second.
+"""How far each version of a model is from its speed floor.
 
-    PYTHONPATH=src python benchmarks/floor.py
+    PYTHONPATH=src python benchmarks/floor.py [--threads 1]
+
+The floor of one 60,000-image training epoch is 3 x forward FLOPs x 60,000 over the matrix-multiply
+rate this machine measures in the same run (bf16 for bf16 versions, fp32 otherwise): the backward pass
+does about twice the forward's multiply-adds, and nothing can go faster than the matmul units.
+Measured is the process CPU time of steady-state training steps on synthetic batches (the real loop's
+data handling costs little next to it), so one thread approximates an idle core and the figure
+barely moves with other people's load.
 """
-import sys, time, torch, torch.nn.functional as F
-sys.path.insert(0, __import__('os').path.dirname(__file__))
-from flops import forward_flops, matmul_rate
-from fashionlab import models
-torch.set_num_threads(1)
-_, bf16 = matmul_rate(torch.bfloat16); _, fp32 = matmul_rate(torch.float32)
-print(f"1 thread: bf16 matmul {bf16/1e9:.0f} GFLOP per CPU s, fp32 {fp32/1e9:.0f}")
-cands = [
- ("cnn fp32 b128", "cnn", {}, False, 128),
- ("cnn bf16 b256", "cnn", {}, True, 256),
- ("fast (D) b256", "fast", {}, True, 256),
- ("C 2conv b256", "fast", dict(convs_per_block=2), True, 256),
- ("E 64-128-256 b256", "fast", dict(widths=(64,128,256)), True, 256),
- ("best b128", "best", {}, True, 128),
+
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import hardware, table  # noqa: E402
+from flops import forward_flops, matmul_rate  # noqa: E402
+
+from fashionlab import models  # noqa: E402
+
+# (label, model, model arguments, bf16 + channels_last, batch size)
+VERSIONS = [
+    ("cnn, plain reference", "cnn", {}, False, 128),
+    ("cnn, bf16", "cnn", {}, True, 256),
+    ("fast v1: trained first conv, batch 256", "fast", {"whiten": False}, True, 256),
+    ("fast: frozen whitening conv, batch 128", "fast", {}, True, 128),
+    ("best", "best", {}, True, 128),
 ]
-for k,name,kw,bf,bs in cands:
-    torch.manual_seed(0)
-    m=models.build_model(name, **kw)
-    f=forward_flops(m)
-    if bf: m=m.to(memory_format=torch.channels_last)
-    opt=torch.optim.SGD(m.parameters(), lr=0.01, momentum=0.9, nesterov=True)
-    x=torch.rand(bs,1,28,28); y=torch.randint(0,10,(bs,))
-    if bf: x=x.contiguous(memory_format=torch.channels_last)
+
+
+def cpu_seconds_per_epoch(model: torch.nn.Module, bf16: bool, batch: int, flops: float) -> float:
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    if bf16:
+        x = x.contiguous(memory_format=torch.channels_last)
+
     def step():
-        with torch.autocast("cpu",dtype=torch.bfloat16, enabled=bf):
-            out=m(x)
-        loss=F.cross_entropy(out.float(),y); opt.zero_grad(); loss.backward(); opt.step()
-    for _ in range(2): step()
-    n=max(3, int(6000/bs/ (f/15e6)))
-    t=time.process_time()
-    for _ in range(n): step()
-    el=time.process_time()-t
-    ips=n*bs/el
-    floor = 3*f*60000/(bf16 if bf else fp32)
-    print(f"{k:20s} {f/1e6:6.1f} MF  {60000/ips:6.1f} CPU-s/epoch  floor {floor:5.1f} s ({'bf16' if bf else 'fp32'} rate)  {60000/ips/floor:4.1f}x floor  {3*f*ips/1e9:4.0f} GFLOP/CPU-s", flush=True)
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = model(x)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    for _ in range(2):
+        step()
+    steps = max(3, int(6000 / batch / (flops / 15e6)))  # about the same work per version
+    start = time.process_time()
+    for _ in range(steps):
+        step()
+    return (time.process_time() - start) / (steps * batch) * 60000
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--threads", type=int, default=1)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    _, bf16_rate = matmul_rate(torch.bfloat16)
+    _, fp32_rate = matmul_rate(torch.float32)
+    hw = hardware()
+    print(f"# {hw['cpu']} | torch {hw['torch']} | {args.threads} thread(s) | matmul per CPU second: "
+          f"bf16 {bf16_rate / 1e9:.0f} GFLOP, fp32 {fp32_rate / 1e9:.0f} GFLOP")
+    rows = []
+    for label, name, kw, bf16, batch in VERSIONS:
+        torch.manual_seed(0)
+        model = models.build_model(name, **kw)
+        flops = forward_flops(model)
+        measured = cpu_seconds_per_epoch(model, bf16, batch, flops)
+        floor = 3 * flops * 60000 / (bf16_rate if bf16 else fp32_rate)
+        rows.append([label, f"{flops / 1e6:.1f}", "bf16" if bf16 else "fp32", f"{measured:.1f}", f"{floor:.1f}",
+                     f"{measured / floor:.1f}x", f"{3 * flops * 60000 / measured / 1e9:.0f}"])
+    print(table(["version", "MFLOP/image", "precision", "CPU s/epoch", "floor s", "vs floor", "GFLOP/CPU s"], rows))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -73,19 +73,21 @@ register(Recipe(
 ))
 register(Recipe(
     "fast",
-    "Shortest time to a target accuracy: a small BatchNorm conv-pool net, Nesterov SGD with a one-cycle "
-    "schedule, label smoothing, flips, flip test-time augmentation, all 60,000 training images.",
-    dict(model="fast", optimizer="sgd", nesterov=True, momentum=0.9, lr=0.2, weight_decay=5e-4, batch_size=256,
-         schedule="onecycle", label_smoothing=0.1, epochs=4, augment={"flip": 0.5}, tta_flip=True, val_split=0.0),
+    "Shortest time to a target accuracy: a small BatchNorm conv-pool net behind a frozen whitening layer, "
+    "2 epochs of Nesterov SGD (batch 128, peak lr 0.6) on a one-cycle schedule, label smoothing, flips, "
+    "flip test-time augmentation, all 60,000 training images. --epochs 8 for 93%.",
+    dict(model="fast", optimizer="sgd", nesterov=True, momentum=0.9, lr=0.6, weight_decay=5e-4, batch_size=128,
+         schedule="onecycle", label_smoothing=0.1, epochs=2, augment={"flip": 0.5}, tta_flip=True, val_split=0.0),
     models=("fast",),
 ))
 register(Recipe(
     "best",
-    "Highest accuracy on a CPU budget: a pre-activation ResNet, Nesterov SGD with warm-up and cosine decay, "
+    "Highest accuracy on a CPU budget (about 10 minutes on 2 cores): a pre-activation ResNet, 8 epochs of "
+    "Nesterov SGD with warm-up and cosine decay, "
     "random crop, flip and random erasing, label smoothing, an EMA of the weights and flip test-time "
     "augmentation, all 60,000 training images, a fixed number of epochs (no selection on the test set).",
     dict(model="best", optimizer="sgd", nesterov=True, momentum=0.9, lr=0.1, weight_decay=5e-4, batch_size=128,
-         schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, epochs=15,
+         schedule="cosine", warmup_epochs=1.0, label_smoothing=0.1, epochs=8,
          augment={"flip": 0.5, "crop": 2, "erase": 0.5}, ema=0.998, tta_flip=True, val_split=0.0),
     models=("best",),
 ))

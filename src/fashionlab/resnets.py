@@ -6,7 +6,10 @@ inside) and are defined by data: widths and depths are arguments, so a registry 
 FastNet follows airbench's shape (conv -> max-pool -> BatchNorm -> GELU, then more convs at the
 pooled size): pooling right after the first conv of a block keeps most of the arithmetic at the
 small resolution, which is what a 2-core CPU can afford. The logits are scaled down (airbench's
-temperature) so the early, large learning rates of a one-cycle schedule stay stable.
+temperature) so the early, large learning rates of a one-cycle schedule stay stable. With
+whiten=True the first convolution is frozen and its first filters whiten 3x3 patches of the
+training images (airbench's frozen whitening layer): the next layers start from decorrelated
+inputs, which lifts the accuracy of a two-epoch run by about as much as a third epoch would.
 
 ResNet is the pre-activation residual network (He et al. 2016) with a width multiplier, so
 WRN-d-k (Zagoruyko & Komodakis) is ResNet(blocks=((d-4)//6,)*3, widths=(16k, 32k, 64k)).
@@ -14,7 +17,9 @@ WRN-d-k (Zagoruyko & Komodakis) is ResNet(blocks=((d-4)//6,)*3, widths=(16k, 32k
 
 from __future__ import annotations
 
+import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from .models import FASHION_MEAN, FASHION_STD, ModelEntry, Normalize, register, register_family
 
@@ -26,7 +31,7 @@ def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
 class FastNet(nn.Module):
     def __init__(self, stem: int = 24, widths=(64, 128, 256), convs_per_block: int = 2, pool_stem: bool = False,
                  head_scale: float = 1 / 8, num_classes: int = 10, mean=FASHION_MEAN, std=FASHION_STD,
-                 resize=None):
+                 resize=None, whiten: bool = False):
         super().__init__()
         if not widths:
             raise ValueError("widths must name at least one block")
@@ -52,9 +57,32 @@ class FastNet(nn.Module):
         layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes, bias=False)]
         self.net = nn.Sequential(*layers)
         self.head_scale = float(head_scale)
+        self.whiten = bool(whiten)
+        if self.whiten:
+            first = self.net[1]
+            if 2 * first.weight[0].numel() > first.out_channels:
+                raise ValueError(f"whiten needs at least {2 * first.weight[0].numel()} channels in the first "
+                                 f"convolution (two per patch dimension); it has {first.out_channels}")
+            first.weight.requires_grad_(False)
 
     def forward(self, x):
         return self.net(x) * self.head_scale
+
+    @torch.no_grad()
+    def init_from_data(self, images: torch.Tensor, eps: float = 1e-2) -> None:
+        """Set the frozen first filters to whiten image patches: each eigenvector of the patch
+        covariance, scaled by 1/sqrt(eigenvalue + eps), with both signs (so a ReLU-like activation
+        keeps either half). images: (N, 1, H, W) pixels in [0, 1], a few thousand are enough."""
+        if not self.whiten:
+            return
+        norm, first = self.net[0], self.net[1]
+        x = norm(images.float().cpu())  # on the CPU: float64 eigh is not available on every device
+        k = first.kernel_size[0]
+        patches = F.unfold(x, k, padding=first.padding[0]).transpose(1, 2).reshape(-1, x.shape[1] * k * k)
+        evals, evecs = torch.linalg.eigh(torch.cov(patches.T.double()))
+        filters = (evecs / (evals + eps).sqrt()).T.float().reshape(-1, *first.weight.shape[1:])
+        filters = torch.cat([filters, -filters])
+        first.weight[: len(filters)] = filters.to(first.weight)
 
 
 class PreActBlock(nn.Module):
@@ -111,10 +139,11 @@ register_family("fastnet", FastNet)
 register_family("resnet", ResNet)
 
 for _entry in [
-    ModelEntry("fast", "fastnet", dict(stem=0, widths=(32, 64, 128), convs_per_block=1),
-               "time-to-accuracy record: airbench-style conv-pool-BN-GELU blocks 32, 64, 128, max-pooled head"),
-    ModelEntry("best", "resnet", dict(blocks=(2, 2, 2), widths=(32, 64, 128), stem=32),
-               "accuracy record on a CPU budget: pre-activation ResNet, 3 stages of 2 blocks, widths 32-64-128"),
+    ModelEntry("fast", "fastnet", dict(stem=0, widths=(32, 64, 128), convs_per_block=1, whiten=True),
+               "time-to-accuracy record: airbench-style conv-pool-BN-GELU blocks 32, 64, 128 behind a frozen "
+               "whitening first layer, max-pooled head"),
+    ModelEntry("best", "resnet", dict(blocks=(1, 1, 1), widths=(32, 64, 128), stem=32),
+               "accuracy record on a CPU budget: pre-activation ResNet, 3 stages of 1 block, widths 32-64-128"),
     ModelEntry("wrn16_4", "resnet", dict(blocks=wide_resnet_blocks(16), widths=(64, 128, 256), stem=16),
                "wide ResNet WRN-16-4 (Zagoruyko & Komodakis), for a GPU"),
 ]:

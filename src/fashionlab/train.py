@@ -155,9 +155,10 @@ def lr_at(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int) -> floa
 
 
 def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    # No weight decay on biases and normalisation parameters (1-D tensors).
-    decay = [p for p in model.parameters() if p.ndim > 1]
-    no_decay = [p for p in model.parameters() if p.ndim <= 1]
+    # No weight decay on biases and normalisation parameters (1-D tensors); frozen weights are left out.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     if cfg.optimizer == "sgd":
         return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
@@ -165,7 +166,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
         return torch.optim.AdamW(groups, lr=cfg.lr)
     if cfg.weight_decay:
         return torch.optim.Adam(groups, lr=cfg.lr)  # L2 added to the gradient, as Keras/PyTorch Adam do
-    return torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    return torch.optim.Adam(trainable, lr=cfg.lr)
 
 
 class EMA:
@@ -261,6 +262,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
     # ---- model and optimiser (the global seed fixes the initial weights)
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, **margs).to(dev)
+    if hasattr(model, "init_from_data"):  # data-dependent initialisation, e.g. FastNet's whitening filters
+        model.init_from_data(evaluate.to_input(X[:10000]))
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
