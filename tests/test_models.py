@@ -53,6 +53,7 @@ def test_summary_adds_up(name):
     model = models.build_model(name)
     rows = models.summary(model)
     assert sum(r["params"] for r in rows) == models.count_params(model)
+    assert sum(r["trainable"] for r in rows) == sum(p.numel() for p in model.parameters() if p.requires_grad)
     assert rows[-1]["output_shape"] == [10]
 
 

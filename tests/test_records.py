@@ -133,3 +133,36 @@ def test_whitening_layer_decorrelates_patches_and_stays_frozen(tmp_path):
 def test_whitening_needs_two_channels_per_patch_dimension():
     with pytest.raises(ValueError, match="whiten needs at least 18 channels"):
         FastNet(stem=0, widths=(16, 32), whiten=True)
+
+
+def test_precise_batchnorm_replaces_stale_statistics_with_exact_ones():
+    """recompute_batchnorm: each BatchNorm layer's running statistics become the statistics of its
+    input over the given images (one batch here, so exactly that batch's mean and unbiased variance),
+    whatever they were before; momentum and train/eval mode are left as they were."""
+    torch.manual_seed(0)
+    model = models.build_model("best", blocks=(1, 1), widths=(32, 64)).eval()
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
+    for m in layers:  # stale statistics, as after many steps with moving weights
+        m.running_mean.fill_(5.0)
+        m.running_var.fill_(0.01)
+    images = torch.from_numpy(synthetic_dataset(n_train=50, n_test=10, seed=4).train_images).unsqueeze(1)
+    inputs = {}
+    hooks = [m.register_forward_hook(lambda mod, inp, out: inputs.__setitem__(mod, inp[0].detach().clone()))
+             for m in layers]
+    model.train()
+    with torch.no_grad():
+        model(evaluate.to_input(images))
+    for h in hooks:
+        h.remove()
+    model.eval()
+    train.recompute_batchnorm(model, images, resolve("cpu", "fp32", conv_model=True), batch_size=64)
+    assert not model.training and all(m.momentum == 0.1 for m in layers)
+    for m in layers:
+        x = inputs[m].transpose(0, 1).reshape(m.num_features, -1)
+        assert torch.allclose(m.running_mean, x.mean(1), atol=1e-5)
+        assert torch.allclose(m.running_var, x.var(1, unbiased=True), rtol=1e-4, atol=1e-5)
+
+
+def test_precise_batchnorm_setting_is_checked():
+    with pytest.raises(ValueError, match="precise_bn=-1: expected an integer >= 0"):
+        train.make_config("best", precise_bn=-1)

@@ -115,7 +115,10 @@ def cmd_models(args) -> int:
         rows = models.summary(models.build_model(args.summary))
         print(f"\n{args.summary}:\n{'layer':<12} {'type':<12} {'output shape':<18} {'params':>10}")
         for r in rows:
-            print(f"{r['layer']:<12} {r['type']:<12} {str(tuple(r['output_shape'])):<18} {r['params']:>10,}")
+            frozen = "  frozen" if r["params"] and not r["trainable"] else ""
+            print(f"{r['layer']:<12} {r['type']:<12} {str(tuple(r['output_shape'])):<18} {r['params']:>10,}{frozen}")
+        total, trainable = sum(r["params"] for r in rows), sum(r["trainable"] for r in rows)
+        print(f"total params {total:,}: trainable {trainable:,}, non-trainable {total - trainable:,}")
     return 0
 
 
@@ -134,7 +137,7 @@ def train_config_from_args(args):
         optimizer=args.optimizer, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
         val_split=args.val_split, patience=args.patience, monitor=args.monitor, ema=args.ema,
-        tta_flip=args.tta_flip, seed=args.seed, subset=args.subset, device=args.device, precision=args.precision,
+        tta_flip=args.tta_flip, precise_bn=args.precise_bn, seed=args.seed, subset=args.subset, device=args.device, precision=args.precision,
         augment=_key_values(args.augment, "--augment") or None,
         model_args=_key_values(args.model_arg, "--model-arg") or None,
         class_names=_class_names(args.class_names),
@@ -391,6 +394,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", metavar="K=V,...", help="e.g. flip=0.5,crop=2,rotate=10,scale=0.1,erase=0.25")
     p.add_argument("--ema", type=float, help="evaluate an exponential moving average of the weights (decay)")
     p.add_argument("--tta-flip", action="store_true", default=None, help="average predictions with mirror images")
+    p.add_argument("--precise-bn", type=int, metavar="N",
+                   help="recompute BatchNorm statistics from N training images before each evaluation")
     p.add_argument("--seed", type=int)
     p.add_argument("--subset", type=int, metavar="N", help="train on a stratified subset of N training images")
     p.add_argument("--out", help="run folder (default runs/<time>-<model>)")

@@ -228,8 +228,10 @@ def summary(model: nn.Module, input_shape=(1, 1, 28, 28)) -> list[dict[str, Any]
 
         def hook(mod, inp, out, name=name):
             shape = tuple(out[0].shape) if isinstance(out, tuple) else tuple(out.shape)
+            own = list(mod.parameters(recurse=False))
             rows.append({"layer": name, "type": type(mod).__name__, "output_shape": list(shape[1:]),
-                         "params": sum(p.numel() for p in mod.parameters(recurse=False))})
+                         "params": sum(p.numel() for p in own),
+                         "trainable": sum(p.numel() for p in own if p.requires_grad)})
         hooks.append(module.register_forward_hook(hook))
     was_training = model.training
     model.eval()
