@@ -1,4 +1,5 @@
-"""Shared bits for the benchmark scripts: the machine description and a table printer."""
+"""Shared bits for the benchmark scripts: the machine description, a table printer and a synthetic
+training step."""
 
 from __future__ import annotations
 
@@ -7,6 +8,7 @@ import platform
 import statistics
 
 import torch
+import torch.nn.functional as F
 
 
 def hardware() -> dict:
@@ -55,3 +57,26 @@ def parse_overrides(items: list[str]) -> dict:
             raise SystemExit(f"--set {item!r}: expected KEY=JSON, e.g. epochs=8")
         out[key] = json.loads(value)
     return out
+
+
+def synthetic_step(model, bf16: bool, batch: int, forward=None):
+    """One SGD training step on a fixed random batch, as train() runs it (channels_last + bf16 autocast
+    when bf16): what the speed benchmarks time in steady state. forward: e.g. torch.compile(model)."""
+    if bf16:
+        model = model.to(memory_format=torch.channels_last)
+    forward = model if forward is None else forward
+    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
+    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
+    if bf16:
+        x = x.contiguous(memory_format=torch.channels_last)
+
+    def step():
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            out = forward(x)
+        loss = F.cross_entropy(out.float(), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    return step
+

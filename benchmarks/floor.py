@@ -18,10 +18,9 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, table  # noqa: E402
+from common import hardware, synthetic_step, table  # noqa: E402
 from flops import forward_flops, matmul_rate  # noqa: E402
 
 from fashionlab import models  # noqa: E402
@@ -37,21 +36,7 @@ VERSIONS = [
 
 
 def cpu_seconds_per_epoch(model: torch.nn.Module, bf16: bool, batch: int, flops: float) -> float:
-    if bf16:
-        model = model.to(memory_format=torch.channels_last)
-    opt = torch.optim.SGD([p for p in model.parameters() if p.requires_grad], lr=0.01, momentum=0.9, nesterov=True)
-    x, y = torch.rand(batch, 1, 28, 28), torch.randint(0, 10, (batch,))
-    if bf16:
-        x = x.contiguous(memory_format=torch.channels_last)
-
-    def step():
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            out = model(x)
-        loss = F.cross_entropy(out.float(), y)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-
+    step = synthetic_step(model, bf16, batch)
     for _ in range(2):
         step()
     steps = max(3, int(6000 / batch / (flops / 15e6)))  # about the same work per version

@@ -126,7 +126,8 @@ def test_whitening_layer_decorrelates_patches_and_stays_frozen(tmp_path):
     torch.manual_seed(cfg.seed)  # the same random filters beside the whitening ones, as train() draws them
     fresh = models.build_model("fast", widths=[32, 64])
     fresh.init_from_data(evaluate.to_input(torch.from_numpy(ds.train_images[:10000])))
-    # The split order differs from the raw order only for a validation split; fast uses none.
+    # train() whitens with its first 10,000 training images: here all 200, in another order, and the
+    # patch covariance does not depend on the order.
     assert torch.allclose(trained.net[1].weight, fresh.net[1].weight, atol=1e-6)
 
 
