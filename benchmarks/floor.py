@@ -29,9 +29,12 @@ from fashionlab import models  # noqa: E402
 VERSIONS = [
     ("cnn, plain reference", "cnn", {}, False, 128),
     ("cnn, bf16", "cnn", {}, True, 256),
-    ("fast v1: trained first conv, batch 256", "fast", {"whiten": False}, True, 256),
-    ("fast: frozen whitening conv, batch 128", "fast", {}, True, 128),
-    ("best", "best", {}, True, 128),
+    ("fast v1: widths 32-64-128, trained first conv, batch 256", "fast",
+     {"whiten": False, "widths": (32, 64, 128)}, True, 256),
+    ("fast v2: widths 32-64-128, frozen whitening conv, batch 128", "fast", {"widths": (32, 64, 128)}, True, 128),
+    ("fast: widths 16-64-128, 16 whitening filters, batch 256", "fast", {}, True, 256),
+    ("resnet8 (best until the wider fastnet), batch 128", "resnet8", {}, True, 128),
+    ("best: fastnet 16-96-192, two convs per block, batch 256", "best", {}, True, 256),
 ]
 
 

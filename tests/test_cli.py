@@ -25,7 +25,7 @@ def test_models_lists_reference_parameter_counts():
     assert "Conv2d" in out and "(64, 14, 14)" in out
     assert "total params 421,642: trainable 421,642, non-trainable 0" in out
     fast = run_cli("models", "--summary", "fast", check=True).stdout  # the frozen whitening layer is marked
-    assert "288  frozen" in fast and "trainable 93,888, non-trainable 288" in fast
+    assert "144  frozen" in fast and "trainable 84,640, non-trainable 144" in fast
 
 
 def test_recipes_list_reference_figures():

@@ -39,11 +39,12 @@ def test_fast_recipe_learns_a_learnable_task(tmp_path):
     assert metrics["test_accuracy"] >= 0.9  # bars at ten positions: trivially separable
 
 
-def test_best_recipe_uses_the_accuracy_tools():
-    s = get_recipe("best").settings
-    assert s["schedule"] == "cosine" and s["ema"] and s["tta_flip"]
-    aug = Augment.from_dict(s["augment"])
-    assert aug.flip and aug.crop and aug.erase
+def test_best_recipe_trains_a_bigger_net_longer_with_more_augmentation_than_fast():
+    best, fast = get_recipe("best").settings, get_recipe("fast").settings
+    assert best["epochs"] > fast["epochs"] and best["tta_flip"] and best["val_split"] == 0.0
+    assert models.count_params(models.build_model("best")) > 3 * models.count_params(models.build_model("fast"))
+    aug = Augment.from_dict(best["augment"])
+    assert aug.flip and aug.crop
 
 
 def test_wide_resnet_depth_is_data():
@@ -63,7 +64,7 @@ def test_family_arguments_are_checked():
         models.build_model("fast", depth=3)
 
 
-@pytest.mark.parametrize("name", ["fast", "best"])
+@pytest.mark.parametrize("name", ["fast", "best", "resnet8"])
 def test_record_models_run_under_bf16_channels_last(name):
     # The CUDA and CPU fast path: channels_last memory and bf16 autocast, as train() sets them up.
     torch.manual_seed(0)
@@ -81,7 +82,7 @@ def test_random_stream_is_the_same_whatever_the_device():
     """Shuffling and augmentation draw on a CPU generator, then move the draws to the batch's device.
     The meta device stands in for CUDA/MPS here: it runs the same code path, keeps no values, and
     must consume exactly the same draws, so the next epoch's batches are identical on any device."""
-    aug = Augment.from_dict(get_recipe("best").settings["augment"])
+    aug = Augment(flip=0.5, crop=2, rotate=10.0, scale=0.1, erase=0.5)  # every transform draws
     x_cpu = torch.rand(16, 1, 28, 28)
     states = []
     for dev in ("cpu", "meta"):
@@ -131,9 +132,28 @@ def test_whitening_layer_decorrelates_patches_and_stays_frozen(tmp_path):
     assert torch.allclose(trained.net[1].weight, fresh.net[1].weight, atol=1e-6)
 
 
-def test_whitening_needs_two_channels_per_patch_dimension():
-    with pytest.raises(ValueError, match="whiten needs at least 18 channels"):
-        FastNet(stem=0, widths=(16, 32), whiten=True)
+def test_narrow_whitening_layer_keeps_the_most_varying_patch_directions():
+    """With 16 channels for 9 patch dimensions (the `fast` model), the filters whiten the 8 directions
+    of largest variance: their responses are white, and the least varying direction is the one left out."""
+    ds = synthetic_dataset(n_train=200, n_test=20, seed=4)
+    net = FastNet(stem=0, widths=(16, 32), whiten=True)
+    images = evaluate.to_input(torch.from_numpy(ds.train_images))
+    net.init_from_data(images, eps=1e-6)
+    w = net.net[1].weight.reshape(16, 9).double()
+    assert torch.equal(w[8:], -w[:8])
+    with torch.no_grad():
+        x = net.net[0](images)
+        responses = net.net[1](x)[:, :8].permute(1, 0, 2, 3).reshape(8, -1)
+    assert torch.allclose(torch.cov(responses.double()), torch.eye(8, dtype=torch.float64), atol=0.01)
+    patches = torch.nn.functional.unfold(x, 3, padding=1).transpose(1, 2).reshape(-1, 9).double()
+    least = torch.linalg.eigh(torch.cov(patches.T)).eigenvectors[:, 0]  # eigenvalues come in ascending order
+    directions = w[:8] / w[:8].norm(dim=1, keepdim=True)
+    assert (directions @ least).abs().max() < 1e-4
+
+
+def test_whitening_needs_a_filter_and_its_negative():
+    with pytest.raises(ValueError, match="whiten needs at least 2 channels"):
+        FastNet(stem=0, widths=(1, 32), whiten=True)
 
 
 def test_precise_batchnorm_replaces_stale_statistics_with_exact_ones():
@@ -141,7 +161,7 @@ def test_precise_batchnorm_replaces_stale_statistics_with_exact_ones():
     input over the given images (one batch here, so exactly that batch's mean and unbiased variance),
     whatever they were before; momentum and train/eval mode are left as they were."""
     torch.manual_seed(0)
-    model = models.build_model("best", blocks=(1, 1), widths=(32, 64)).eval()
+    model = models.build_model("resnet8", blocks=(1, 1), widths=(32, 64)).eval()
     layers = [m for m in model.modules() if isinstance(m, torch.nn.BatchNorm2d)]
     for m in layers:  # stale statistics, as after many steps with moving weights
         m.running_mean.fill_(5.0)

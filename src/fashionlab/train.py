@@ -295,8 +295,11 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
     # ---- model and optimiser (the global seed fixes the initial weights)
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, **margs).to(dev)
+    init_seconds = 0.0
     if hasattr(model, "init_from_data"):  # data-dependent initialisation, e.g. FastNet's whitening filters
+        t_init = time.perf_counter()
         model.init_from_data(evaluate.to_input(X[:10000]))
+        init_seconds = time.perf_counter() - t_init  # part of training: counted in the first epoch's time
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
@@ -353,7 +356,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
             start_step = 0
             loss_sum = torch.zeros((), device=dev)
             correct = torch.zeros((), device=dev, dtype=torch.long)
-            seen, epoch_seconds = 0, 0.0
+            seen, epoch_seconds = 0, (init_seconds if epoch == 0 else 0.0)
             if state["partial"]:  # resuming mid-epoch: continue the same random stream
                 p = state["partial"]
                 start_step, seen, epoch_seconds = p["step"], p["seen"], p["seconds"]
