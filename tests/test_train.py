@@ -150,18 +150,19 @@ def test_sigint_saves_and_resume_continues_exactly(tmp_path):
     assert a["epochs_run"] == 3 and not (tmp_path / "cut" / checkpoint.STATE_FILE).exists()
 
 
-def test_resume_mid_epoch_in_process(tmp_path, monkeypatch):
+@pytest.mark.parametrize("model", ["mlp", "fast"])  # fast: its data-initialised frozen layer must come back too
+def test_resume_mid_epoch_in_process(model, tmp_path, monkeypatch):
     """SIGTERM inside an epoch: the checkpoint holds the position in the epoch, and the resumed run
     ends identical to an uninterrupted one."""
     ds = synthetic_dataset(n_train=1000)
-    cfg = train.make_config(model="mlp", epochs=2, batch_size=8, seed=2, augment={"erase": 0.5}, val_split=0.1)
+    cfg = train.make_config(model=model, epochs=2, batch_size=8, seed=2, augment={"erase": 0.5}, val_split=0.1)
     # Deliver a real SIGTERM at exactly the 30th training batch of epoch 1 (of 113): every batch
-    # passes through to_input, so counting its calls pins the moment without depending on speed.
+    # passes through to_input, so counting its batch-sized calls pins the moment without depending on speed.
     real_to_input, calls = train.evaluate.to_input, []
 
     def to_input_then_signal(images, runtime=None):
-        calls.append(1)
-        if len(calls) == 30:
+        calls.append(len(images) == cfg.batch_size)
+        if sum(calls) == 30 and calls[-1]:
             os.kill(os.getpid(), signal.SIGTERM)
         return real_to_input(images, runtime)
 

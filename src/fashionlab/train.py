@@ -296,7 +296,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
     torch.manual_seed(cfg.seed)
     model = models.build_model(cfg.model, **margs).to(dev)
     init_seconds = 0.0
-    if hasattr(model, "init_from_data"):  # data-dependent initialisation, e.g. FastNet's whitening filters
+    # Data-dependent initialisation, e.g. FastNet's whitening filters; a resumed run loads them instead.
+    if hasattr(model, "init_from_data") and not resume:
         t_init = time.perf_counter()
         model.init_from_data(evaluate.to_input(X[:10000]))
         init_seconds = time.perf_counter() - t_init  # part of training: counted in the first epoch's time
