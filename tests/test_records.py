@@ -3,6 +3,8 @@ whatever the device, because every random draw comes from a CPU generator."""
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
 
@@ -62,6 +64,25 @@ def test_family_arguments_are_checked():
         FastNet(widths=(8, 8, 8, 8, 8, 8))
     with pytest.raises(ValueError, match="bad arguments"):
         models.build_model("fast", depth=3)
+    with pytest.raises(ValueError, match="act must be one of gelu, relu; got 'swish'"):
+        FastNet(act="swish")
+
+
+def test_in_place_relu_gives_the_gradients_of_an_out_of_place_one():
+    # fast's ReLU overwrites its BatchNorm's output; the BatchNorm's backward pass must not need it.
+    torch.manual_seed(0)
+    net = models.build_model("fast")
+    twin = copy.deepcopy(net)
+    for i, m in enumerate(twin.net):
+        if isinstance(m, torch.nn.ReLU):
+            twin.net[i] = torch.nn.ReLU(inplace=False)
+    x, y = torch.rand(8, 1, 28, 28), torch.arange(8) % 10
+    for m in (net, twin):
+        torch.nn.functional.cross_entropy(m(x), y).backward()
+    assert any(isinstance(m, torch.nn.ReLU) and m.inplace for m in net.net)
+    for (name, p), q in zip(net.named_parameters(), twin.parameters()):
+        if p.requires_grad:
+            assert torch.allclose(p.grad, q.grad, atol=1e-6), name
 
 
 @pytest.mark.parametrize("name", ["fast", "best", "resnet8"])
@@ -126,9 +147,9 @@ def test_whitening_layer_decorrelates_patches_and_stays_frozen(tmp_path):
     trained, _ = checkpoint.load_model(tmp_path / "run")
     torch.manual_seed(cfg.seed)  # the same random filters beside the whitening ones, as train() draws them
     fresh = models.build_model("fast", widths=[32, 64])
-    fresh.init_from_data(evaluate.to_input(torch.from_numpy(ds.train_images[:10000])))
-    # train() whitens with its first 10,000 training images: here all 200, in another order, and the
-    # patch covariance does not depend on the order.
+    fresh.init_from_data(evaluate.to_input(torch.from_numpy(ds.train_images[:train.INIT_IMAGES])))
+    # train() whitens with its first INIT_IMAGES training images: here all 200, in another order, and
+    # the patch covariance does not depend on the order.
     assert torch.allclose(trained.net[1].weight, fresh.net[1].weight, atol=1e-6)
 
 

@@ -75,7 +75,7 @@ register(Recipe(
     "fast",
     "Shortest time to a target accuracy: a small BatchNorm conv-pool net behind a frozen whitening layer, "
     "2 epochs of Nesterov SGD (batch 256, peak lr 1.15) on a one-cycle schedule, label smoothing, flips, "
-    "flip test-time augmentation, all 60,000 training images. --epochs 8 for 93%.",
+    "flip test-time augmentation, all 60,000 training images. --epochs 7 for 93%.",
     dict(model="fast", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.15, weight_decay=5e-4, batch_size=256,
          schedule="onecycle", label_smoothing=0.1, epochs=2, augment={"flip": 0.5}, tta_flip=True, val_split=0.0),
     models=("fast",),

@@ -12,7 +12,8 @@ training images (airbench's frozen whitening layer): the next layers start from 
 inputs, which lifts the accuracy of a two-epoch run by about as much as a third epoch would.
 The `fast` entry keeps 16 of the 18 whitening filters (the least varying patch direction is
 dropped) and nothing else in that layer: 16 channels instead of 32 made a step about a third
-cheaper at the same two-epoch accuracy.
+cheaper at the same two-epoch accuracy. It uses ReLU (in place) instead of GELU: about 7% less
+time per epoch on a CPU, and two-epoch runs were no less accurate (3 seeds each).
 
 ResNet is the pre-activation residual network (He et al. 2016) with a width multiplier, so
 WRN-d-k (Zagoruyko & Komodakis) is ResNet(blocks=((d-4)//6,)*3, widths=(16k, 32k, 64k)).
@@ -27,15 +28,22 @@ import torch.nn.functional as F
 from .models import FASHION_MEAN, FASHION_STD, ModelEntry, Normalize, register, register_family
 
 
-def _conv_bn(c_in: int, c_out: int) -> list[nn.Module]:
-    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.GELU()]
+# FastNet's activations by name. ReLU runs in place: it follows a BatchNorm, whose backward pass
+# reads the BatchNorm's input, not its output.
+ACTIVATIONS = {"gelu": nn.GELU, "relu": lambda: nn.ReLU(inplace=True)}
+
+
+def _conv_bn(c_in: int, c_out: int, act: str) -> list[nn.Module]:
+    return [nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), ACTIVATIONS[act]()]
 
 
 class FastNet(nn.Module):
     def __init__(self, stem: int = 24, widths=(64, 128, 256), convs_per_block: int = 2, pool_stem: bool = False,
                  head_scale: float = 1 / 8, num_classes: int = 10, mean=FASHION_MEAN, std=FASHION_STD,
-                 resize=None, whiten: bool = False):
+                 resize=None, whiten: bool = False, act: str = "gelu"):
         super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}; got {act!r}")
         if not widths:
             raise ValueError("widths must name at least one block")
         if convs_per_block < 1:
@@ -44,7 +52,7 @@ class FastNet(nn.Module):
         layers: list[nn.Module] = [Normalize(mean, std, resize)]
         c_in = 1
         if stem:
-            layers += _conv_bn(1, stem)
+            layers += _conv_bn(1, stem, act)
             c_in = stem
             if pool_stem:  # the blocks then start at half resolution: ~4x cheaper, a little less accurate
                 layers.append(nn.MaxPool2d(2))
@@ -52,10 +60,11 @@ class FastNet(nn.Module):
         for w in widths:
             if side < 2:
                 raise ValueError(f"input of side {resize or 28} is too small for {len(widths)} pooling blocks")
-            layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w), nn.GELU()]
+            layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w),
+                       ACTIVATIONS[act]()]
             side //= 2
             for _ in range(convs_per_block - 1):
-                layers += _conv_bn(w, w)
+                layers += _conv_bn(w, w, act)
             c_in = w
         layers += [nn.AdaptiveMaxPool2d(1), nn.Flatten(), nn.Linear(c_in, num_classes, bias=False)]
         self.net = nn.Sequential(*layers)
@@ -150,8 +159,8 @@ register_family("fastnet", FastNet)
 register_family("resnet", ResNet)
 
 for _entry in [
-    ModelEntry("fast", "fastnet", dict(stem=0, widths=(16, 64, 128), convs_per_block=1, whiten=True),
-               "time-to-accuracy record: airbench-style conv-pool-BN-GELU blocks 16, 64, 128, the first conv a "
+    ModelEntry("fast", "fastnet", dict(stem=0, widths=(16, 64, 128), convs_per_block=1, whiten=True, act="relu"),
+               "time-to-accuracy record: airbench-style conv-pool-BN-ReLU blocks 16, 64, 128, the first conv a "
                "frozen whitening layer (the 8 main patch directions, both signs), max-pooled head"),
     ModelEntry("best", "fastnet", dict(stem=0, widths=(16, 96, 192), convs_per_block=2, whiten=True),
                "accuracy record on a CPU budget: the fast net's shape, wider and two convs per block (16, 96, "
