@@ -35,6 +35,20 @@ def test_translate_moves_but_keeps_the_object():
     assert not torch.equal(x, y)
 
 
+def test_translate_shifts_each_image_by_its_own_offset_within_the_pad():
+    x = torch.rand(64, 2, 28, 28)
+    y = random_translate(x, 2, torch.Generator().manual_seed(0))
+    padded = torch.nn.functional.pad(x, (2, 2, 2, 2))
+    shifts = set()
+    for i in range(len(x)):
+        # The output is one window of the zero-padded image, the same for both channels.
+        found = [(oy, ox) for oy in range(5) for ox in range(5)
+                 if torch.equal(y[i], padded[i, :, oy:oy + 28, ox:ox + 28])]
+        assert found, f"image {i} is not a shifted copy of its input"
+        shifts.add(found[0])
+    assert len(shifts) > 10  # offsets differ from image to image
+
+
 def test_erase_only_removes():
     x = torch.ones(32, 1, 28, 28)
     y = random_erase(x, 1.0, torch.Generator().manual_seed(0))
