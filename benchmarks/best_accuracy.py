@@ -58,7 +58,7 @@ def main(argv=None) -> int:
         rt = device.resolve(cfg.device, cfg.precision, conv_model=models.MODELS[cfg.model].channels_last)
 
         def watch(row, model, seed=seed, rt=rt, cfg=cfg):
-            logits = evaluate.predict_logits(model, test_x, rt, cfg.eval_batch_size, cfg.tta_flip)
+            logits = evaluate.predict_logits(model, test_x, rt, cfg.eval_batch_size, cfg.tta_flip, cfg.tta_shift)
             acc = float((logits.argmax(1) == test_y).float().mean())
             print(f"    seed {seed} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
                   f"test {acc:.4f} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)

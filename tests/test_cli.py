@@ -43,6 +43,15 @@ def test_unknown_model_and_bad_flags():
     assert_clean_error(run_cli("train", "--model", "resnet9000"), "unknown model", "cnn_small")
     assert_clean_error(run_cli("train", "--batch-size", "0"), "batch_size=0: expected an integer >= 1")
     assert_clean_error(run_cli("train", "--augment", "flip"), "--augment 'flip': expected key=value")
+    assert_clean_error(run_cli("train", "--tta-shift", "9"), "tta_shift=9: expected an integer from 0 to 4")
+
+
+def test_test_time_augmentation_flags_reach_the_config():
+    from fashionlab.cli import build_parser, train_config_from_args
+    args = build_parser().parse_args(["train", "--recipe", "fast", "--tta-shift", "2"])
+    cfg = train_config_from_args(args)
+    assert (cfg.tta_flip, cfg.tta_shift) == (True, 2)  # the recipe's flip, the flag's shift
+    assert train_config_from_args(build_parser().parse_args(["train", "--recipe", "best"])).tta_shift == 1
 
 
 def test_missing_data_dir_names_the_files(tmp_path):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 
+import numpy as np
 import pytest
 import torch
 
@@ -31,7 +32,7 @@ def test_record_recipe_trains_one_epoch_and_reloads(recipe, tmp_path):
     model, info = checkpoint.load_model(tmp_path / "run")
     assert info["architecture"]["family"] == models.MODELS[recipe].family
     rt = resolve("cpu", "fp32", conv_model=True)
-    logits = evaluate.predict_logits(model, ds.test_images, rt, tta_flip=cfg.tta_flip)
+    logits = evaluate.predict_logits(model, ds.test_images, rt, tta_flip=cfg.tta_flip, tta_shift=cfg.tta_shift)
     assert logits.shape == (40, 10) and torch.isfinite(logits).all()
 
 
@@ -44,6 +45,7 @@ def test_fast_recipe_learns_a_learnable_task(tmp_path):
 def test_best_recipe_trains_a_bigger_net_longer_with_more_augmentation_than_fast():
     best, fast = get_recipe("best").settings, get_recipe("fast").settings
     assert best["epochs"] > fast["epochs"] and best["tta_flip"] and best["val_split"] == 0.0
+    assert best["tta_shift"] == 1 and not fast.get("tta_shift")  # moves help a net trained on crops only
     assert models.count_params(models.build_model("best")) > 3 * models.count_params(models.build_model("fast"))
     aug = Augment.from_dict(best["augment"])
     assert aug.flip and aug.crop
@@ -208,3 +210,54 @@ def test_precise_batchnorm_replaces_stale_statistics_with_exact_ones():
 def test_precise_batchnorm_setting_is_checked():
     with pytest.raises(ValueError, match="precise_bn=-1: expected an integer >= 0"):
         train.make_config("best", precise_bn=-1)
+
+
+def test_shifted_moves_images_and_fills_the_border_with_background():
+    x = torch.rand(3, 1, 28, 28) + 1  # no zeros of its own
+    down = evaluate.shifted(x, 1, 0)
+    assert torch.equal(down[..., 1:, :], x[..., :-1, :]) and (down[..., 0, :] == 0).all()
+    left = evaluate.shifted(x, 0, -2)
+    assert torch.equal(left[..., :, :-2], x[..., :, 2:]) and (left[..., :, -2:] == 0).all()
+    assert torch.equal(evaluate.shifted(x, 0, 0), x)
+
+
+def test_test_time_augmentation_averages_the_views_it_names():
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10))  # sees every pixel's position
+    x = torch.rand(4, 1, 28, 28)
+    plain, mirror = model(x), model(x.flip(-1))
+    with torch.no_grad():
+        assert torch.allclose(evaluate.tta_logits(model, x), plain)
+        assert torch.allclose(evaluate.tta_logits(model, x, flip=True), (plain + mirror) / 2)
+        # shift=2: the image weighs half, its four 2-pixel moves (each with its mirror) the other half.
+        moves = [torch.roll(x, s, d) for s, d in ((-2, 2), (2, 2), (-2, 3), (2, 3))]
+        for m, (s, d) in zip(moves, ((-2, 2), (2, 2), (-2, 3), (2, 3))):
+            edge = slice(s, None) if s < 0 else slice(0, s)  # the rows or columns roll wrapped round
+            (m[:, :, edge] if d == 2 else m[..., edge]).zero_()
+        moved = sum((model(m) + model(m.flip(-1))) / 2 for m in moves) / 4
+        expected = ((plain + mirror) / 2 + moved) / 2
+        assert torch.allclose(evaluate.tta_logits(model, x, flip=True, shift=2), expected, atol=1e-6)
+
+
+def test_a_run_with_shift_tta_records_it_and_its_onnx_export_computes_it(tmp_path):
+    ds = synthetic_dataset(n_train=200, n_test=50, seed=5)
+    cfg = train.make_config("fast", epochs=1, batch_size=50, tta_shift=1)
+    metrics = train.train(cfg, tmp_path / "run", dataset=ds, quiet=True)
+    from fashionlab import export
+    from fashionlab.predict import Predictor
+    p = Predictor.from_run(tmp_path / "run", device="cpu", precision="fp32")
+    assert (p.tta_flip, p.tta_shift) == (True, 1)
+    # The run's reported accuracy is the shifted TTA's: the Predictor (bf16 as trained) agrees.
+    trained = Predictor.from_run(tmp_path / "run")
+    acc = (trained.probabilities(ds.test_images).argmax(1) == ds.test_labels).mean()
+    assert acc == pytest.approx(metrics["test_accuracy"])
+    result = export.export_onnx(tmp_path / "run", ds.test_images)
+    assert result["top1_mismatches"] == 0 and result["max_abs_prob_diff"] <= 1e-4
+    onnx = export.OnnxPredictor.from_run(tmp_path / "run")
+    unshifted = Predictor(p.model, {**p.info, "tta_shift": 0}, p.runtime).probabilities(ds.test_images)
+    assert np.abs(onnx.probabilities(ds.test_images) - unshifted).max() > 1e-3  # the moves are in the graph
+
+
+def test_tta_shift_setting_is_checked():
+    with pytest.raises(ValueError, match="tta_shift=5: expected an integer from 0 to 4"):
+        train.make_config("best", tta_shift=5)

@@ -137,7 +137,8 @@ def train_config_from_args(args):
         optimizer=args.optimizer, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
         val_split=args.val_split, patience=args.patience, monitor=args.monitor, ema=args.ema,
-        tta_flip=args.tta_flip, precise_bn=args.precise_bn, seed=args.seed, subset=args.subset, device=args.device, precision=args.precision,
+        tta_flip=args.tta_flip, tta_shift=args.tta_shift, precise_bn=args.precise_bn, seed=args.seed,
+        subset=args.subset, device=args.device, precision=args.precision,
         augment=_key_values(args.augment, "--augment") or None,
         model_args=_key_values(args.model_arg, "--model-arg") or None,
         class_names=_class_names(args.class_names),
@@ -176,7 +177,8 @@ def cmd_evaluate(args) -> int:
         model = model.to(memory_format=torch.channels_last)
     model = model.to(rt.device)
     m = evaluate.evaluate_model(model, ds.test_images, ds.test_labels, ds.class_names, rt,
-                                saved.get("eval_batch_size", TrainConfig.eval_batch_size), info.get("tta_flip", False))
+                                saved.get("eval_batch_size", TrainConfig.eval_batch_size), info.get("tta_flip", False),
+                                info.get("tta_shift", 0))
     if args.json:
         print(json.dumps(m, indent=2))
         return 0
@@ -394,6 +396,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--augment", metavar="K=V,...", help="e.g. flip=0.5,crop=2,rotate=10,scale=0.1,erase=0.25")
     p.add_argument("--ema", type=float, help="evaluate an exponential moving average of the weights (decay)")
     p.add_argument("--tta-flip", action="store_true", default=None, help="average predictions with mirror images")
+    p.add_argument("--tta-shift", type=int, default=None, metavar="PIXELS",
+                   help="also average with copies moved this many pixels up, down, left and right")
     p.add_argument("--precise-bn", type=int, metavar="N",
                    help="recompute BatchNorm statistics from N training images before each evaluation")
     p.add_argument("--seed", type=int)

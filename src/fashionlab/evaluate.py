@@ -22,13 +22,40 @@ def to_input(images_u8: torch.Tensor, runtime: Runtime | None = None) -> torch.T
     return x
 
 
+SHIFTS = ((-1, 0), (1, 0), (0, -1), (0, 1))  # up, down, left, right (in units of tta_shift pixels)
+
+
+def shifted(x: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Images moved by (dy, dx) pixels, the uncovered border filled with 0 (the background)."""
+    p = max(abs(dy), abs(dx))
+    h, w = x.shape[-2:]
+    return F.pad(x, (p, p, p, p))[..., p - dy: p - dy + h, p - dx: p - dx + w]
+
+
+def tta_logits(model: torch.nn.Module, x: torch.Tensor, flip: bool = False, shift: int = 0) -> torch.Tensor:
+    """Float32 logits averaged over a run's test-time augmentation.
+
+    flip averages each image with its mirror image. shift (pixels) then gives the image itself half
+    the weight and its four copies moved by `shift` pixels up, down, left and right the other half,
+    each with its mirror when flip is on (airbench's weighting): 2 passes for flip, 10 for both.
+    The same function serves evaluation, prediction and the exported ONNX graph.
+    """
+    def view(v):
+        out = model(v).float()
+        return (out + model(v.flip(-1)).float()) / 2 if flip else out
+
+    logits = view(x)
+    if shift:
+        moved = sum(view(shifted(x, dy * shift, dx * shift)) for dy, dx in SHIFTS) / len(SHIFTS)
+        logits = (logits + moved) / 2
+    return logits
+
+
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, images: torch.Tensor | np.ndarray, runtime: Runtime,
-                   batch_size: int = 1000, tta_flip: bool = False) -> torch.Tensor:
-    """Logits (float32, on CPU) for uint8 images, in batches, in eval mode, under the run's precision.
-
-    tta_flip averages the logits of each image and its mirror image (test-time augmentation).
-    """
+                   batch_size: int = 1000, tta_flip: bool = False, tta_shift: int = 0) -> torch.Tensor:
+    """Logits (float32, on CPU) for uint8 images, in batches, in eval mode, under the run's precision,
+    averaged over the run's test-time augmentation (tta_logits)."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     was_training = model.training
@@ -38,10 +65,7 @@ def predict_logits(model: torch.nn.Module, images: torch.Tensor | np.ndarray, ru
         for i in range(0, len(images), batch_size):
             x = to_input(images[i: i + batch_size].to(runtime.device), runtime)
             with runtime.autocast():
-                logits = model(x).float()
-                if tta_flip:
-                    logits = (logits + model(x.flip(-1)).float()) / 2
-            out.append(logits.cpu())
+                out.append(tta_logits(model, x, tta_flip, tta_shift).cpu())
     finally:
         model.train(was_training)
     return torch.cat(out) if out else torch.empty(0, 0)
@@ -122,7 +146,7 @@ def quick_scores(logits: torch.Tensor, labels: torch.Tensor) -> tuple[float, flo
 
 
 def evaluate_model(model, images, labels, class_names, runtime: Runtime, batch_size: int = 1000,
-                   tta_flip: bool = False) -> dict[str, Any]:
-    logits = predict_logits(model, images, runtime, batch_size, tta_flip)
+                   tta_flip: bool = False, tta_shift: int = 0) -> dict[str, Any]:
+    logits = predict_logits(model, images, runtime, batch_size, tta_flip, tta_shift)
     return compute_metrics(logits, labels, class_names)
 

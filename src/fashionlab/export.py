@@ -21,6 +21,7 @@ from . import __version__, checkpoint
 from .device import resolve
 from .predict import Predictor
 from .atomic import atomic_write, write_bytes
+from .evaluate import tta_logits
 from .errors import UserError
 
 ONNX_FILE = "model.onnx"
@@ -34,16 +35,14 @@ class ExportError(UserError):
 
 
 class _Exported(torch.nn.Module):
-    """The model as served: logits (averaged with the mirror image when the run uses flip TTA) and softmax."""
+    """The model as served: logits averaged over the run's test-time augmentation, and softmax."""
 
-    def __init__(self, model: torch.nn.Module, tta_flip: bool):
+    def __init__(self, model: torch.nn.Module, tta_flip: bool, tta_shift: int):
         super().__init__()
-        self.model, self.tta_flip = model, tta_flip
+        self.model, self.tta_flip, self.tta_shift = model, tta_flip, tta_shift
 
     def forward(self, pixels: torch.Tensor):
-        logits = self.model(pixels)
-        if self.tta_flip:
-            logits = (logits + self.model(pixels.flip(-1))) / 2
+        logits = tta_logits(self.model, pixels, self.tta_flip, self.tta_shift)
         return logits, torch.softmax(logits, 1)
 
 
@@ -99,7 +98,7 @@ def export_onnx(run_dir: str | Path, images: np.ndarray, out: str | Path | None 
     if len(images) == 0:
         raise ExportError("parity check needs at least one test image")
     try:
-        blob = _to_onnx_bytes(_Exported(model, bool(info.get("tta_flip", False))).eval())
+        blob = _to_onnx_bytes(_Exported(model, reference.tta_flip, reference.tta_shift).eval())
     except Exception as e:
         raise ExportError(f"{run_dir}: {info['architecture'].get('name')} could not be exported to ONNX ({e})") from None
     result = parity(reference, blob, images)
@@ -116,7 +115,8 @@ def export_onnx(run_dir: str | Path, images: np.ndarray, out: str | Path | None 
         "normalisation": json.dumps({**info.get("input", {}).get("normalisation", {}), "applied": "inside the graph"}),
         "outputs": json.dumps(list(OUTPUT_NAMES)),
         "architecture": json.dumps(info["architecture"]),
-        "tta_flip": json.dumps(bool(info.get("tta_flip", False))),
+        "tta_flip": json.dumps(reference.tta_flip),
+        "tta_shift": json.dumps(reference.tta_shift),
         "parity": json.dumps(result),
     }
     blob = _with_metadata(blob, meta)

@@ -19,6 +19,7 @@ class Predictor:
         self.model, self.info, self.runtime = model.eval(), info, runtime
         self.class_names: list[str] = list(info["class_names"])
         self.tta_flip = bool(info.get("tta_flip", False))
+        self.tta_shift = int(info.get("tta_shift", 0))  # runs saved before shifts existed have none
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", precision: str | None = None) -> "Predictor":
@@ -37,7 +38,7 @@ class Predictor:
     def probabilities(self, batch: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """(N, 28, 28) uint8 -> (N, classes) float32 probabilities."""
         logits = evaluate.predict_logits(self.model, torch.from_numpy(np.ascontiguousarray(batch)), self.runtime,
-                                         batch_size, self.tta_flip)
+                                         batch_size, self.tta_flip, self.tta_shift)
         return torch.softmax(logits, 1).numpy()
 
     def rank(self, probs: np.ndarray, top_k: int | None = None) -> list[list[dict[str, Any]]]:

@@ -60,6 +60,7 @@ class TrainConfig:
     augment: dict[str, Any] = field(default_factory=dict)
     ema: float | None = None  # decay of an exponential moving average of the weights, used for evaluation
     tta_flip: bool = False  # average predictions over the image and its mirror at evaluation
+    tta_shift: int = 0  # also average over copies moved this many pixels up, down, left and right
     precise_bn: int = 0  # recompute BatchNorm statistics from this many training images before each evaluation
     seed: int = 0
     subset: int | None = None  # stratified subset of the training images
@@ -87,6 +88,7 @@ class TrainConfig:
         if self.ema is not None and not 0 < self.ema < 1: bad("ema", "a decay in (0, 1)")
         if self.subset is not None and self.subset < 10: bad("subset", "an integer >= 10")
         if not isinstance(self.precise_bn, int) or self.precise_bn < 0: bad("precise_bn", "an integer >= 0")
+        if not isinstance(self.tta_shift, int) or not 0 <= self.tta_shift <= 4: bad("tta_shift", "an integer from 0 to 4 (pixels)")
         Augment.from_dict(self.augment)
         device_mod.resolve_device(self.device) if self.device != "auto" else None
         if self.precision not in device_mod.PRECISIONS: bad("precision", f"one of {', '.join(device_mod.PRECISIONS)}")
@@ -245,6 +247,7 @@ def model_info(cfg: TrainConfig, margs: dict[str, Any], runtime: device_mod.Runt
                                     "resize": kw.get("resize")}},
         "precision": runtime.precision,
         "tta_flip": cfg.tta_flip,
+        "tta_shift": cfg.tta_shift,
         "versions": {"fashionlab": __version__, "torch": torch.__version__, "python": platform.python_version()},
     }
 
@@ -421,7 +424,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
                    "lr": opt.param_groups[0]["lr"], "seconds": epoch_seconds, "images_per_s": seen / epoch_seconds}
             if len(va_idx):
                 vl, va = evaluate.quick_scores(
-                    evaluate.predict_logits(eval_model(), Xv, rt, cfg.eval_batch_size, cfg.tta_flip), Yv)
+                    evaluate.predict_logits(eval_model(), Xv, rt, cfg.eval_batch_size, cfg.tta_flip, cfg.tta_shift), Yv)
                 row.update(val_loss=vl, val_accuracy=va)
             state["history"].append(row)
             state["epoch"] = epoch + 1
@@ -456,7 +459,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
     if best_weights and cfg.restore_best:
         final.load_state_dict(best_weights)
     metrics = evaluate.evaluate_model(final, ds.test_images, ds.test_labels, ds.class_names, rt,
-                                      cfg.eval_batch_size, cfg.tta_flip)
+                                      cfg.eval_batch_size, cfg.tta_flip, cfg.tta_shift)
     metrics.update(
         params=n_params, train_seconds=state["train_seconds"], epochs_run=len(state["history"]),
         best_epoch=state["best_epoch"], wall_seconds=time.perf_counter() - wall_start,
