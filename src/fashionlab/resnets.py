@@ -12,8 +12,8 @@ training images (airbench's frozen whitening layer): the next layers start from 
 inputs, which lifts the accuracy of a two-epoch run by about as much as a third epoch would.
 The `fast` entry keeps 16 of the 18 whitening filters (the least varying patch direction is
 dropped) and nothing else in that layer: 16 channels instead of 32 made a step about a third
-cheaper at the same two-epoch accuracy. It uses ReLU (in place) instead of GELU: about 7% less
-time per epoch on a CPU, and two-epoch runs were no less accurate (3 seeds each).
+cheaper at the same two-epoch accuracy. It uses ReLU (in place) instead of GELU: 9% less
+CPU time per epoch (benchmarks/floor.py), and two-epoch runs were no less accurate (3 seeds each).
 
 ResNet is the pre-activation residual network (He et al. 2016) with a width multiplier, so
 WRN-d-k (Zagoruyko & Komodakis) is ResNet(blocks=((d-4)//6,)*3, widths=(16k, 32k, 64k)).
