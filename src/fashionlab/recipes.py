@@ -87,7 +87,7 @@ register(Recipe(
     "smoothing, random crop and flip, test-time augmentation over mirror images and 1-pixel moves, all 60,000 "
     "training images, a fixed number of epochs (no selection on the test set).",
     dict(model="best", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.0, weight_decay=5e-4, batch_size=256,
-         schedule="onecycle", label_smoothing=0.1, epochs=32, augment={"flip": 0.5, "crop": 2}, tta_flip=True, tta_shift=1,
-         val_split=0.0),
+         schedule="onecycle", label_smoothing=0.1, epochs=32, augment={"flip": 0.5, "crop": 2}, tta_flip=True,
+         tta_shift=1, val_split=0.0),
     models=("best",),
 ))
