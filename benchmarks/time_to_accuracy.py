@@ -164,11 +164,13 @@ def main(argv=None) -> int:
           f"load average {hw['load_average']} | bf16 matmul {wall_rate / 1e9:.0f} GFLOP/s wall-clock, "
           f"{rate / 1e9:.0f} GFLOP per CPU second")
     print("# floor = 3 x forward FLOPs x 60,000 images / bf16 matmul FLOP per CPU second (one epoch, CPU seconds)")
+    floors = {}  # label -> CPU seconds per epoch at the matmul rate
     for label, make in configs.items():
         cfg = make(0)
         f = forward_flops(models.build_model(cfg.model, **cfg.model_args))
-        floor = 3 * f * 60000 / rate
-        print(f"#   {label}: model {cfg.model}, {f / 1e6:.1f} MFLOP forward per image, floor {floor:.1f} CPU s per epoch")
+        floors[label] = 3 * f * 60000 / rate
+        print(f"#   {label}: model {cfg.model}, {f / 1e6:.1f} MFLOP forward per image, "
+              f"floor {floors[label]:.1f} CPU s per epoch")
 
     results: dict[str, list[dict]] = {k: [] for k in configs}
     for seed in range(args.seeds):
@@ -183,10 +185,8 @@ def main(argv=None) -> int:
     load_end = [round(x, 2) for x in os.getloadavg()]
     print_tables(results, args.targets, load_end)
     for label, runs in results.items():
-        cfg = configs[label](0)
-        per_epoch = [b[1] - a[1] for r in runs for a, b in zip([(0.0, 0.0, 0)] + r["curve"], r["curve"])]
-        f = forward_flops(models.build_model(cfg.model, **cfg.model_args))
-        floor = 3 * f * 60000 / rate
+        per_epoch = [b[CPU] - a[CPU] for r in runs for a, b in zip([(0.0, 0.0, 0)] + r["curve"], r["curve"])]
+        floor = floors[label]
         if per_epoch:
             mean_epoch = statistics.mean(per_epoch)
             print(f"# {label}: {mean_epoch:.1f} CPU s per epoch measured vs {floor:.1f} s floor "
