@@ -138,8 +138,9 @@ def test_whitening_layer_decorrelates_patches_and_stays_frozen(tmp_path):
     net.init_from_data(images, eps=1e-6)  # a negligible eps: the responses should be exactly white
     first = net.net[1]
     assert not first.weight.requires_grad
-    with torch.no_grad():
-        responses = first(net.net[0](images))[:, :9].permute(1, 0, 2, 3).reshape(9, -1)
+    with torch.no_grad():  # white over the images and their mirror images, what a run with flips sees
+        both = torch.cat([images, images.flip(-1)])
+        responses = first(net.net[0](both))[:, :9].permute(1, 0, 2, 3).reshape(9, -1)
     cov = torch.cov(responses.double())
     assert torch.allclose(cov, torch.eye(9, dtype=torch.float64), atol=0.01)
     assert torch.equal(first.weight[9:18], -first.weight[:9])
@@ -157,11 +158,13 @@ def test_whitening_layer_decorrelates_patches_and_stays_frozen(tmp_path):
 
 def test_narrow_whitening_layer_keeps_the_most_varying_patch_directions():
     """With 16 channels for 9 patch dimensions (the `fast` model), the filters whiten the 8 directions
-    of largest variance: their responses are white, and the least varying direction is the one left out."""
+    of largest variance over the images and their mirror images: their responses are white, and the
+    least varying direction is the one left out."""
     ds = synthetic_dataset(n_train=200, n_test=20, seed=4)
     net = FastNet(stem=0, widths=(16, 32), whiten=True)
     images = evaluate.to_input(torch.from_numpy(ds.train_images))
     net.init_from_data(images, eps=1e-6)
+    images = torch.cat([images, images.flip(-1)])
     w = net.net[1].weight.reshape(16, 9).double()
     assert torch.equal(w[8:], -w[:8])
     with torch.no_grad():

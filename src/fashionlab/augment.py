@@ -58,8 +58,13 @@ def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.
     return _rand(n, g, device) * (hi - lo) + lo
 
 
+def flip_mask(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
+    """Which of n images random_flip mirrors: one draw per image (stem_cache draws the same)."""
+    return _rand(n, g, device) < p
+
+
 def random_flip(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    mask = _rand(x.shape[0], g, x.device) < p
+    mask = flip_mask(x.shape[0], p, g, x.device)
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
 
 

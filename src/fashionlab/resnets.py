@@ -70,6 +70,7 @@ class FastNet(nn.Module):
         self.net = nn.Sequential(*layers)
         self.head_scale = float(head_scale)
         self.whiten = bool(whiten)
+        self.has_stem_conv, self.resized = bool(stem), resize is not None
         if self.whiten:
             first = self.net[1]
             if first.out_channels < 2:
@@ -80,14 +81,47 @@ class FastNet(nn.Module):
     def forward(self, x):
         return self.net(x) * self.head_scale
 
+    # The first layers when the first convolution is the frozen whitening one: normalise, that
+    # convolution, its max-pool. Training never changes them, so they are a fixed function of the image.
+    STEM_LAYERS = 3
+
+    def frozen_stem(self) -> tuple[nn.Module, torch.Tensor] | None:
+        """The frozen first layers and the channel order of their output for mirror images, or None.
+
+        With the whitening layer, every filter's mirror image is another filter of the layer (itself
+        or its negative; see init_from_data), so for a horizontally mirrored image the stem's output
+        is the mirrored output with the channels in the returned order:
+        stem(x.flip(-1)) == stem(x).flip(-1)[:, order]. Training can then compute the stem once per
+        image (stem_cache). None when the layer is not frozen, is preceded by a stem convolution or
+        a resize, or holds filters without a mirror partner (random channels beyond 18)."""
+        if not self.whiten or self.has_stem_conv or self.resized:
+            return None
+        w = self.net[1].weight
+        mirrored = w.flip(-1)
+        order = []
+        for i in range(len(w)):
+            match = [j for j in range(len(w)) if torch.equal(mirrored[i], w[j])]
+            if not match:
+                return None
+            order.append(match[0])
+        return self.net[:self.STEM_LAYERS], torch.tensor(order)
+
+    def forward_from_stem(self, h: torch.Tensor) -> torch.Tensor:
+        """The forward pass after the frozen stem: forward(x) == forward_from_stem(stem(x))."""
+        return self.net[self.STEM_LAYERS:](h) * self.head_scale
+
     @torch.no_grad()
     def init_from_data(self, images: torch.Tensor, eps: float = 1e-2) -> None:
         """Set the frozen first filters to whiten image patches: each eigenvector of the patch
         covariance, scaled by 1/sqrt(eigenvalue + eps), with both signs (so a ReLU-like activation
-        keeps either half). With fewer than two channels per patch dimension (e.g. 16 for 3x3 patches)
-        the eigenvectors of the largest eigenvalues are kept: the first to go is the least varying,
-        highest-frequency pattern. Channels beyond two per dimension keep their random
-        (frozen) weights. images: (N, 1, H, W) pixels in [0, 1], a few thousand are enough."""
+        keeps either half). The covariance is that of the images and their mirror images, the
+        distribution a run with random flips trains on; each eigenvector is then exactly
+        mirror-symmetric or antisymmetric (they are found separately in the two subspaces), so every
+        filter's mirror image is itself or its negative (frozen_stem relies on this). With fewer than
+        two channels per patch dimension (e.g. 16 for 3x3 patches) the eigenvectors of the largest
+        eigenvalues are kept: the first to go is the least varying, highest-frequency pattern.
+        Channels beyond two per dimension keep their random (frozen) weights.
+        images: (N, 1, H, W) pixels in [0, 1], a few thousand are enough."""
         if not self.whiten:
             return
         norm, first = self.net[0], self.net[1]
@@ -95,14 +129,47 @@ class FastNet(nn.Module):
         k = first.kernel_size[0]
         patches = F.unfold(x, k, padding=first.padding[0]).transpose(1, 2).reshape(-1, x.shape[1] * k * k)
         patches = patches.double()
-        patches -= patches.mean(0)
-        cov = patches.T @ patches / (len(patches) - 1)  # what torch.cov computes, in half its time
-        evals, evecs = torch.linalg.eigh(cov)  # ascending eigenvalues
+        mirror = torch.arange(patches.shape[1]).reshape(x.shape[1], k, k).flip(-1).reshape(-1)
+        # Second moment and mean of the patches and their mirror images (a mirror image's patches are
+        # the mirrored patches): a permutation of the same sums, so no second pass over the data.
+        second = patches.T @ patches / len(patches)
+        mean = patches.mean(0)
+        second = (second + second[mirror][:, mirror]) / 2
+        mean = (mean + mean[mirror]) / 2
+        evals, evecs = _mirror_eigh(second - torch.outer(mean, mean), mirror)
         keep = min(first.out_channels // 2, len(evals))
-        evals, evecs = evals.flip(0)[:keep], evecs.flip(1)[:, :keep]  # the largest first
+        evals, evecs = evals[:keep], evecs[:, :keep]
         filters = (evecs / (evals + eps).sqrt()).T.float().reshape(-1, *first.weight.shape[1:])
         filters = torch.cat([filters, -filters])
         first.weight[: len(filters)] = filters.to(first.weight)
+
+
+def _mirror_eigh(cov: torch.Tensor, mirror: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Eigenvalues (descending) and eigenvectors (columns) of a covariance that mirroring leaves
+    unchanged (cov[mirror][:, mirror] == cov), each eigenvector exactly symmetric (v[mirror] == v) or
+    antisymmetric (v[mirror] == -v): decomposed within the two subspaces, so that near-equal
+    eigenvalues of opposite parity cannot mix. Exact because the rows of each basis at a position
+    and at its mirror are equal (or negated), and so are the products computed from them."""
+    d, half = len(mirror), 2 ** -0.5
+    symmetric, antisymmetric = [], []
+    for p, q in enumerate(mirror.tolist()):
+        if p == q:  # the centre column maps to itself
+            symmetric.append(torch.zeros(d, dtype=cov.dtype).index_fill_(0, torch.tensor([p]), 1.0))
+        elif p < q:
+            v = torch.zeros(d, dtype=cov.dtype)
+            v[p], v[q] = half, half
+            symmetric.append(v)
+            v = torch.zeros(d, dtype=cov.dtype)
+            v[p], v[q] = half, -half
+            antisymmetric.append(v)
+    values, vectors = [], []
+    for basis in (torch.stack(symmetric, 1), torch.stack(antisymmetric, 1)):
+        ev, vec = torch.linalg.eigh(basis.T @ cov @ basis)
+        values.append(ev)
+        vectors.append(basis @ vec)
+    values, vectors = torch.cat(values), torch.cat(vectors, 1)
+    order = values.argsort(descending=True)
+    return values[order], vectors[:, order]
 
 
 class PreActBlock(nn.Module):

@@ -29,6 +29,7 @@ from . import __version__, checkpoint, data as data_mod, device as device_mod, e
 from .atomic import write_text
 from .augment import Augment
 from .recipes import get_recipe
+from .stem_cache import StemCache
 
 OPTIMIZERS = ("adam", "adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "onecycle")
@@ -68,6 +69,7 @@ class TrainConfig:
     precision: str = "auto"
     eval_batch_size: int = 1000
     compile: bool = False  # torch.compile the training step's model (CUDA graphs on CUDA); off: compiling costs time
+    cache_stem: bool = True  # keep a frozen stem's output per training image (stem_cache); off only to compare
 
     def validate(self) -> None:
         def bad(name, expected):
@@ -311,9 +313,10 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
     ema = EMA(model, cfg.ema) if cfg.ema else None
-    # The compiled module shares the model's parameters; evaluation and checkpoints use the plain one.
-    step_model = (torch.compile(model, mode="reduce-overhead" if dev.type == "cuda" else None)
-                  if cfg.compile else model)
+    # Compiled functions share the model's parameters; evaluation and checkpoints use the plain model.
+    def compiled(fn):
+        return torch.compile(fn, mode="reduce-overhead" if dev.type == "cuda" else None) if cfg.compile else fn
+    step_model = compiled(model)
     n_params = models.count_params(model)
 
     state: dict[str, Any] = {"epoch": 0, "step": 0, "history": [], "best": None, "best_epoch": None,
@@ -339,6 +342,13 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
                               "split": {"train": int(n), "validation": int(len(va_idx))}})
     log(f"{cfg.model}: {n_params:,} parameters | {n:,} train / {len(va_idx):,} val / {len(ds.test_labels):,} test "
         f"| {dev.type} {rt.precision}{' channels_last' if rt.channels_last else ''}")
+
+    # After a resume has loaded the weights: the cache holds what the frozen stem computes from them.
+    cache, cache_note = (StemCache.for_run(model, aug, X, rt) if cfg.cache_stem
+                         else (None, "off (cache_stem: false)"))
+    from_stem = compiled(model.forward_from_stem) if cache else None
+    if cache:
+        log(f"frozen stem: computed in the first epoch, read from a cache after it ({cache_note})")
 
     def save_checkpoint(epoch_gen_state=None):
         extra = {"rng.cpu": torch.get_rng_state()}
@@ -378,14 +388,18 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
                 for group in opt.param_groups:
                     group["lr"] = lr_at(state["step"], total_steps, cfg, steps_per_epoch)
                 idx = perm[s * bs:(s + 1) * bs]
-                xb = evaluate.to_input(X[idx])
-                if aug.active:
-                    xb = aug(xb, g)
-                if rt.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
                 yb = Y[idx]
-                with rt.autocast():
-                    logits = step_model(xb)
+                if cache:
+                    with rt.autocast():
+                        logits = from_stem(cache.batch(X, idx, aug, g, rt))
+                else:
+                    xb = evaluate.to_input(X[idx])
+                    if aug.active:
+                        xb = aug(xb, g)
+                    if rt.channels_last:
+                        xb = xb.contiguous(memory_format=torch.channels_last)
+                    with rt.autocast():
+                        logits = step_model(xb)
                 loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
@@ -411,6 +425,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
                     if bar is not None:
                         bar.close()
                     raise TrainingInterrupted(run_dir, flag["signum"])
+            if cache:
+                cache.end_epoch()
             if cfg.precise_bn:  # part of producing the epoch's model, so inside the timed part
                 recompute_batchnorm(eval_model(), X[:cfg.precise_bn], rt, bs)
             if dev.type == "cuda":
@@ -465,6 +481,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
         best_epoch=state["best_epoch"], wall_seconds=time.perf_counter() - wall_start,
         images_per_s=sum(r["seconds"] * r["images_per_s"] for r in state["history"]) / max(state["train_seconds"], 1e-9),
         model=cfg.model, recipe=cfg.recipe, seed=cfg.seed, precision=rt.precision, device=str(dev),
+        stem_cached=cache is not None,
     )
     checkpoint.save_model(run_dir, final, model_info(cfg, margs, rt, ds.class_names))
     checkpoint.write_json(run_dir / "metrics.json", metrics)

@@ -1,0 +1,111 @@
+"""The frozen stem cache: FastNet's whitening filters come in mirror pairs, the cache holds exactly
+what the stem computes (mirror images included), and a cached run trains as an uncached one does."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from conftest import synthetic_dataset
+from fashionlab import checkpoint, evaluate, models, train
+from fashionlab.augment import Augment
+from fashionlab.device import resolve
+from fashionlab.resnets import FastNet
+from fashionlab.stem_cache import StemCache
+
+FP32 = resolve("cpu", "fp32", conv_model=True)
+
+
+def _whitened(images_u8: torch.Tensor, **kwargs) -> FastNet:
+    torch.manual_seed(0)
+    net = FastNet(**{"stem": 0, "widths": (16, 32), "whiten": True, **kwargs})
+    net.init_from_data(evaluate.to_input(images_u8))
+    return net
+
+
+def test_whitening_filters_come_in_mirror_pairs_and_the_stem_commutes_with_mirroring(real_data):
+    images = torch.from_numpy(real_data.train_images[:2000]).unsqueeze(1)
+    net = _whitened(images)
+    stem, order = net.frozen_stem()
+    w = net.net[1].weight
+    assert torch.equal(order[order], torch.arange(16))  # swapping twice is the identity
+    assert all(torch.equal(w[order[i]], w[i].flip(-1)) for i in range(16))  # exact, by construction
+    assert (order != torch.arange(16)).any()  # some filters are antisymmetric: their mirror is the negative
+    x = evaluate.to_input(images[:500])
+    with torch.no_grad():
+        assert torch.allclose(stem(x.flip(-1)), stem(x).flip(-1)[:, order], atol=1e-5)
+        assert torch.allclose(net.forward_from_stem(stem(x)), net(x), atol=1e-5)
+
+
+def test_no_frozen_stem_where_mirroring_does_not_map_it_onto_itself():
+    images = torch.from_numpy(synthetic_dataset(n_train=100, n_test=10).train_images).unsqueeze(1)
+    assert FastNet(stem=0, widths=(16, 32), whiten=False).frozen_stem() is None
+    # 32 channels: 18 whitening filters and 14 random ones without a mirror partner
+    assert _whitened(images, widths=(32, 64)).frozen_stem() is None
+    assert _whitened(images, stem=24).frozen_stem() is None  # the whitening conv feeds a BatchNorm, no pool
+    assert _whitened(images).frozen_stem() is not None
+    cache, why = StemCache.for_run(models.build_model("resnet8"), Augment(flip=0.5), images, FP32)
+    assert cache is None and "no frozen stem" in why
+    cache, why = StemCache.for_run(_whitened(images), Augment(flip=0.5, crop=2), images, FP32)
+    assert cache is None and "crop changes the image before the stem" in why
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cache_holds_what_the_stem_computes_for_images_and_their_mirrors(real_data, precision):
+    rt = resolve("cpu", precision, conv_model=True)
+    images = torch.from_numpy(real_data.train_images[:1000]).unsqueeze(1)
+    net = _whitened(images).to(memory_format=torch.channels_last) if rt.channels_last else _whitened(images)
+    aug = Augment(flip=0.5)
+    cache, _ = StemCache.for_run(net, aug, images, rt)
+    stem, order = net.frozen_stem()
+    g = torch.Generator().manual_seed(1)
+    perm = torch.randperm(len(images), generator=g)
+    with rt.autocast():
+        for start in range(0, 900, 300):  # 900 of the 1,000 images: not complete yet
+            cache.batch(images, perm[start:start + 300], aug, g, rt)
+        cache.end_epoch()
+        assert not cache.complete
+        cache.batch(images, perm[900:], aug, g, rt)
+        cache.end_epoch()
+        assert cache.complete
+        x = evaluate.to_input(images).contiguous(memory_format=torch.channels_last)
+        with torch.no_grad():
+            direct, direct_mirrored = stem(x), stem(x.flip(-1))
+        tol = dict(atol=1e-5) if precision == "fp32" else dict(atol=0.05, rtol=0.02)  # bf16 rounds to 8 bits
+        assert len(cache.features) == 2 * len(images)  # each image's entry, then its mirror's
+        assert torch.allclose(cache.features.float(), torch.cat([direct, direct_mirrored]).float(), **tol)
+        # Read back: the same flips as random_flip would draw, each served from the stored entry.
+        idx = torch.arange(len(images))
+        g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
+        served = cache.batch(images, idx, aug, g1, rt)
+        flipped = torch.rand(len(images), generator=g2) < 0.5
+    expected = torch.where(flipped[:, None, None, None], direct_mirrored, direct)
+    assert torch.allclose(served.float(), expected.float(), **tol)
+    if rt.channels_last:  # the layout the convolutions after the stem run fastest on
+        assert served.is_contiguous(memory_format=torch.channels_last)
+    assert 300 < int(flipped.sum()) < 700
+
+
+def test_a_cached_run_trains_as_an_uncached_one(tmp_path):
+    """Same flips, same batches, same arithmetic up to summation order: in float32 the weights after
+    three epochs (the last two read from the cache) agree to rounding."""
+    ds = synthetic_dataset(n_train=256, n_test=50, seed=5)
+    runs = {}
+    for cached in (True, False):
+        cfg = train.make_config("fast", epochs=3, batch_size=64, precision="fp32", cache_stem=cached)
+        metrics = train.train(cfg, tmp_path / str(cached), dataset=ds, quiet=True)
+        assert metrics["stem_cached"] is cached
+        runs[cached] = metrics
+
+    a, _ = checkpoint.load_model(tmp_path / "True")
+    b, _ = checkpoint.load_model(tmp_path / "False")
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.allclose(p.float(), q.float(), atol=1e-4, rtol=1e-3), name
+    assert runs[True]["test_accuracy"] == runs[False]["test_accuracy"]
+
+
+def test_recipes_use_the_cache_only_where_it_is_exact(tmp_path):
+    ds = synthetic_dataset(n_train=64, n_test=20)
+    fast = train.train(train.make_config("fast", epochs=1, batch_size=32), tmp_path / "fast", dataset=ds, quiet=True)
+    best = train.train(train.make_config("best", epochs=1, batch_size=32), tmp_path / "best", dataset=ds, quiet=True)
+    assert fast["stem_cached"] and not best["stem_cached"]  # best crops its images
