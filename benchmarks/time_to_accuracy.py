@@ -126,6 +126,7 @@ def main(argv=None) -> int:
                          "recipe's own). A one-cycle schedule peaks at its end, so each target has its own "
                          "best length: e.g. --epochs 2 7 for 91.73%% and 93%%")
     ap.add_argument("--seeds", type=int, default=3)
+    ap.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (more seeds for a row, later)")
     ap.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS))
     ap.add_argument("--max-seconds", type=float, default=150.0,
                     help="stop a run once both its training wall-clock and CPU seconds exceed this")
@@ -173,7 +174,7 @@ def main(argv=None) -> int:
               f"floor {floors[label]:.1f} CPU s per epoch")
 
     results: dict[str, list[dict]] = {k: [] for k in configs}
-    for seed in range(args.seeds):
+    for seed in range(args.first_seed, args.first_seed + args.seeds):
         for label, make in configs.items():
             cfg = make(seed)
             t0 = time.perf_counter()

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import synthetic_dataset
-from fashionlab import checkpoint, evaluate, models, train
+from fashionlab import checkpoint, evaluate, models, stem_cache, train
 from fashionlab.augment import Augment
 from fashionlab.device import resolve
 from fashionlab.resnets import FastNet
@@ -48,6 +48,15 @@ def test_no_frozen_stem_where_mirroring_does_not_map_it_onto_itself():
     assert cache is None and "no frozen stem" in why
     cache, why = StemCache.for_run(_whitened(images), Augment(flip=0.5, crop=2), images, FP32)
     assert cache is None and "crop changes the image before the stem" in why
+
+
+def test_no_cache_beyond_its_memory_limit(monkeypatch):
+    images = torch.from_numpy(synthetic_dataset(n_train=100, n_test=10).train_images).unsqueeze(1)
+    cache, why = StemCache.for_run(_whitened(images), Augment(flip=0.5), images, FP32)
+    assert cache is not None and len(cache.features) == 200 and "200 x (16, 14, 14) float32" in why
+    monkeypatch.setattr(stem_cache, "MAX_BYTES", 200 * 16 * 14 * 14 * 4 - 1)
+    cache, why = StemCache.for_run(_whitened(images), Augment(flip=0.5), images, FP32)
+    assert cache is None and "limit" in why
 
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])

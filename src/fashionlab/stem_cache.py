@@ -6,7 +6,7 @@ output for every training image, filled as the first epoch sees each image and r
 so later epochs skip those layers, at no set-up cost.
 
 With random mirror images the cache keeps two entries per image, the image's and its mirror's,
-so that a batch is one gather (a 60,000-image `fast` cache is then 750 MiB in bf16). Both are
+so that a batch is one gather (a 60,000-image `fast` cache is then 718 MiB in bf16). Both are
 filled from one computation: the whitening filters come in mirror pairs, so the stem's output for
 a mirrored image is the mirrored output with the channels swapped (FastNet.frozen_stem). The
 flips are drawn from the run's generator exactly as augment.random_flip draws them, so a cached
@@ -24,7 +24,7 @@ from . import evaluate
 from .augment import Augment, flip_mask
 from .device import Runtime
 
-MAX_BYTES = 4 << 30  # above this the cache would crowd the data itself out of memory: train without it
+MAX_BYTES = 4 << 30  # a larger cache (a bigger stem output or dataset) is not worth its memory: train without it
 
 
 class StemCache:
@@ -50,7 +50,7 @@ class StemCache:
             return None, f"augmentation {', '.join(sorted(others))} changes the image before the stem"
         stem, order = frozen
         with torch.no_grad(), runtime.autocast():
-            sample = stem(_inputs(images_u8[:1], runtime))
+            sample = stem(evaluate.to_input(images_u8[:1], runtime))
         mirrors = bool(augment.flip)
         rows = len(images_u8) * (2 if mirrors else 1)
         size = sample[0].numel() * sample.element_size() * rows
@@ -74,7 +74,7 @@ class StemCache:
         rows = idx + self.n * chosen if chosen is not None else idx
         if self.complete:
             return self.features[rows]
-        x = _inputs(images_u8[idx], runtime)
+        x = evaluate.to_input(images_u8[idx], runtime)
         if chosen is not None:
             x = torch.where(chosen[:, None, None, None], x.flip(-1), x)
         with torch.no_grad():
@@ -89,7 +89,3 @@ class StemCache:
         """Once per epoch (one device sync): switch to reading once every image has been seen."""
         self.complete = self.complete or bool(self.filled.all())
 
-
-def _inputs(images_u8: torch.Tensor, runtime: Runtime) -> torch.Tensor:
-    x = evaluate.to_input(images_u8)
-    return x.contiguous(memory_format=torch.channels_last) if runtime.channels_last else x
