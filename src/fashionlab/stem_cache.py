@@ -3,7 +3,8 @@
 FastNet with a whitening layer begins with layers that training never changes (normalise, the
 frozen convolution, its max-pool): a fixed function of the image. The cache keeps that function's
 output for every training image, filled as the first epoch sees each image and read from then on,
-so later epochs skip those layers, at no set-up cost.
+so later epochs skip those layers (about 7% of a `fast` step) without a separate set-up pass
+(filling makes first-epoch steps about 4% slower).
 
 With random mirror images the cache keeps two entries per image, the image's and its mirror's,
 so that a batch is one gather (a 60,000-image `fast` cache is then 718 MiB in bf16). Both are
@@ -29,7 +30,7 @@ MAX_BYTES = 4 << 30  # a larger cache (a bigger stem output or dataset) is not w
 
 class StemCache:
     def __init__(self, stem: torch.nn.Module, order: torch.Tensor, n: int, mirrors: bool, sample: torch.Tensor):
-        self.stem, self.n, self.mirrors = stem, n, mirrors
+        self.stem, self.n = stem, n
         self.order = order.to(sample.device)
         layout = torch.channels_last if sample.is_contiguous(memory_format=torch.channels_last) else torch.contiguous_format
         rows = 2 * n if mirrors else n  # rows n + i hold image i's mirror
