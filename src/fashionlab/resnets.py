@@ -150,8 +150,10 @@ def _mirror_eigh(cov: torch.Tensor, mirror: torch.Tensor) -> tuple[torch.Tensor,
     """Eigenvalues (descending) and eigenvectors (columns) of a covariance that mirroring leaves
     unchanged (cov[mirror][:, mirror] == cov), each eigenvector exactly symmetric (v[mirror] == v) or
     antisymmetric (v[mirror] == -v): decomposed within the two subspaces, so that near-equal
-    eigenvalues of opposite parity cannot mix. Exact because the rows of each basis at a position
-    and at its mirror are equal (or negated), and so are the products computed from them."""
+    eigenvalues of opposite parity cannot mix. Each vector is finally averaged with its mirror image,
+    (v + v[mirror]) / 2 or (v - v[mirror]) / 2, which floating point computes with exact parity
+    (a + b == b + a and a - b == -(b - a)) however a matrix library summed the product before it;
+    where that product was already exact, as it is here, the step changes no bit."""
     d, half = len(mirror), 2 ** -0.5
     symmetric, antisymmetric = [], []
     for p, q in enumerate(mirror.tolist()):
@@ -165,10 +167,11 @@ def _mirror_eigh(cov: torch.Tensor, mirror: torch.Tensor) -> tuple[torch.Tensor,
             v[p], v[q] = half, -half
             antisymmetric.append(v)
     values, vectors = [], []
-    for basis in (torch.stack(symmetric, 1), torch.stack(antisymmetric, 1)):
+    for basis, sign in ((torch.stack(symmetric, 1), 1), (torch.stack(antisymmetric, 1), -1)):
         ev, vec = torch.linalg.eigh(basis.T @ cov @ basis)
+        v = basis @ vec
         values.append(ev)
-        vectors.append(basis @ vec)
+        vectors.append((v + sign * v[mirror]) / 2)
     values, vectors = torch.cat(values), torch.cat(vectors, 1)
     order = values.argsort(descending=True)
     return values[order], vectors[:, order]
