@@ -72,7 +72,7 @@ def run_one(cfg: train.TrainConfig, ds: data.Dataset, targets, max_seconds: floa
         print(f"    {cfg.model} seed {cfg.seed} epoch {row['epoch']}: {elapsed:.1f} s ({cpu:.1f} CPU s), "
               f"test {acc:.4f}", file=sys.stderr, flush=True)
         cpu_mark = time.process_time()
-        done = all(first_reaching(curve, t, WALL) is not None for t in targets)
+        done = bool(targets) and all(first_reaching(curve, t, WALL) is not None for t in targets)  # none: run it all
         if done or min(elapsed, cpu) >= max_seconds:
             raise _Enough
 

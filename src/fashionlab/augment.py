@@ -63,9 +63,13 @@ def flip_mask(n: int, p: float, g: torch.Generator, device) -> torch.Tensor:
     return _rand(n, g, device) < p
 
 
-def random_flip(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
-    mask = flip_mask(x.shape[0], p, g, x.device)
+def flip_where(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """The images (N, C, H, W) with the rows where mask is true mirrored left to right."""
     return torch.where(mask[:, None, None, None], x.flip(-1), x)
+
+
+def random_flip(x: torch.Tensor, p: float, g: torch.Generator) -> torch.Tensor:
+    return flip_where(x, flip_mask(x.shape[0], p, g, x.device))
 
 
 def random_translate(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Tensor:

@@ -22,7 +22,7 @@ from __future__ import annotations
 import torch
 
 from . import evaluate
-from .augment import Augment, flip_mask
+from .augment import Augment, flip_mask, flip_where
 from .device import Runtime
 
 MAX_BYTES = 4 << 30  # a larger cache (a bigger stem output or dataset) is not worth its memory: train without it
@@ -77,7 +77,7 @@ class StemCache:
             return self.features[rows]
         x = evaluate.to_input(images_u8[idx], runtime)
         if chosen is not None:
-            x = torch.where(chosen[:, None, None, None], x.flip(-1), x)
+            x = flip_where(x, chosen)
         with torch.no_grad():
             h = self.stem(x)
         self.features[rows] = h

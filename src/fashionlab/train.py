@@ -344,8 +344,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
         f"| {dev.type} {rt.precision}{' channels_last' if rt.channels_last else ''}")
 
     # After a resume has loaded the weights: the cache holds what the frozen stem computes from them.
-    cache, cache_note = (StemCache.for_run(model, aug, X, rt) if cfg.cache_stem
-                         else (None, "off (cache_stem: false)"))
+    cache, cache_note = StemCache.for_run(model, aug, X, rt) if cfg.cache_stem else (None, "")
     from_stem = compiled(model.forward_from_stem) if cache else None
     if cache:
         log(f"frozen stem: computed in the first epoch, read from a cache after it ({cache_note})")
