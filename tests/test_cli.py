@@ -51,7 +51,7 @@ def test_test_time_augmentation_flags_reach_the_config():
     args = build_parser().parse_args(["train", "--recipe", "fast", "--tta-shift", "2"])
     cfg = train_config_from_args(args)
     assert (cfg.tta_flip, cfg.tta_shift) == (True, 2)  # the recipe's flip, the flag's shift
-    assert train_config_from_args(build_parser().parse_args(["train", "--recipe", "best"])).tta_shift == 1
+    assert train_config_from_args(build_parser().parse_args(["train", "--recipe", "best"])).tta_shift == 2
 
 
 def test_missing_data_dir_names_the_files(tmp_path):

@@ -45,7 +45,7 @@ def test_fast_recipe_learns_a_learnable_task(tmp_path):
 def test_best_recipe_trains_a_bigger_net_longer_with_more_augmentation_than_fast():
     best, fast = get_recipe("best").settings, get_recipe("fast").settings
     assert best["epochs"] > fast["epochs"] and best["tta_flip"] and best["val_split"] == 0.0
-    assert best["tta_shift"] == 1 and not fast.get("tta_shift")  # moves help a net trained on crops only
+    assert best["tta_shift"] == 2 and not fast.get("tta_shift")  # moves help a net trained on crops only
     assert models.count_params(models.build_model("best")) > 3 * models.count_params(models.build_model("fast"))
     aug = Augment.from_dict(best["augment"])
     assert aug.flip and aug.crop
@@ -232,14 +232,23 @@ def test_test_time_augmentation_averages_the_views_it_names():
     with torch.no_grad():
         assert torch.allclose(evaluate.tta_logits(model, x), plain)
         assert torch.allclose(evaluate.tta_logits(model, x, flip=True), (plain + mirror) / 2)
-        # shift=2: the image weighs half, its four 2-pixel moves (each with its mirror) the other half.
-        moves = [torch.roll(x, s, d) for s, d in ((-2, 2), (2, 2), (-2, 3), (2, 3))]
-        for m, (s, d) in zip(moves, ((-2, 2), (2, 2), (-2, 3), (2, 3))):
+        # shift=2: the image and its eight copies moved 1 or 2 pixels up, down, left or right, each
+        # with its mirror, all weighted equally.
+        steps = [(s, d) for s in (-1, 1, -2, 2) for d in (2, 3)]  # (pixels, dim): dim 2 rows, 3 columns
+        moved = [torch.roll(x, s, d) for s, d in steps]
+        for m, (s, d) in zip(moved, steps):
             edge = slice(s, None) if s < 0 else slice(0, s)  # the rows or columns roll wrapped round
             (m[:, :, edge] if d == 2 else m[..., edge]).zero_()
-        moved = sum((model(m) + model(m.flip(-1))) / 2 for m in moves) / 4
-        expected = ((plain + mirror) / 2 + moved) / 2
+        expected = sum((model(v) + model(v.flip(-1))) / 2 for v in [x] + moved) / 9
         assert torch.allclose(evaluate.tta_logits(model, x, flip=True, shift=2), expected, atol=1e-6)
+        assert not torch.allclose(evaluate.tta_logits(model, x, flip=True, shift=1), expected, atol=1e-3)
+
+
+def test_shift_tta_views_are_the_image_and_its_moves_of_1_to_shift_pixels():
+    assert evaluate.moves(0) == [(0, 0)]
+    assert sorted(evaluate.moves(1)) == [(-1, 0), (0, -1), (0, 0), (0, 1), (1, 0)]
+    two = evaluate.moves(2)
+    assert len(two) == len(set(two)) == 9 and {(2, 0), (-2, 0), (0, 2), (0, -2)} < set(two)
 
 
 def test_a_run_with_shift_tta_records_it_and_its_onnx_export_computes_it(tmp_path):

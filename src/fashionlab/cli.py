@@ -397,7 +397,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ema", type=float, help="evaluate an exponential moving average of the weights (decay)")
     p.add_argument("--tta-flip", action="store_true", default=None, help="average predictions with mirror images")
     p.add_argument("--tta-shift", type=int, default=None, metavar="PIXELS",
-                   help="also average with copies moved this many pixels up, down, left and right")
+                   help="also average with copies moved 1 to PIXELS pixels up, down, left and right")
     p.add_argument("--precise-bn", type=int, metavar="N",
                    help="recompute BatchNorm statistics from N training images before each evaluation")
     p.add_argument("--seed", type=int)

@@ -61,7 +61,7 @@ class TrainConfig:
     augment: dict[str, Any] = field(default_factory=dict)
     ema: float | None = None  # decay of an exponential moving average of the weights, used for evaluation
     tta_flip: bool = False  # average predictions over the image and its mirror at evaluation
-    tta_shift: int = 0  # also average over copies moved this many pixels up, down, left and right
+    tta_shift: int = 0  # also average over copies moved 1 to this many pixels up, down, left and right
     precise_bn: int = 0  # recompute BatchNorm statistics from this many training images before each evaluation
     seed: int = 0
     subset: int | None = None  # stratified subset of the training images
