@@ -82,7 +82,7 @@ register(Recipe(
 ))
 register(Recipe(
     "best",
-    "Highest accuracy on a CPU budget (13 to 15 minutes on 2 cores): the fast net's shape, wider and with two "
+    "Highest accuracy on a CPU budget (13 to 16 minutes on 2 cores): the fast net's shape, wider and with two "
     "convs per block, 32 epochs of Nesterov SGD (batch 256, peak lr 1.0) on a one-cycle schedule, label "
     "smoothing, random crop and flip, test-time augmentation over mirror images and 1- and 2-pixel "
     "moves, all 60,000 training images, a fixed number of epochs (no selection on the test set).",
