@@ -60,7 +60,7 @@ def main(argv=None) -> int:
 
         def watch(row, model, seed=seed, rt=rt, cfg=cfg):
             # Progress only, so flips alone: the recipe's 1- and 2-pixel moves would make this 9x dearer,
-            # most of an epoch of training each time for `best`. The reported score uses the full setting.
+            # about an epoch of training each time for `best`. The reported score uses the full setting.
             logits = evaluate.predict_logits(model, test_x, rt, cfg.eval_batch_size, cfg.tta_flip)
             acc = float((logits.argmax(1) == test_y).float().mean())
             print(f"    seed {seed} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
