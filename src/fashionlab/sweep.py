@@ -20,6 +20,7 @@ run folder with a checkpoint is resumed; one with metrics.json is reused, never 
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import itertools
 import json
@@ -433,11 +434,31 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     retry = {"heartbeat_stale_trial_callback": retry_cls(max_retry=max_retry)} if retry_cls else \
         {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)}
-    storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
-                                         grace_period=grace_period, **retry)
+    with _sqlite_schema_lock(url):
+        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+                                             grace_period=grace_period, **retry)
     if url.startswith("sqlite"):
         _serialise_sqlite(storage.engine)
     return storage
+
+
+@contextlib.contextmanager
+def _sqlite_schema_lock(url: str):
+    # RDBStorage creates its tables on first open, outside any transaction: two processes opening a
+    # new SQLite file at once both try CREATE TABLE and one fails ("table ... already exists"). An
+    # exclusive lock on a file beside the database makes the openings take turns. PostgreSQL and
+    # in-memory SQLite need none.
+    path = url.split(":///", 1)[1] if url.startswith("sqlite:///") else ""
+    if not path:
+        yield
+        return
+    import fcntl
+    with open(f"{path}.open-lock", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
 
 
 def _with_installed_driver(url: str) -> str:
