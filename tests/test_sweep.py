@@ -260,6 +260,32 @@ def test_sqlite_sweep_survives_a_killed_worker(tmp_path):
     assert len(_trials(url, spec.name)) == before
 
 
+def test_opening_a_new_sqlite_storage_waits_for_another_opening(tmp_path):
+    """Two processes creating the schema of one new SQLite file at once would collide ('table
+    already exists'); the second waits on the lock file beside the database until the first is done."""
+    import fcntl
+    import subprocess
+    import sys
+    db = tmp_path / "sweep.db"
+    code = ("import sys; from fashionlab import sweep; print('opening', flush=True); "
+            "sweep.open_storage(sys.argv[1]); print('opened', flush=True)")
+    with open(f"{db}.open-lock", "a") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # as a process in the middle of creating the schema holds it
+        proc = subprocess.Popen([sys.executable, "-c", code, f"sqlite:///{db}"], stdout=subprocess.PIPE, text=True,
+                                env={**os.environ, "PYTHONPATH": str(Path(sweep.__file__).parents[1])})
+        try:
+            assert proc.stdout.readline().strip() == "opening"
+            time.sleep(2)
+            assert proc.poll() is None and not db.exists()  # still waiting: nothing created under the lock
+        finally:
+            fcntl.flock(held, fcntl.LOCK_UN)
+    out, _ = proc.communicate(timeout=60)
+    assert proc.returncode == 0 and out.strip() == "opened"
+    import sqlite3
+    tables = {row[0] for row in sqlite3.connect(db).execute("select name from sqlite_master where type='table'")}
+    assert {"studies", "trials", "study_directions"} <= tables
+
+
 def test_postgres_two_workers_one_killed_and_restarted(tmp_path):
     spec_path = tiny_spec(tmp_path, name="tiny-pg")
     spec = sweep.load_spec(spec_path)
