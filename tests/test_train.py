@@ -80,6 +80,36 @@ def test_config_errors_name_the_field():
         train.make_config(recipe="fastest")
 
 
+def test_sharpness_aware_gradients_are_taken_at_the_steepest_nearby_point():
+    # loss = 0.5 * sum(a * w^2): gradient a * w, so SAM's gradient is a * (w + rho * g / |g|).
+    a = torch.tensor([1.0, 4.0, 0.5])
+    w = torch.tensor([0.3, -0.2, 2.0], requires_grad=True)
+    frozen = torch.tensor([1.0], requires_grad=True)  # no gradient: left alone
+    loss_at = lambda: 0.5 * (a * w * w).sum()
+    loss_at().backward()
+    g = (a * w).detach()
+    train.sharpness_aware_gradients([w, frozen], loss_at, rho=0.1)
+    expected = a * (w.detach() + 0.1 * g / g.norm())
+    assert torch.allclose(w.grad, expected) and not torch.allclose(w.grad, g)
+    assert torch.equal(w.detach(), torch.tensor([0.3, -0.2, 2.0]))  # the weights are put back exactly
+    assert frozen.grad is None
+
+
+def test_sam_starts_where_configured(tmp_path):
+    kw = dict(model="fast", optimizer="sgd", lr=0.05, epochs=2, val_split=0.0, augment={"flip": 0.5})
+    plain, _ = run(tmp_path, "plain", **kw)
+    late, out = run(tmp_path, "late", sam_rho=0.05, sam_start=0.5, **kw)
+    rows = {name: [json.loads(line) for line in (tmp_path / name / "history.jsonl").read_text().splitlines()]
+            for name in ("plain", "late")}
+    assert rows["plain"][0]["train_loss"] == rows["late"][0]["train_loss"]  # the first half: plain SGD
+    assert rows["plain"][1]["train_loss"] != rows["late"][1]["train_loss"]  # then SAM's gradients
+    assert plain["test_loss"] != late["test_loss"]
+    with pytest.raises(ValueError, match=r"sam_start=1.0: expected a fraction of the run in \[0, 1\)"):
+        train.make_config(sam_rho=0.05, sam_start=1.0)
+    with pytest.raises(ValueError, match=r"sam_rho=-0.1: expected a radius >= 0"):
+        train.make_config(sam_rho=-0.1)
+
+
 def test_recipe_values_and_explicit_overrides():
     cfg = train.make_config(recipe="cnn-vs-rnn", epochs=1)
     assert (cfg.model, cfg.batch_size, cfg.val_split, cfg.seed, cfg.epochs) == ("cnn_small", 256, 0.2, 4, 1)

@@ -60,6 +60,8 @@ class TrainConfig:
     restore_best: bool = True
     augment: dict[str, Any] = field(default_factory=dict)
     ema: float | None = None  # decay of an exponential moving average of the weights, used for evaluation
+    sam_rho: float = 0.0  # sharpness-aware minimisation: radius of the weight perturbation; 0 = off
+    sam_start: float = 0.0  # fraction of the run after which SAM is on (late SAM costs less, gains about as much)
     tta_flip: bool = False  # average predictions over the image and its mirror at evaluation
     tta_shift: int = 0  # also average over copies moved 1 to this many pixels up, down, left and right
     precise_bn: int = 0  # recompute BatchNorm statistics from this many training images before each evaluation
@@ -88,6 +90,8 @@ class TrainConfig:
         if self.patience is not None and self.val_split == 0:
             raise ValueError("patience (early stopping) needs a validation split: set val_split > 0")
         if self.ema is not None and not 0 < self.ema < 1: bad("ema", "a decay in (0, 1)")
+        if not self.sam_rho >= 0: bad("sam_rho", "a radius >= 0 (0 turns SAM off)")
+        if not 0 <= self.sam_start < 1: bad("sam_start", "a fraction of the run in [0, 1)")
         if self.subset is not None and self.subset < 10: bad("subset", "an integer >= 10")
         if not isinstance(self.precise_bn, int) or self.precise_bn < 0: bad("precise_bn", "an integer >= 0")
         if not isinstance(self.tta_shift, int) or not 0 <= self.tta_shift <= 4: bad("tta_shift", "an integer from 0 to 4 (pixels)")
@@ -174,6 +178,25 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     if cfg.weight_decay:
         return torch.optim.Adam(groups, lr=cfg.lr)  # L2 added to the gradient, as Keras/PyTorch Adam do
     return torch.optim.Adam(trainable, lr=cfg.lr)
+
+
+@torch.no_grad()
+def sharpness_aware_gradients(params: list[torch.Tensor], loss_at: Callable[[], torch.Tensor], rho: float) -> None:
+    """SAM (Foret et al., 2021): replace the gradients in params' .grad, computed at w, by those at
+    w + rho * g / ||g||, the nearby point where the loss rises fastest; the weights are put back.
+
+    loss_at() runs the forward pass on the same batch (the augmentation drawn once) and returns the loss.
+    Costs a second forward and backward per step."""
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    saved = [p.detach().clone() for p in params]  # restored by copy: w + e - e is not always w in floating point
+    torch._foreach_add_(params, torch._foreach_mul(grads, rho / (norm + 1e-12)))  # a tensor: no device sync
+    for p in params:
+        p.grad = None
+    with torch.enable_grad():
+        loss_at().backward()
+    torch._foreach_copy_(params, saved)
 
 
 class EMA:
@@ -312,6 +335,8 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    sam_from_step = int(cfg.sam_start * total_steps)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     # Compiled functions share the model's parameters; evaluation and checkpoints use the plain model.
     def compiled(fn):
@@ -390,18 +415,25 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
                 yb = Y[idx]
                 if cache:
                     with rt.autocast():
-                        logits = from_stem(cache.batch(X, idx, aug, g, rt))
+                        xb = cache.batch(X, idx, aug, g, rt)
+                    forward = from_stem
                 else:
-                    xb = evaluate.to_input(X[idx])
+                    xb, forward = evaluate.to_input(X[idx]), step_model
                     if aug.active:
                         xb = aug(xb, g)
                     if rt.channels_last:
                         xb = xb.contiguous(memory_format=torch.channels_last)
+
+                def logits_and_loss():
                     with rt.autocast():
-                        logits = step_model(xb)
-                loss = F.cross_entropy(logits.float(), yb, label_smoothing=cfg.label_smoothing)
+                        out = forward(xb)
+                    return out, F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
+
+                logits, loss = logits_and_loss()
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
+                if cfg.sam_rho and state["step"] >= sam_from_step:
+                    sharpness_aware_gradients(trainable, lambda: logits_and_loss()[1], cfg.sam_rho)
                 opt.step()
                 if ema:
                     ema.update(model)
