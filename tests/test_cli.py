@@ -44,6 +44,7 @@ def test_unknown_model_and_bad_flags():
     assert_clean_error(run_cli("train", "--batch-size", "0"), "batch_size=0: expected an integer >= 1")
     assert_clean_error(run_cli("train", "--augment", "flip"), "--augment 'flip': expected key=value")
     assert_clean_error(run_cli("train", "--tta-shift", "9"), "tta_shift=9: expected an integer from 0 to 4")
+    assert_clean_error(run_cli("train", "--sam-start", "1.5"), "sam_start=1.5: expected a fraction of the run in [0, 1)")
 
 
 def test_test_time_augmentation_flags_reach_the_config():
@@ -52,6 +53,8 @@ def test_test_time_augmentation_flags_reach_the_config():
     cfg = train_config_from_args(args)
     assert (cfg.tta_flip, cfg.tta_shift) == (True, 2)  # the recipe's flip, the flag's shift
     assert train_config_from_args(build_parser().parse_args(["train", "--recipe", "best"])).tta_shift == 2
+    sam = train_config_from_args(build_parser().parse_args(["train", "--sam-rho", "0.1", "--sam-start", "0.5"]))
+    assert (sam.sam_rho, sam.sam_start) == (0.1, 0.5)
 
 
 def test_missing_data_dir_names_the_files(tmp_path):

@@ -137,6 +137,7 @@ def train_config_from_args(args):
         optimizer=args.optimizer, momentum=args.momentum, nesterov=args.nesterov, weight_decay=args.weight_decay,
         label_smoothing=args.label_smoothing, schedule=args.schedule, warmup_epochs=args.warmup_epochs,
         val_split=args.val_split, patience=args.patience, monitor=args.monitor, ema=args.ema,
+        sam_rho=args.sam_rho, sam_start=args.sam_start,
         tta_flip=args.tta_flip, tta_shift=args.tta_shift, precise_bn=args.precise_bn, seed=args.seed,
         subset=args.subset, device=args.device, precision=args.precision,
         augment=_key_values(args.augment, "--augment") or None,
@@ -395,6 +396,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--monitor", choices=["val_accuracy", "val_loss"])
     p.add_argument("--augment", metavar="K=V,...", help="e.g. flip=0.5,crop=2,rotate=10,scale=0.1,erase=0.25")
     p.add_argument("--ema", type=float, help="evaluate an exponential moving average of the weights (decay)")
+    p.add_argument("--sam-rho", type=float, metavar="RHO",
+                   help="sharpness-aware minimisation: gradients at the steepest point within RHO (0.05-0.1); "
+                        "a second forward and backward per step")
+    p.add_argument("--sam-start", type=float, metavar="FRACTION", help="turn SAM on after this fraction of the run")
     p.add_argument("--tta-flip", action="store_true", default=None, help="average predictions with mirror images")
     p.add_argument("--tta-shift", type=int, default=None, metavar="PIXELS",
                    help="also average with copies moved 1 to PIXELS pixels up, down, left and right")
