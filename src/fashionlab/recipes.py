@@ -85,7 +85,8 @@ register(Recipe(
     "Highest accuracy on a CPU budget (14 to 19 minutes on 2 cores): the fast net's shape, wider, with two "
     "convs per block and a trained conv at full resolution, 32 epochs of Nesterov SGD (batch 256, peak lr "
     "1.0) on a one-cycle schedule, label smoothing, random crop and flip, test-time augmentation over "
-    "mirror images and 1- and 2-pixel moves, all 60,000 training images, a fixed number of epochs (no selection on the test set).",
+    "mirror images and 1- and 2-pixel moves, all 60,000 training images, a fixed number of epochs (no "
+    "selection on the test set).",
     dict(model="best", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.0, weight_decay=2.5e-4, batch_size=256,
          schedule="onecycle", label_smoothing=0.1, epochs=32, augment={"flip": 0.5, "crop": 2}, tta_flip=True,
          tta_shift=2, val_split=0.0),

@@ -454,11 +454,8 @@ def _sqlite_schema_lock(url: str):
         return
     import fcntl
     with open(f"{path}.open-lock", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        fcntl.flock(f, fcntl.LOCK_EX)  # released when the file is closed, whatever happens inside
+        yield
 
 
 def _with_installed_driver(url: str) -> str:

@@ -189,7 +189,7 @@ def sharpness_aware_gradients(params: list[torch.Tensor], loss_at: Callable[[], 
     Costs a second forward and backward per step."""
     params = [p for p in params if p.grad is not None]
     grads = [p.grad for p in params]
-    norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads]))
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
     saved = [p.detach().clone() for p in params]  # restored by copy: w + e - e is not always w in floating point
     torch._foreach_add_(params, torch._foreach_mul(grads, rho / (norm + 1e-12)))  # a tensor: no device sync
     for p in params:
@@ -335,7 +335,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     opt = make_optimizer(model, cfg)
-    trainable = [p for p in model.parameters() if p.requires_grad]
+    opt_params = [p for group in opt.param_groups for p in group["params"]]  # what SAM perturbs: what is trained
     sam_from_step = int(cfg.sam_start * total_steps)
     ema = EMA(model, cfg.ema) if cfg.ema else None
     # Compiled functions share the model's parameters; evaluation and checkpoints use the plain model.
@@ -433,7 +433,7 @@ def train(cfg: TrainConfig, out_dir: str | Path | None = None, dataset: data_mod
                 opt.zero_grad(set_to_none=True)
                 loss.backward()
                 if cfg.sam_rho and state["step"] >= sam_from_step:
-                    sharpness_aware_gradients(trainable, lambda: logits_and_loss()[1], cfg.sam_rho)
+                    sharpness_aware_gradients(opt_params, lambda: logits_and_loss()[1], cfg.sam_rho)
                 opt.step()
                 if ema:
                     ema.update(model)
