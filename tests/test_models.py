@@ -2,11 +2,17 @@
 
 from __future__ import annotations
 
+import ast
+from pathlib import Path
+
 import pytest
 import torch
 
+import fashionlab
 from fashionlab import models
 from fashionlab.device import resolve
+
+PACKAGE_DIR = Path(fashionlab.__file__).parent
 
 
 @pytest.mark.parametrize("name", sorted(models.MODELS))
@@ -63,8 +69,22 @@ def test_reference_parameter_counts():
 
 
 def test_typo_lists_valid_names():
-    with pytest.raises(KeyError, match=r"unknown model 'cnnn'; registered models: .*cnn, cnn_dropout"):
+    with pytest.raises(KeyError, match=r"unknown model 'cnnn'; registered models: .*cnn, cnn_dropout") as err:
         models.build_model("cnnn")
+    assert all(name in str(err.value) for name in models.MODELS)
+
+
+def test_misspelt_argument_names_it_and_the_valid_ones():
+    with pytest.raises(ValueError, match=r"bad arguments for model family 'convnet': unknown argument\(s\) chanels; "
+                                         r"valid arguments: channels, kernel, .*in_channels"):
+        models.build_model("cnn", chanels=[16])
+    with pytest.raises(ValueError, match=r"unknown argument\(s\) dpeth, widht; valid arguments: stem, widths"):
+        models.build_from_spec("fastnet", {"widht": 3, "dpeth": 2})
+
+
+def test_unknown_family_is_a_key_error():
+    with pytest.raises(KeyError, match="unknown model family 'transformer'; known families: convnet, fastnet"):
+        models.build_from_spec("transformer", {})
 
 
 def test_family_arguments_are_checked():
@@ -88,3 +108,119 @@ def test_factor_variants_build():
     for kw in (dict(kernel=5), dict(kernel=7, channels=(16, 32, 64)), dict(pool="avg"), dict(pool="stride"),
                dict(batchnorm=True), dict(resize=32)):
         assert models.build_model("cnn", **kw)(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+# --------------------------------------------------------------------------- list_models and the package's imports
+
+@pytest.fixture(scope="module")
+def listed() -> dict[str, dict]:
+    return {row["name"]: row for row in models.list_models()}
+
+
+def test_list_models_rows_in_registration_order(listed):
+    assert list(listed) == ["mlp", "cnn", "cnn_dropout", "cnn_small", "lstm", "vgg",
+                            "fast", "best", "resnet8", "wrn16_4"]
+    for name, row in listed.items():
+        entry = models.MODELS[name]
+        assert row == {"name": name, "family": entry.family, "params": row["params"], "trainable": row["trainable"],
+                       "origin": entry.origin}
+        # Only the whitening layer is frozen, so only the whitened nets have fewer trainable parameters.
+        assert (row["trainable"] < row["params"]) == bool(entry.kwargs.get("whiten"))
+
+
+def test_list_models_leaves_the_random_state_alone():
+    torch.manual_seed(0)
+    expected = models.build_model("cnn_small").state_dict()
+    torch.manual_seed(0)
+    models.list_models()
+    got = models.build_model("cnn_small").state_dict()
+    assert all(torch.equal(expected[k], got[k]) for k in expected)
+
+
+@pytest.mark.parametrize("name", list(models.MODELS))
+def test_every_registered_model(name, listed):
+    """Forward shape, the parameter count list_models reports, and a rebuild from the recorded spec."""
+    model = models.build_model(name).eval()
+    assert model(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+    assert models.count_params(model) == listed[name]["params"]
+    assert sum(p.numel() for p in model.parameters() if p.requires_grad) == listed[name]["trainable"]
+    spec = models.model_spec(name)
+    rebuilt = models.build_from_spec(spec["family"], spec["kwargs"])
+    assert type(rebuilt) is models.FAMILIES[models.MODELS[name].family]
+    assert {k: v.shape for k, v in rebuilt.state_dict().items()} == {k: v.shape for k, v in model.state_dict().items()}
+
+
+def _module_name(path: Path) -> str:
+    parts = list(path.relative_to(PACKAGE_DIR.parent).with_suffix("").parts)
+    return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
+
+
+def _import_time_imports(tree: ast.Module):
+    """Import statements that run when the module is imported: not those in function bodies
+    (they run later, once every module is loaded) nor under `if TYPE_CHECKING:`."""
+    stack = list(tree.body)
+    while stack:
+        node = stack.pop()
+        if isinstance(node, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda)):
+            continue
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            stack.extend(node.orelse)
+            continue
+        if isinstance(node, (ast.Import, ast.ImportFrom)):
+            yield node
+        stack.extend(ast.iter_child_nodes(node))
+
+
+def _import_graph() -> dict[str, set[str]]:
+    """fashionlab module -> the fashionlab modules it imports at import time. `from . import x` counts as
+    importing x where x is a module. A submodule's implicit import of its parent package is not an edge:
+    the parent is already being initialised then, so it is no cycle."""
+    paths = {_module_name(p): p for p in PACKAGE_DIR.rglob("*.py")}
+    graph = {}
+    for name, path in paths.items():
+        package = name if path.name == "__init__.py" else name.rpartition(".")[0]
+        targets = set()
+        for node in _import_time_imports(ast.parse(path.read_text())):
+            if isinstance(node, ast.Import):
+                targets |= {alias.name for alias in node.names}
+                continue
+            base = node.module or ""
+            if node.level:
+                anchor = package.split(".")[: len(package.split(".")) - node.level + 1]
+                base = ".".join(anchor + [node.module] * bool(node.module))
+            targets |= {f"{base}.{a.name}" if f"{base}.{a.name}" in paths else base for a in node.names}
+        graph[name] = {t for t in targets if t in paths and t != name}
+    return graph
+
+
+def _cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """One path per cycle found by depth-first search: [a, b, ..., a]."""
+    found, done = [], set()
+
+    def visit(node, path):
+        if node in path:
+            found.append(path[path.index(node):] + [node])
+            return
+        if node in done:
+            return
+        for nxt in sorted(graph[node]):
+            visit(nxt, path + [node])
+        done.add(node)
+
+    for node in sorted(graph):
+        visit(node, [])
+    return found
+
+
+def test_registry_imports_no_family_module():
+    graph = _import_graph()
+    assert graph["fashionlab.models._registry"].isdisjoint(
+        {"fashionlab.models", "fashionlab.models.classic", "fashionlab.models.records"})
+    # and the families register through it, so it is the registry every family writes to
+    assert {"fashionlab.models._registry", "fashionlab.models.layers"} <= graph["fashionlab.models.classic"]
+    assert {"fashionlab.models._registry", "fashionlab.models.layers"} <= graph["fashionlab.models.records"]
+
+
+def test_package_has_no_import_cycle():
+    assert "fashionlab.models._registry" in _import_graph()  # the graph sees the models package
+    assert _cycles(_import_graph()) == []

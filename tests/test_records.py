@@ -14,7 +14,7 @@ from fashionlab import checkpoint, evaluate, models, train
 from fashionlab.augment import Augment
 from fashionlab.device import resolve
 from fashionlab.recipes import get_recipe
-from fashionlab.resnets import FastNet, ResNet, wide_resnet_blocks
+from fashionlab.models.records import FastNet, ResNet, wide_resnet_blocks
 
 
 @pytest.mark.parametrize("recipe", ["fast", "best"])

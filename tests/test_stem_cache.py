@@ -10,7 +10,7 @@ from conftest import synthetic_dataset
 from fashionlab import checkpoint, evaluate, models, stem_cache, train
 from fashionlab.augment import Augment
 from fashionlab.device import resolve
-from fashionlab.resnets import FastNet
+from fashionlab.models.records import FastNet
 from fashionlab.stem_cache import StemCache
 
 FP32 = resolve("cpu", "fp32", conv_model=True)

@@ -27,7 +27,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from .models import FASHION_MEAN, FASHION_STD, ModelEntry, Normalize, register, register_family
+from ._registry import ModelEntry, register, register_family
+from .layers import FASHION_MEAN, FASHION_STD, Normalize
 
 
 # FastNet's activations by name. ReLU runs in place: it follows a BatchNorm, whose backward pass
