@@ -24,7 +24,27 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, parse_overrides  # noqa: E402
 from flops import forward_flops  # noqa: E402
 
-from fashionlab import data, device, evaluate, models, train  # noqa: E402
+from fashionlab import data, evaluate, models  # noqa: E402
+from fashionlab.config import make_config  # noqa: E402
+from fashionlab.run import train_run  # noqa: E402
+from fashionlab.training import Callback  # noqa: E402
+
+
+class Progress(Callback):
+    """Test accuracy after each epoch, for watching a long run (not the reported score)."""
+
+    def __init__(self, test_x, test_y, seed: int):
+        self.test_x, self.test_y, self.seed = test_x, test_y, seed
+
+    def on_epoch_end(self, trainer, row) -> None:
+        cfg = trainer.cfg
+        # Flips alone: the recipe's 1- and 2-pixel moves would make this 9x dearer, about an epoch of
+        # training each time for `best`. The reported score uses the full setting.
+        logits = evaluate.predict_logits(trainer.eval_model(), self.test_x, trainer.runtime, cfg.eval_batch_size,
+                                         cfg.tta_flip)
+        acc = float((logits.argmax(1) == self.test_y).float().mean())
+        print(f"    seed {self.seed} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+              f"test {acc:.4f} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
 
 
 def main(argv=None) -> int:
@@ -45,7 +65,7 @@ def main(argv=None) -> int:
     ds = data.load(data.FASHION_MNIST)
     test_x, test_y = torch.from_numpy(ds.test_images), torch.from_numpy(ds.test_labels)
     hw = hardware()
-    cfg0 = train.make_config(args.recipe, **overrides)
+    cfg0 = make_config(args.recipe, **overrides)
     flops = forward_flops(models.build_model(cfg0.model, **cfg0.model_args))
     print(f"# {hw['cpu']} | {hw['cores']} cores | torch {hw['torch']} | {hw['threads']} threads | "
           f"load average {hw['load_average']}")
@@ -55,21 +75,11 @@ def main(argv=None) -> int:
     results = []
     keep = Path(args.out) if args.out else None
     for seed in range(args.first_seed, args.first_seed + args.seeds):
-        cfg = train.make_config(args.recipe, seed=seed, **overrides)
-        rt = device.resolve(cfg.device, cfg.precision, conv_model=models.MODELS[cfg.model].channels_last)
-
-        def watch(row, model, seed=seed, rt=rt, cfg=cfg):
-            # Progress only, so flips alone: the recipe's 1- and 2-pixel moves would make this 9x dearer,
-            # about an epoch of training each time for `best`. The reported score uses the full setting.
-            logits = evaluate.predict_logits(model, test_x, rt, cfg.eval_batch_size, cfg.tta_flip)
-            acc = float((logits.argmax(1) == test_y).float().mean())
-            print(f"    seed {seed} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-                  f"test {acc:.4f} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
-
+        cfg = make_config(args.recipe, seed=seed, **overrides)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = (keep / f"seed{seed}") if keep else Path(tmp) / "run"
-            m = train.train(cfg, run_dir, dataset=ds, quiet=True, on_epoch=watch)
+            m = train_run(cfg, run_dir, dataset=ds, quiet=True, callbacks=[Progress(test_x, test_y, seed)]).metrics
         results.append({"seed": seed, "test_accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],
                         "wall_seconds": time.perf_counter() - t0})
         print(f"  seed {seed}: test accuracy {m['test_accuracy']:.4f}, {m['train_seconds']:.0f} s training",

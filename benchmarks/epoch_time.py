@@ -11,7 +11,6 @@ dense-vs-conv split). Evaluation time is excluded, as in every run's train_secon
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import tempfile
@@ -20,7 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, table  # noqa: E402
 
-from fashionlab import data, models, train  # noqa: E402
+from fashionlab import data, models  # noqa: E402
+from fashionlab.config import make_config  # noqa: E402
+from fashionlab.run import train_run  # noqa: E402
 from fashionlab.device import cpu_has_bf16  # noqa: E402
 
 EPOCH_IMAGES = 51_000
@@ -28,11 +29,10 @@ BATCH = {"cnn_dropout": 300, "cnn_small": 256, "lstm": 256}  # each model's refe
 
 
 def seconds_per_epoch(ds, model: str, precision: str, subset: int, batch: int) -> float:
-    cfg = train.make_config(model=model, epochs=2, subset=subset, batch_size=batch, val_split=0.0,
+    cfg = make_config(model=model, epochs=2, subset=subset, batch_size=batch, val_split=0.0,
                             precision=precision, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        train.train(cfg, Path(tmp) / "run", dataset=ds, quiet=True)
-        history = [json.loads(l) for l in (Path(tmp) / "run" / "history.jsonl").read_text().splitlines()]
+        history = train_run(cfg, Path(tmp) / "run", dataset=ds, quiet=True).history
     return EPOCH_IMAGES / history[-1]["images_per_s"]
 
 

@@ -21,13 +21,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import machine, parse_overrides, table  # noqa: E402
 from time_to_accuracy import CPU, WALL, run_one  # noqa: E402
 
-from fashionlab import data, train  # noqa: E402
+from fashionlab import data  # noqa: E402
+from fashionlab.config import make_config  # noqa: E402
 
 
 def one_run(ds, cached: bool, epochs: int, overrides: dict) -> dict:
     """Per-epoch training seconds (wall-clock and CPU) and the final test accuracy, from
     time_to_accuracy's cumulative curve (the per-epoch test scoring is outside both clocks)."""
-    cfg = train.make_config("fast", epochs=epochs, cache_stem=cached, **overrides)
+    cfg = make_config("fast", epochs=epochs, cache_stem=cached, **overrides)
     curve = run_one(cfg, ds, targets=(), max_seconds=float("inf"))["curve"]
     per_epoch = lambda clock: [b[clock] - a[clock] for a, b in zip([(0.0, 0.0, 0.0)] + curve, curve)]
     return {"wall": per_epoch(WALL), "cpu": per_epoch(CPU), "accuracy": curve[-1][2]}

@@ -5,7 +5,7 @@
 
 "Time to reach" a target is the cumulative training time (evaluation excluded) at the end of the
 first epoch whose test accuracy reaches it. The test set is evaluated after every epoch through
-train.train's on_epoch hook, outside the timed part. Runs are interleaved (reference seed 0,
+a training callback, outside the timed part. Runs are interleaved (reference seed 0,
 fast seed 0, reference seed 1, ...) so that load from other processes hits both alike. A run stops
 once it has reached every target or spent --max-seconds of training.
 
@@ -30,21 +30,50 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, parse_overrides  # noqa: E402
 from flops import forward_flops, matmul_rate  # noqa: E402
 
-from fashionlab import data, device, evaluate, models, train  # noqa: E402
+from fashionlab import data, evaluate, models  # noqa: E402
+from fashionlab.config import TrainConfig, make_config  # noqa: E402
+from fashionlab.run import train_run  # noqa: E402
+from fashionlab.training import Callback  # noqa: E402
 
 # 90% is a milestone the plain reference also reaches, so the two rows share a column.
 DEFAULT_TARGETS = (0.90, 0.9173, 0.93, 0.94)
 REFERENCE = dict(model="cnn", optimizer="adam", lr=1e-3, batch_size=128, precision="fp32", epochs=15)
 
 
-class _Enough(Exception):
-    """Raised from the per-epoch hook to end a run that has nothing left to measure."""
-
-
 WALL, CPU = 0, 1  # positions of the two clocks in a curve point (wall s, CPU s, test accuracy)
 
 
-def run_one(cfg: train.TrainConfig, ds: data.Dataset, targets, max_seconds: float) -> dict:
+class TestCurve(Callback):
+    """After each epoch (outside the timed part): test accuracy at the run's own runtime, the two
+    clocks, and a stop once every target is reached or the time budget is spent."""
+
+    def __init__(self, ds: data.Dataset, targets, max_seconds: float):
+        self.test_x, self.test_y = torch.from_numpy(ds.test_images), torch.from_numpy(ds.test_labels)
+        self.targets, self.max_seconds = targets, max_seconds
+        self.curve: list[tuple[float, float, float]] = []
+        self.elapsed = self.cpu = 0.0
+        self.cpu_mark = time.process_time()
+
+    def on_epoch_end(self, trainer, row) -> None:
+        cfg = trainer.cfg
+        self.elapsed += row["seconds"]
+        self.cpu += time.process_time() - self.cpu_mark  # since the last evaluation ended (or training began)
+        logits = evaluate.predict_logits(trainer.eval_model(), self.test_x, trainer.runtime, cfg.eval_batch_size,
+                                         cfg.tta_flip, cfg.tta_shift)
+        # An exact ratio of counts: 9,173 right of 10,000 must compare equal to the target 0.9173,
+        # which a float32 mean (0.91729999...) does not.
+        acc = int((logits.argmax(1) == self.test_y).sum()) / len(self.test_y)
+        self.curve.append((round(self.elapsed, 2), round(self.cpu, 2), acc))
+        print(f"    {cfg.model} seed {cfg.seed} epoch {row['epoch']}: {self.elapsed:.1f} s ({self.cpu:.1f} CPU s), "
+              f"test {acc:.4f}", file=sys.stderr, flush=True)
+        self.cpu_mark = time.process_time()
+
+    def should_stop(self, trainer, row) -> bool:
+        done = bool(self.targets) and all(first_reaching(self.curve, t, WALL) is not None for t in self.targets)
+        return done or min(self.elapsed, self.cpu) >= self.max_seconds  # no targets: run the whole schedule
+
+
+def run_one(cfg: TrainConfig, ds: data.Dataset, targets, max_seconds: float) -> dict:
     """Train one configuration; returns the curve: per epoch, cumulative (training seconds, training
     CPU seconds, test accuracy).
 
@@ -52,36 +81,10 @@ def run_one(cfg: train.TrainConfig, ds: data.Dataset, targets, max_seconds: floa
     other people's load. The process CPU time of the training part (evaluation excluded) is the
     second clock: with one thread it is close to what an idle core would take.
     """
-    test_x, test_y = torch.from_numpy(ds.test_images), torch.from_numpy(ds.test_labels)
-    rt = None
-    curve: list[tuple[float, float, float]] = []
-    elapsed, cpu = 0.0, 0.0
-    cpu_mark = time.process_time()
-
-    def hook(row, model):
-        nonlocal elapsed, rt, cpu, cpu_mark
-        elapsed += row["seconds"]
-        cpu += time.process_time() - cpu_mark  # since the last evaluation ended (or training began)
-        if rt is None:  # the same runtime train() resolved: evaluation at the run's precision
-            rt = device.resolve(cfg.device, cfg.precision, conv_model=models.MODELS[cfg.model].channels_last)
-        logits = evaluate.predict_logits(model, test_x, rt, cfg.eval_batch_size, cfg.tta_flip, cfg.tta_shift)
-        # An exact ratio of counts: 9,173 right of 10,000 must compare equal to the target 0.9173,
-        # which a float32 mean (0.91729999...) does not.
-        acc = int((logits.argmax(1) == test_y).sum()) / len(test_y)
-        curve.append((round(elapsed, 2), round(cpu, 2), acc))
-        print(f"    {cfg.model} seed {cfg.seed} epoch {row['epoch']}: {elapsed:.1f} s ({cpu:.1f} CPU s), "
-              f"test {acc:.4f}", file=sys.stderr, flush=True)
-        cpu_mark = time.process_time()
-        done = bool(targets) and all(first_reaching(curve, t, WALL) is not None for t in targets)  # none: run it all
-        if done or min(elapsed, cpu) >= max_seconds:
-            raise _Enough
-
+    curve = TestCurve(ds, targets, max_seconds)
     with tempfile.TemporaryDirectory() as tmp:
-        try:
-            train.train(cfg, Path(tmp) / "run", dataset=ds, quiet=True, on_epoch=hook)
-        except _Enough:
-            pass
-    return {"curve": curve}  # everything else (times to targets, final accuracy) is read off the curve
+        train_run(cfg, Path(tmp) / "run", dataset=ds, quiet=True, callbacks=[curve])
+    return {"curve": curve.curve}  # everything else (times to targets, final accuracy) is read off the curve
 
 
 def first_reaching(curve, target: float, clock: int) -> float | None:
@@ -154,9 +157,9 @@ def main(argv=None) -> int:
     for epochs in args.epochs or [None]:
         kw = dict(overrides, **({"epochs": epochs} if epochs else {}))
         label = f"{args.recipe} ({epochs} epochs)" if epochs else args.recipe
-        configs[label] = lambda seed, kw=kw: train.make_config(args.recipe, seed=seed, val_split=0.0, **kw)
+        configs[label] = lambda seed, kw=kw: make_config(args.recipe, seed=seed, val_split=0.0, **kw)
     if not args.no_reference:
-        configs = {"cnn (plain fp32 Adam)": lambda seed: train.make_config(**REFERENCE, seed=seed, val_split=0.0),
+        configs = {"cnn (plain fp32 Adam)": lambda seed: make_config(**REFERENCE, seed=seed, val_split=0.0),
                    **configs}
 
     hw = hardware()

@@ -7,15 +7,15 @@ from pathlib import Path
 import numpy as np
 
 from conftest import synthetic_dataset
-from fashionlab import train
+import fashionlab
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 
 def tiny_run(out_dir: Path, model: str = "cnn", epochs: int = 2, dataset=None, **overrides) -> Path:
     """Train `model` on the synthetic bars for a couple of epochs into out_dir; returns out_dir."""
-    cfg = train.make_config(model=model, epochs=epochs, batch_size=32, val_split=0.2, seed=0, **overrides)
-    train.train(cfg, out_dir, dataset=dataset or synthetic_dataset(), quiet=True)
+    fashionlab.train(model=model, out=out_dir, dataset=dataset or synthetic_dataset(), quiet=True, epochs=epochs,
+                     batch_size=32, val_split=0.2, seed=0, **overrides)
     return Path(out_dir)
 
 

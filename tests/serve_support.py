@@ -43,12 +43,10 @@ def real_dataset() -> data.Dataset:
 def trained_run() -> Path:
     """A run folder with a small CNN trained on 2,000 real images for one epoch (about 70% accuracy)."""
     if "run" not in _CACHE:
-        from fashionlab import train
-        ds = real_dataset()
+        import fashionlab
         out = Path(tempfile.mkdtemp(prefix="fashionlab-serve-test-")) / "run"
-        cfg = train.make_config(model="cnn_small", subset=2000, epochs=1, val_split=0.0, batch_size=64, seed=0,
-                                device="cpu", precision="fp32")
-        train.train(cfg, out, dataset=ds, quiet=True)
+        fashionlab.train(model="cnn_small", out=out, dataset=real_dataset(), quiet=True, subset=2000, epochs=1,
+                         val_split=0.0, batch_size=64, seed=0, device="cpu", precision="fp32")
         _CACHE["run"] = out
     return _CACHE["run"]  # type: ignore[return-value]
 

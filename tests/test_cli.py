@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import json
+import shutil
 
 import numpy as np
 import pytest
@@ -48,7 +50,11 @@ def test_unknown_model_and_bad_flags():
 
 
 def test_test_time_augmentation_flags_reach_the_config():
-    from fashionlab.cli import build_parser, train_config_from_args
+    from fashionlab.cli import build_parser
+    from fashionlab.config import make_config, settings_from_flags
+
+    def train_config_from_args(args):
+        return make_config(**settings_from_flags(args))
     args = build_parser().parse_args(["train", "--recipe", "fast", "--tta-shift", "2"])
     cfg = train_config_from_args(args)
     assert (cfg.tta_flip, cfg.tta_shift) == (True, 2)  # the recipe's flip, the flag's shift
@@ -92,10 +98,18 @@ def test_train_prints_progress_and_accuracy(trained_run):
     assert "test accuracy" in proc.stdout and str(out) in proc.stdout
 
 
-def test_evaluate_reproduces_metrics(trained_run):
+def test_evaluate_reproduces_metrics(trained_run, tmp_path):
     out, folder, names, _, _ = trained_run
-    res = run_cli("evaluate", str(out), "--data-dir", str(folder), "--class-names", names, "--offline", check=True)
+    res = run_cli("evaluate", str(out), "--data-dir", str(folder), "--offline", check=True)  # the run knows its classes
     assert "matches" in res.stdout and "confusion matrix" in res.stdout and "class9" in res.stdout
+    as_json = run_cli("evaluate", str(out), "--data-dir", str(folder), "--offline", "--json", check=True)
+    assert json.loads(as_json.stdout)["test_accuracy"] > 0 and "matches" in as_json.stderr
+    tampered = tmp_path / "tampered"
+    shutil.copytree(out, tampered)
+    metrics = json.loads((tampered / "metrics.json").read_text())
+    (tampered / "metrics.json").write_text(json.dumps({**metrics, "test_accuracy": metrics["test_accuracy"] - 0.01}))
+    res = run_cli("evaluate", str(tampered), "--data-dir", str(folder), "--offline")
+    assert res.returncode == 1 and "DIFFERS FROM" in res.stdout
 
 
 def test_predict_images_and_arrays(trained_run, tmp_path):

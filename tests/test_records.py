@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import synthetic_dataset
-from fashionlab import checkpoint, evaluate, models, train
+from fashionlab import config, evaluate, models, run as run_mod, training
 from fashionlab.augment import Augment
 from fashionlab.device import resolve
 from fashionlab.recipes import get_recipe
@@ -21,15 +21,15 @@ from fashionlab.models.records import FastNet, ResNet, wide_resnet_blocks
 def test_record_recipe_trains_one_epoch_and_reloads(recipe, tmp_path):
     ds = synthetic_dataset(n_train=64, n_test=40)
     seen = []
-    cfg = train.make_config(recipe, epochs=1, batch_size=32, eval_batch_size=20)
+    cfg = config.make_config(recipe, epochs=1, batch_size=32, eval_batch_size=20)
     assert cfg.model == get_recipe(recipe).settings["model"] == recipe
-    metrics = train.train(cfg, tmp_path / "run", dataset=ds, quiet=True,
-                          on_epoch=lambda row, model: seen.append((row["epoch"], model.training)))
+    hook = training.EpochHook(lambda row, model: seen.append((row["epoch"], model.training)))
+    metrics = run_mod.train_run(cfg, tmp_path / "run", dataset=ds, quiet=True, callbacks=[hook]).metrics
     assert metrics["epochs_run"] == 1 and metrics["model"] == recipe
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["train_seconds"] > 0
     assert len(seen) == 1 and seen[0][0] == 1
     # The run folder rebuilds the same network from its recorded family and arguments.
-    model, info = checkpoint.load_model(tmp_path / "run")
+    model, info = run_mod.RunFolder(tmp_path / "run").load_model()
     assert info["architecture"]["family"] == models.MODELS[recipe].family
     rt = resolve("cpu", "fp32", conv_model=True)
     logits = evaluate.predict_logits(model, ds.test_images, rt, tta_flip=cfg.tta_flip, tta_shift=cfg.tta_shift)
@@ -38,7 +38,8 @@ def test_record_recipe_trains_one_epoch_and_reloads(recipe, tmp_path):
 
 def test_fast_recipe_learns_a_learnable_task(tmp_path):
     ds = synthetic_dataset(n_train=300, n_test=100, seed=1)
-    metrics = train.train(train.make_config("fast", epochs=3, batch_size=50), tmp_path / "run", dataset=ds, quiet=True)
+    metrics = run_mod.train_run(config.make_config("fast", epochs=3, batch_size=50), tmp_path / "run", dataset=ds,
+                                quiet=True).metrics
     assert metrics["test_accuracy"] >= 0.9  # bars at ten positions: trivially separable
 
 
@@ -109,14 +110,14 @@ def test_random_stream_is_the_same_whatever_the_device():
     x_cpu = torch.rand(16, 1, 28, 28)
     states = []
     for dev in ("cpu", "meta"):
-        g = train._epoch_generator(seed=3, epoch=2)
+        g = training.epoch_generator(seed=3, epoch=2)
         perm = torch.randperm(100, generator=g).to(dev)
         out = aug(x_cpu.to(dev), g)
         assert out.shape == x_cpu.shape and out.device.type == dev and perm.device.type == dev
         states.append(g.get_state())
     assert torch.equal(states[0], states[1])
     # And the CPU stream itself is repeatable: same seed and epoch, same permutation and images.
-    g1, g2 = train._epoch_generator(3, 2), train._epoch_generator(3, 2)
+    g1, g2 = training.epoch_generator(3, 2), training.epoch_generator(3, 2)
     assert torch.equal(torch.randperm(100, generator=g1), torch.randperm(100, generator=g2))
     assert torch.equal(aug(x_cpu, g1), aug(x_cpu, g2))
 
@@ -125,7 +126,7 @@ def test_cuda_request_fails_clearly_without_a_gpu():
     if torch.cuda.is_available():
         pytest.skip("a GPU is present")
     with pytest.raises(ValueError, match="no CUDA device"):
-        train.make_config("fast", device="cuda")
+        config.make_config("fast", device="cuda")
 
 
 def test_whitening_layer_decorrelates_patches_and_stays_frozen(tmp_path):
@@ -145,12 +146,12 @@ def test_whitening_layer_decorrelates_patches_and_stays_frozen(tmp_path):
     assert torch.allclose(cov, torch.eye(9, dtype=torch.float64), atol=0.01)
     assert torch.equal(first.weight[9:18], -first.weight[:9])
 
-    cfg = train.make_config("fast", epochs=1, batch_size=50, model_args={"widths": [32, 64]})
-    train.train(cfg, tmp_path / "run", dataset=ds, quiet=True)
-    trained, _ = checkpoint.load_model(tmp_path / "run")
+    cfg = config.make_config("fast", epochs=1, batch_size=50, model_args={"widths": [32, 64]})
+    run_mod.train_run(cfg, tmp_path / "run", dataset=ds, quiet=True)
+    trained, _ = run_mod.RunFolder(tmp_path / "run").load_model()
     torch.manual_seed(cfg.seed)  # the same random filters beside the whitening ones, as train() draws them
     fresh = models.build_model("fast", widths=[32, 64])
-    fresh.init_from_data(evaluate.to_input(torch.from_numpy(ds.train_images[:train.INIT_IMAGES])))
+    fresh.init_from_data(evaluate.to_input(torch.from_numpy(ds.train_images[:training.INIT_IMAGES])))
     # train() whitens with its first INIT_IMAGES training images: here all 200, in another order, and
     # the patch covariance does not depend on the order.
     assert torch.allclose(trained.net[1].weight, fresh.net[1].weight, atol=1e-6)
@@ -202,7 +203,7 @@ def test_precise_batchnorm_replaces_stale_statistics_with_exact_ones():
     for h in hooks:
         h.remove()
     model.eval()
-    train.recompute_batchnorm(model, images, resolve("cpu", "fp32", conv_model=True), batch_size=64)
+    training.recompute_batchnorm(model, images, resolve("cpu", "fp32", conv_model=True), batch_size=64)
     assert not model.training and all(m.momentum == 0.1 for m in layers)
     for m in layers:
         x = inputs[m].transpose(0, 1).reshape(m.num_features, -1)
@@ -212,7 +213,7 @@ def test_precise_batchnorm_replaces_stale_statistics_with_exact_ones():
 
 def test_precise_batchnorm_setting_is_checked():
     with pytest.raises(ValueError, match="precise_bn=-1: expected an integer >= 0"):
-        train.make_config("best", precise_bn=-1)
+        config.make_config("best", precise_bn=-1)
 
 
 def test_shifted_moves_images_and_fills_the_border_with_background():
@@ -253,8 +254,8 @@ def test_shift_tta_views_are_the_image_and_its_moves_of_1_to_shift_pixels():
 
 def test_a_run_with_shift_tta_records_it_and_its_onnx_export_computes_it(tmp_path):
     ds = synthetic_dataset(n_train=200, n_test=50, seed=5)
-    cfg = train.make_config("fast", epochs=1, batch_size=50, tta_shift=1)
-    metrics = train.train(cfg, tmp_path / "run", dataset=ds, quiet=True)
+    cfg = config.make_config("fast", epochs=1, batch_size=50, tta_shift=1)
+    metrics = run_mod.train_run(cfg, tmp_path / "run", dataset=ds, quiet=True).metrics
     from fashionlab import export
     from fashionlab.predict import Predictor
     p = Predictor.from_run(tmp_path / "run", device="cpu", precision="fp32")
@@ -272,4 +273,4 @@ def test_a_run_with_shift_tta_records_it_and_its_onnx_export_computes_it(tmp_pat
 
 def test_tta_shift_setting_is_checked():
     with pytest.raises(ValueError, match="tta_shift=5: expected an integer from 0 to 4"):
-        train.make_config("best", tta_shift=5)
+        config.make_config("best", tta_shift=5)

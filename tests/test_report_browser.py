@@ -6,7 +6,7 @@ import pytest
 
 from browser import chromium_path, chromium_page
 from conftest import synthetic_dataset
-from fashionlab import explore, report, study
+from fashionlab import exploration, report, studies
 from report_support import img_sources, tiny_run
 
 DS = synthetic_dataset(n_train=200, n_test=100)
@@ -19,8 +19,8 @@ def pages_to_open(tmp_path_factory):
     base = tmp_path_factory.mktemp("pages")
     runs = [tiny_run(base / "runs" / m, m, dataset=DS, epochs=1) for m in ("cnn", "mlp")]
     run_page = report.write_run_report(runs[0], dataset=DS)
-    eda = explore.write_exploration(DS, base / "eda" / "eda.html")
-    cmp_page, _ = study.write_comparison(runs, base / "cmp" / "compare.html")
+    eda = exploration.write_exploration(DS, base / "eda" / "eda.html")
+    cmp_page, _ = studies.write_comparison(runs, base / "cmp" / "compare.html")
     return {"run": run_page, "explore": eda, "compare": cmp_page}
 
 

@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from conftest import run_cli, synthetic_dataset
-from fashionlab import checkpoint, explain, explore, pages, report
+from fashionlab import checkpoint, explain, exploration, pages, report
+from fashionlab.run import RunFolder
 from report_support import assert_no_external_refs, figure_ok, img_sources, tiny_run
 
 DS = synthetic_dataset(n_train=300, n_test=120)
@@ -31,7 +32,7 @@ def _model(run_dir):
 # --------------------------------------------------------------------------- run report figures
 
 def test_curves_figure_draws_train_and_validation(runs):
-    hist = report.read_history(runs["cnn"])
+    hist = RunFolder(runs["cnn"]).history
     fig = report.curves_figure(hist)
     figure_ok(fig)
     assert len(fig.axes) == 2
@@ -197,18 +198,18 @@ def test_explain_page(runs, tmp_path):
 
 
 def test_exploration_figures_and_page(tmp_path):
-    means = explore.class_means(DS.train_images, DS.train_labels, 10)
+    means = exploration.class_means(DS.train_images, DS.train_labels, 10)
     assert means.shape == (10, 28, 28) and 0 <= means.min() and means.max() <= 1
-    dist = explore.distance_matrix(means)
+    dist = exploration.distance_matrix(means)
     assert np.allclose(np.diag(dist), 0) and np.allclose(dist, dist.T)
-    pairs = explore.closest_pairs(dist, DS.class_names, k=3)
+    pairs = exploration.closest_pairs(dist, DS.class_names, k=3)
     assert [p[2] for p in pairs] == sorted(p[2] for p in pairs)
-    for fig in (explore.samples_figure(DS.train_images, DS.train_labels, DS.class_names),
-                explore.mean_images_figure(means, DS.class_names),
-                explore.histograms_figure(DS.train_images, DS.train_labels, DS.class_names),
-                explore.distance_figure(dist, DS.class_names)):
+    for fig in (exploration.samples_figure(DS.train_images, DS.train_labels, DS.class_names),
+                exploration.mean_images_figure(means, DS.class_names),
+                exploration.histograms_figure(DS.train_images, DS.train_labels, DS.class_names),
+                exploration.distance_figure(dist, DS.class_names)):
         figure_ok(fig)
-    out = explore.write_exploration(DS, tmp_path / "eda.html")
+    out = exploration.write_exploration(DS, tmp_path / "eda.html")
     html = out.read_text()
     assert set(img_sources(html)) == {"eda_class_counts", "eda_samples", "eda_mean_images", "eda_histograms",
                                       "eda_class_distances"}

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from conftest import synthetic_dataset
-from fashionlab import checkpoint, evaluate, models, stem_cache, train
+from fashionlab import config, evaluate, models, run as run_mod, stem_cache
 from fashionlab.augment import Augment
 from fashionlab.device import resolve
 from fashionlab.models.records import FastNet
@@ -101,13 +101,13 @@ def test_a_cached_run_trains_as_an_uncached_one(tmp_path):
     ds = synthetic_dataset(n_train=256, n_test=50, seed=5)
     runs = {}
     for cached in (True, False):
-        cfg = train.make_config("fast", epochs=3, batch_size=64, precision="fp32", cache_stem=cached)
-        metrics = train.train(cfg, tmp_path / str(cached), dataset=ds, quiet=True)
+        cfg = config.make_config("fast", epochs=3, batch_size=64, precision="fp32", cache_stem=cached)
+        metrics = run_mod.train_run(cfg, tmp_path / str(cached), dataset=ds, quiet=True).metrics
         assert metrics["stem_cached"] is cached
         runs[cached] = metrics
 
-    a, _ = checkpoint.load_model(tmp_path / "True")
-    b, _ = checkpoint.load_model(tmp_path / "False")
+    a, _ = run_mod.RunFolder(tmp_path / "True").load_model()
+    b, _ = run_mod.RunFolder(tmp_path / "False").load_model()
     for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
         assert torch.allclose(p.float(), q.float(), atol=1e-4, rtol=1e-3), name
     assert runs[True]["test_accuracy"] == runs[False]["test_accuracy"]
@@ -115,6 +115,8 @@ def test_a_cached_run_trains_as_an_uncached_one(tmp_path):
 
 def test_recipes_use_the_cache_only_where_it_is_exact(tmp_path):
     ds = synthetic_dataset(n_train=64, n_test=20)
-    fast = train.train(train.make_config("fast", epochs=1, batch_size=32), tmp_path / "fast", dataset=ds, quiet=True)
-    best = train.train(train.make_config("best", epochs=1, batch_size=32), tmp_path / "best", dataset=ds, quiet=True)
+    fast = run_mod.train_run(config.make_config("fast", epochs=1, batch_size=32), tmp_path / "fast", dataset=ds,
+                             quiet=True).metrics
+    best = run_mod.train_run(config.make_config("best", epochs=1, batch_size=32), tmp_path / "best", dataset=ds,
+                             quiet=True).metrics
     assert fast["stem_cached"] and not best["stem_cached"]  # best crops its images

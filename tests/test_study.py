@@ -8,7 +8,8 @@ import numpy as np
 import pytest
 
 from conftest import run_cli, synthetic_dataset
-from fashionlab import study
+from fashionlab import studies as study
+from fashionlab.errors import UserError
 from report_support import img_sources
 
 DS = synthetic_dataset(n_train=200, n_test=100)
@@ -50,7 +51,7 @@ def test_study_trains_every_model_and_seed_then_resumes_without_training(tmp_pat
 def test_study_refuses_runs_trained_with_other_settings(tmp_path):
     study.run_study("cnn-vs-rnn", tmp_path, seeds=1, dataset=DS, overrides=QUICK, log=lambda m: None,
                     run_reports=False)
-    with pytest.raises(study.StudyError, match="epochs: saved 1, asked 2"):
+    with pytest.raises(UserError, match="epochs: saved 1, asked 2"):
         study.run_study("cnn-vs-rnn", tmp_path, seeds=1, dataset=DS, overrides={**QUICK, "epochs": 2},
                         log=lambda m: None, run_reports=False)
 

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from conftest import run_cli, synthetic_dataset
-from fashionlab import sweep, sweep_report
+from fashionlab import sweeps
 from sweep_support import postgres_cluster, start_sweep, wait_for, write_idx_dataset
 
 CLASSES = [f"c{i}" for i in range(10)]
@@ -97,8 +97,8 @@ kernel = [3, 5]
 ])
 def test_spec_errors_name_file_field_and_expectation(tmp_path, body, field, expected):
     path = write_spec(tmp_path, body)
-    with pytest.raises(sweep.SpecError) as e:
-        sweep.load_spec(path)
+    with pytest.raises(sweeps.SpecError) as e:
+        sweeps.load_spec(path)
     message = str(e.value)
     assert str(path) in message and field in message and expected in message, message
 
@@ -118,12 +118,12 @@ def test_factors_map_onto_the_convnet_family_and_training_settings(tmp_path):
     path = write_spec(tmp_path, BASE.replace("kernel = [3, 5]", "filters = [8, 16]\ndepth = [1, 3]\nlr = [0.01, 0.001]\n"
                                                                 "pool = ['avg', 'stride']")
                       .replace('model = "cnn"', 'model = "cnn"\nseeds = [7, 11]'))
-    spec = sweep.load_spec(path)
-    points = sweep.design_points(spec)
+    spec = sweeps.load_spec(path)
+    points = sweeps.design_points(spec)
     assert len(points) == 16 and spec.total_trials == 32 and spec.seeds == (7, 11)
-    keys = {sweep.trial_key(p, s) for p in points for s in spec.seeds}
+    keys = {sweeps.trial_key(p, s) for p in points for s in spec.seeds}
     assert len(keys) == 32  # every (point, seed) has its own key and run folder
-    cfg = sweep.trial_config(spec, {"filters": "16", "depth": "3", "lr": "0.01", "pool": "stride"}, 11)
+    cfg = sweeps.trial_config(spec, {"filters": "16", "depth": "3", "lr": "0.01", "pool": "stride"}, 11)
     assert cfg.model_args["channels"] == [16, 32, 64] and cfg.model_args["pool"] == "stride"
     assert cfg.lr == 0.01 and cfg.seed == 11 and cfg.model == "cnn"
     from fashionlab import models
@@ -134,57 +134,57 @@ def test_factors_map_onto_the_convnet_family_and_training_settings(tmp_path):
 
 def test_random_design_draws_distinct_points_reproducibly(tmp_path):
     body = BASE.replace('model = "cnn"', 'model = "cnn"\nsampler = "random"\npoints = 5') + "pool = ['max', 'avg', 'stride']\n"
-    spec = sweep.load_spec(write_spec(tmp_path, body))
-    first, again = sweep.design_points(spec), sweep.design_points(spec)
+    spec = sweeps.load_spec(write_spec(tmp_path, body))
+    first, again = sweeps.design_points(spec), sweeps.design_points(spec)
     assert first == again and len(first) == 5
-    assert len({sweep.point_id(p) for p in first}) == 5
+    assert len({sweeps.point_id(p) for p in first}) == 5
 
 
 # --------------------------------------------------------------------------- workers in-process
 
 def test_a_changed_design_is_refused_against_the_existing_study(tmp_path):
-    first = sweep.load_spec(write_spec(tmp_path, BASE, "a.toml"))
-    storage = sweep.open_storage(f"sqlite:///{tmp_path / 'shared.db'}")
-    study = sweep.open_study(first, storage)
+    first = sweeps.load_spec(write_spec(tmp_path, BASE, "a.toml"))
+    storage = sweeps.open_storage(f"sqlite:///{tmp_path / 'shared.db'}")
+    study = sweeps.open_study(first, storage)
     assert len(study.get_trials()) == 2 * 3  # 2 points x 3 seeds, queued once
-    assert len(sweep.open_study(first, storage).get_trials()) == 6  # joining again queues nothing more
-    changed = sweep.load_spec(write_spec(tmp_path, BASE.replace("[3, 5]", "[3, 7]"), "b.toml"))
-    with pytest.raises(sweep.SpecError, match=r"b.toml: the study 'x' .* different design \(differs in: factors\)"):
-        sweep.open_study(changed, storage)
+    assert len(sweeps.open_study(first, storage).get_trials()) == 6  # joining again queues nothing more
+    changed = sweeps.load_spec(write_spec(tmp_path, BASE.replace("[3, 5]", "[3, 7]"), "b.toml"))
+    with pytest.raises(sweeps.SpecError, match=r"b.toml: the study 'x' .* different design \(differs in: factors\)"):
+        sweeps.open_study(changed, storage)
 
 
 def test_duplicate_enqueue_is_pruned_and_finished_runs_are_reused(tmp_path):
-    spec = sweep.load_spec(tiny_spec(tmp_path, seeds=1, epochs=1, filters="[4]"))
+    spec = sweeps.load_spec(tiny_spec(tmp_path, seeds=1, epochs=1, filters="[4]"))
     spec.folder.mkdir(parents=True)
-    storage = sweep.open_storage(spec.default_storage(), 1, 3)
-    study = sweep.open_study(spec, storage)
-    first = sweep.design_points(spec)[0]
+    storage = sweeps.open_storage(spec.default_storage(), 1, 3)
+    study = sweeps.open_study(spec, storage)
+    first = sweeps.design_points(spec)[0]
     # A second starter that enqueued the design again (the race the guard exists for).
-    study.enqueue_trial(first, user_attrs=sweep._trial_attrs(first, 0))
-    worker = sweep.Worker(spec, storage)
+    study.enqueue_trial(first, user_attrs=sweeps.trial_attrs(first, 0))
+    worker = sweeps.Worker(spec, storage)
     final = worker.run()
     assert final.finished and final.done == 2 and worker.trained == 2
     trials = study.get_trials()
     complete = [t.user_attrs["key"] for t in trials if t.state.name == "COMPLETE"]
-    assert sorted(complete) == sorted(sweep.trial_key(p, 0) for p in sweep.design_points(spec))
+    assert sorted(complete) == sorted(sweeps.trial_key(p, 0) for p in sweeps.design_points(spec))
     pruned = [t for t in trials if t.state.name == "PRUNED"]
-    assert len(pruned) == 1 and pruned[0].user_attrs["key"] == sweep.trial_key(first, 0)
+    assert len(pruned) == 1 and pruned[0].user_attrs["key"] == sweeps.trial_key(first, 0)
     assert "duplicate_of" in pruned[0].user_attrs
 
     # The database is lost: a new sweep over the same folder reuses every finished run folder.
     (spec.folder / "sweep.db").unlink()
-    again = sweep.Worker(spec, sweep.open_storage(spec.default_storage(), 1, 3))
+    again = sweeps.Worker(spec, sweeps.open_storage(spec.default_storage(), 1, 3))
     assert again.run().done == 2
     assert again.trained == 0 and again.reused == 2
 
 
 def test_tpe_runs_each_point_with_every_seed(tmp_path):
-    spec = sweep.load_spec(tiny_spec(tmp_path, seeds=2, epochs=1, extra='sampler = "tpe"\npoints = 2'))
+    spec = sweeps.load_spec(tiny_spec(tmp_path, seeds=2, epochs=1, extra='sampler = "tpe"\npoints = 2'))
     spec.folder.mkdir(parents=True)
-    worker = sweep.Worker(spec, sweep.open_storage(spec.default_storage(), 1, 3))
+    worker = sweeps.Worker(spec, sweeps.open_storage(spec.default_storage(), 1, 3))
     final = worker.run()
     assert final.finished and final.done == 4 and final.points_tried == 2
-    res = sweep_report.analyse(spec, sweep_report.collect(spec, worker.storage))
+    res = sweeps.analyse(spec, sweeps.collect(spec, worker.storage))
     assert len(res.points) == 2 and all(r.seeds == 2 for r in res.points)
 
 
@@ -192,7 +192,7 @@ def test_tpe_runs_each_point_with_every_seed(tmp_path):
 
 @functools.lru_cache(maxsize=None)
 def _storage(url: str):
-    return sweep.open_storage(url)
+    return sweeps.open_storage(url)
 
 
 def _trials(url: str, name: str):
@@ -213,7 +213,7 @@ def _running_trial_of(url: str, name: str, pids: set[int]):
 
 def _assert_every_point_complete_once(spec, url: str):
     trials = _trials(url, spec.name)
-    expected = sorted(sweep.trial_key(p, s) for p in sweep.design_points(spec) for s in spec.seeds)
+    expected = sorted(sweeps.trial_key(p, s) for p in sweeps.design_points(spec) for s in spec.seeds)
     complete = sorted(t.user_attrs["key"] for t in trials if t.state.name == "COMPLETE")
     assert complete == expected, f"complete keys {complete} != design {expected}"
     for t in trials:
@@ -232,7 +232,7 @@ def _killed_and_redone(trials, killed):
 
 def test_sqlite_sweep_survives_a_killed_worker(tmp_path):
     spec_path = tiny_spec(tmp_path, name="tiny-sqlite")
-    spec = sweep.load_spec(spec_path)
+    spec = sweeps.load_spec(spec_path)
     url = spec.default_storage()
     log = tmp_path / "sweep.log"
     args = [str(spec_path), "--workers", "2", "--heartbeat-interval", "1", "--grace-period", "3", "--threads", "1"]
@@ -267,12 +267,12 @@ def test_opening_a_new_sqlite_storage_waits_for_another_opening(tmp_path):
     import subprocess
     import sys
     db = tmp_path / "sweep.db"
-    code = ("import sys; from fashionlab import sweep; print('opening', flush=True); "
-            "sweep.open_storage(sys.argv[1]); print('opened', flush=True)")
+    code = ("import sys; from fashionlab import sweeps; print('opening', flush=True); "
+            "sweeps.open_storage(sys.argv[1]); print('opened', flush=True)")
     with open(f"{db}.open-lock", "a") as held:
         fcntl.flock(held, fcntl.LOCK_EX)  # as a process in the middle of creating the schema holds it
         proc = subprocess.Popen([sys.executable, "-c", code, f"sqlite:///{db}"], stdout=subprocess.PIPE, text=True,
-                                env={**os.environ, "PYTHONPATH": str(Path(sweep.__file__).parents[1])})
+                                env={**os.environ, "PYTHONPATH": str(Path(sweeps.__file__).parents[2])})
         try:
             assert proc.stdout.readline().strip() == "opening"
             time.sleep(2)
@@ -288,7 +288,7 @@ def test_opening_a_new_sqlite_storage_waits_for_another_opening(tmp_path):
 
 def test_postgres_two_workers_one_killed_and_restarted(tmp_path):
     spec_path = tiny_spec(tmp_path, name="tiny-pg")
-    spec = sweep.load_spec(spec_path)
+    spec = sweeps.load_spec(spec_path)
     with postgres_cluster() as url:
         args = [str(spec_path), "--storage", url, "--heartbeat-interval", "1", "--grace-period", "3", "--threads", "1"]
         a = start_sweep(*args, log=tmp_path / "a.log")
@@ -324,14 +324,14 @@ def test_postgres_two_workers_one_killed_and_restarted(tmp_path):
 # --------------------------------------------------------------------------- report
 
 def _runs(values_by_level: dict[str, list[float]]):
-    return [sweep_report.RunResult({"kernel": level, "filters": "8"}, seed, v, {})
+    return [sweeps.RunResult({"kernel": level, "filters": "8"}, seed, v, {})
             for level, values in values_by_level.items() for seed, v in enumerate(values)]
 
 
 def test_report_finds_real_differences_and_not_noise(tmp_path):
-    spec = sweep.load_spec(write_spec(tmp_path, BASE.replace("kernel = [3, 5]", "kernel = [3, 5, 7]\nfilters = [8]")))
+    spec = sweeps.load_spec(write_spec(tmp_path, BASE.replace("kernel = [3, 5]", "kernel = [3, 5, 7]\nfilters = [8]")))
     runs = _runs({"3": [0.900, 0.902, 0.901, 0.899], "5": [0.880, 0.881, 0.879, 0.882], "7": [0.901, 0.899, 0.903, 0.898]})
-    res = sweep_report.analyse(spec, runs)
+    res = sweeps.analyse(spec, runs)
     rows = {r.label: r for r in res.levels["kernel"]}
     assert rows["3"].verdict == "best" and rows["3"].n == 4 and rows["3"].seeds == 4
     assert rows["5"].verdict == "worse, significant" and rows["5"].p_adj < 0.05
@@ -340,14 +340,14 @@ def test_report_finds_real_differences_and_not_noise(tmp_path):
     assert rows["5"].p == pytest.approx(stats.ttest_ind(rows["5"].values, rows["3"].values, equal_var=False).pvalue)
     assert rows["5"].p_adj == pytest.approx(min(1.0, 2 * rows["5"].p))  # Holm: the smaller p times 2
     assert rows["3"].std == pytest.approx(stats.tstd(rows["3"].values))
-    table = sweep_report.text_table(res)
+    table = sweeps.text_table(res)
     assert "worse, significant" in table and "not significantly different" in table
 
-    html = sweep_report.render_html(res)
+    html = sweeps.render_html(res)
     assert html.count("data:image/png;base64,") == 2  # main effects and the kernel x filters heatmap
     assert "http://" not in html and "https://" not in html  # self-contained
 
 
 def test_holm_adjustment_is_monotone_and_capped():
-    assert sweep_report.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert sweep_report.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+    assert sweeps.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert sweeps.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])

@@ -12,7 +12,8 @@ import sys
 import pytest
 import torch
 
-from fashionlab import checkpoint, data, predict, train
+from fashionlab import config, data, predict, run as run_mod, training
+from fashionlab.errors import UserError
 from fashionlab.device import resolve
 from conftest import ROOT, synthetic_dataset
 
@@ -22,9 +23,9 @@ FAST = dict(model="cnn_small", epochs=2, batch_size=32, val_split=0.2, quiet=Tru
 def run(tmp_path, name="run", dataset=None, **kw):
     opts = {**FAST, **kw}
     quiet = opts.pop("quiet")
-    cfg = train.make_config(**opts)
+    cfg = config.make_config(**opts)
     out = tmp_path / name
-    return train.train(cfg, out, dataset=dataset or synthetic_dataset(), quiet=quiet), out
+    return run_mod.train_run(cfg, out, dataset=dataset or synthetic_dataset(), quiet=quiet).metrics, out
 
 
 def test_learns_and_writes_the_run_folder(tmp_path):
@@ -32,7 +33,7 @@ def test_learns_and_writes_the_run_folder(tmp_path):
     assert metrics["test_accuracy"] > 0.9  # the synthetic bars are easy
     for name in ("config.json", "history.jsonl", "metrics.json", "model.safetensors", "model.json"):
         assert (out / name).is_file(), name
-    assert not (out / checkpoint.STATE_FILE).exists()
+    assert not (out / run_mod.CHECKPOINT).exists()
     m = json.loads((out / "metrics.json").read_text())
     for key in ("test_accuracy", "test_loss", "per_class", "confusion_matrix", "params", "train_seconds", "epochs_run"):
         assert key in m
@@ -71,13 +72,13 @@ def test_early_stopping_restores_best(tmp_path):
 
 def test_config_errors_name_the_field():
     with pytest.raises(ValueError, match=r"batch_size=0: expected an integer >= 1"):
-        train.make_config(batch_size=0)
+        config.make_config(batch_size=0)
     with pytest.raises(ValueError, match=r"optimizer='rmsprop': expected one of adam, adamw, sgd"):
-        train.make_config(optimizer="rmsprop")
+        config.make_config(optimizer="rmsprop")
     with pytest.raises(ValueError, match="patience .* needs a validation split"):
-        train.make_config(patience=2, val_split=0.0)
-    with pytest.raises(KeyError, match="unknown recipe 'fastest'; known recipes: .*dense-vs-conv"):
-        train.make_config(recipe="fastest")
+        config.make_config(patience=2, val_split=0.0)
+    with pytest.raises(ValueError, match="unknown recipe 'fastest'; known recipes: .*dense-vs-conv"):
+        config.make_config(recipe="fastest")
 
 
 def test_sharpness_aware_gradients_are_taken_at_the_steepest_nearby_point():
@@ -88,7 +89,7 @@ def test_sharpness_aware_gradients_are_taken_at_the_steepest_nearby_point():
     loss_at = lambda: 0.5 * (a * w * w).sum()
     loss_at().backward()
     g = (a * w).detach()
-    train.sharpness_aware_gradients([w, frozen], loss_at, rho=0.1)
+    training.sharpness_aware_gradients([w, frozen], loss_at, rho=0.1)
     expected = a * (w.detach() + 0.1 * g / g.norm())
     assert torch.allclose(w.grad, expected) and not torch.allclose(w.grad, g)
     assert torch.equal(w.detach(), torch.tensor([0.3, -0.2, 2.0]))  # the weights are put back exactly
@@ -105,22 +106,22 @@ def test_sam_starts_where_configured(tmp_path):
     assert rows["plain"][1]["train_loss"] != rows["late"][1]["train_loss"]  # then SAM's gradients
     assert plain["test_loss"] != late["test_loss"]
     with pytest.raises(ValueError, match=r"sam_start=1.0: expected a fraction of the run in \[0, 1\)"):
-        train.make_config(sam_rho=0.05, sam_start=1.0)
+        config.make_config(sam_rho=0.05, sam_start=1.0)
     with pytest.raises(ValueError, match=r"sam_rho=-0.1: expected a radius >= 0"):
-        train.make_config(sam_rho=-0.1)
+        config.make_config(sam_rho=-0.1)
 
 
 def test_recipe_values_and_explicit_overrides():
-    cfg = train.make_config(recipe="cnn-vs-rnn", epochs=1)
+    cfg = config.make_config(recipe="cnn-vs-rnn", epochs=1)
     assert (cfg.model, cfg.batch_size, cfg.val_split, cfg.seed, cfg.epochs) == ("cnn_small", 256, 0.2, 4, 1)
-    cfg = train.make_config(recipe="augmented-cnn")
+    cfg = config.make_config(recipe="augmented-cnn")
     assert cfg.model_args["resize"] == 32 and cfg.augment == {"flip": 0.5, "rotate": 10.0}
 
 
 @pytest.mark.parametrize("schedule", ["constant", "cosine", "onecycle"])
 def test_schedules(schedule):
-    cfg = train.make_config(schedule=schedule, lr=0.1, warmup_epochs=1 if schedule == "cosine" else 0)
-    lrs = [train.lr_at(s, 100, cfg, 10) for s in range(100)]
+    cfg = config.make_config(schedule=schedule, lr=0.1, warmup_epochs=1 if schedule == "cosine" else 0)
+    lrs = [training.lr_at(s, 100, cfg, 10) for s in range(100)]
     assert max(lrs) == pytest.approx(0.1) and all(v >= 0 for v in lrs)
     if schedule == "constant":
         assert set(lrs) == {0.1}
@@ -131,7 +132,7 @@ def test_schedules(schedule):
 
 def test_device_resolution_never_changes_behaviour():
     """Shuffling and augmentation draw from a CPU generator: the same on every device."""
-    g1, g2 = train._epoch_generator(3, 1), train._epoch_generator(3, 1)
+    g1, g2 = training.epoch_generator(3, 1), training.epoch_generator(3, 1)
     assert torch.equal(torch.randperm(1000, generator=g1), torch.randperm(1000, generator=g2))
     rt = resolve("cpu", "fp32")
     assert rt.precision == "fp32" and not rt.channels_last
@@ -165,7 +166,7 @@ def test_sigint_saves_and_resume_continues_exactly(tmp_path):
     rest, _ = proc.communicate(timeout=300)
     assert proc.returncode == 130, "".join(lines) + rest
     assert "continue with: fashionlab train --resume" in rest
-    assert (tmp_path / "cut" / checkpoint.STATE_FILE).exists() and not (tmp_path / "cut" / "metrics.json").exists()
+    assert (tmp_path / "cut" / run_mod.CHECKPOINT).exists() and not (tmp_path / "cut" / "metrics.json").exists()
 
     resumed = subprocess.run([sys.executable, "-m", "fashionlab", "train", "--resume", str(tmp_path / "cut"), "--quiet",
                               "--data-dir", str(folder), "--offline"],
@@ -177,7 +178,7 @@ def test_sigint_saves_and_resume_continues_exactly(tmp_path):
     a = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     b = json.loads((tmp_path / "whole" / "metrics.json").read_text())
     assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
-    assert a["epochs_run"] == 3 and not (tmp_path / "cut" / checkpoint.STATE_FILE).exists()
+    assert a["epochs_run"] == 3 and not (tmp_path / "cut" / run_mod.CHECKPOINT).exists()
 
 
 @pytest.mark.parametrize("model", ["mlp", "fast"])  # fast: its data-initialised frozen layer must come back too
@@ -185,10 +186,10 @@ def test_resume_mid_epoch_in_process(model, tmp_path, monkeypatch):
     """SIGTERM inside an epoch: the checkpoint holds the position in the epoch, and the resumed run
     ends identical to an uninterrupted one."""
     ds = synthetic_dataset(n_train=1000)
-    cfg = train.make_config(model=model, epochs=2, batch_size=8, seed=2, augment={"erase": 0.5}, val_split=0.1)
+    cfg = config.make_config(model=model, epochs=2, batch_size=8, seed=2, augment={"erase": 0.5}, val_split=0.1)
     # Deliver a real SIGTERM at exactly the 30th training batch of epoch 1 (of 113): every batch
     # passes through to_input, so counting its batch-sized calls pins the moment without depending on speed.
-    real_to_input, calls = train.evaluate.to_input, []
+    real_to_input, calls = training.evaluate.to_input, []
 
     def to_input_then_signal(images, runtime=None):
         calls.append(len(images) == cfg.batch_size)
@@ -196,16 +197,16 @@ def test_resume_mid_epoch_in_process(model, tmp_path, monkeypatch):
             os.kill(os.getpid(), signal.SIGTERM)
         return real_to_input(images, runtime)
 
-    monkeypatch.setattr(train.evaluate, "to_input", to_input_then_signal)
-    with pytest.raises(train.TrainingInterrupted):
-        train.train(cfg, tmp_path / "cut", dataset=ds, quiet=True)
-    monkeypatch.setattr(train.evaluate, "to_input", real_to_input)
+    monkeypatch.setattr(training.evaluate, "to_input", to_input_then_signal)
+    with pytest.raises(training.TrainingInterrupted):
+        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True)
+    monkeypatch.setattr(training.evaluate, "to_input", real_to_input)
     from safetensors import safe_open
-    with safe_open(str(tmp_path / "cut" / train.checkpoint.STATE_FILE), framework="pt") as fh:
+    with safe_open(str(tmp_path / "cut" / run_mod.CHECKPOINT), framework="pt") as fh:
         saved = json.loads(fh.metadata()["state"])
     assert saved["epoch"] == 0 and saved["partial"]["step"] == 30
-    a = train.resume(tmp_path / "cut", quiet=True, dataset=ds)
-    b = train.train(cfg, tmp_path / "whole", dataset=ds, quiet=True)
+    a = run_mod.resume_run(tmp_path / "cut", quiet=True, dataset=ds).metrics
+    b = run_mod.train_run(cfg, tmp_path / "whole", dataset=ds, quiet=True).metrics
     assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
 
 
@@ -213,16 +214,16 @@ def test_finished_run_is_not_overwritten(tmp_path):
     _, out = run(tmp_path, epochs=1)
     with pytest.raises(FileExistsError, match="already holds a finished run"):
         run(tmp_path, epochs=1)
-    with pytest.raises(ValueError, match="already finished"):
-        train.resume(out, quiet=True, dataset=synthetic_dataset())
+    with pytest.raises(UserError, match="already finished"):
+        run_mod.resume_run(out, quiet=True, dataset=synthetic_dataset())
 
 
 @pytest.mark.slow
 def test_real_data_training(real_data, tmp_path):
     """A short real run: a small CNN on 10,000 real images for 2 epochs reaches a plausible accuracy,
     and every class has a score."""
-    cfg = train.make_config(model="cnn_small", epochs=2, subset=10000, batch_size=128, val_split=0.1)
-    metrics = train.train(cfg, tmp_path / "real", dataset=real_data, quiet=True)
+    cfg = config.make_config(model="cnn_small", epochs=2, subset=10000, batch_size=128, val_split=0.1)
+    metrics = run_mod.train_run(cfg, tmp_path / "real", dataset=real_data, quiet=True).metrics
     assert 0.78 < metrics["test_accuracy"] < 0.95
     assert metrics["num_test"] == 10000
     recalls = {k: v["recall"] for k, v in metrics["per_class"].items()}

@@ -1,4 +1,5 @@
-"""Run-folder files: model weights and training state in safetensors, descriptions in JSON.
+"""The file formats of a run: model weights and training state in safetensors, descriptions in JSON.
+Which file is which lives in run.py; this module reads and writes whatever paths it is given.
 
 Nothing here is a pickle: a checkpoint is tensors plus JSON, so loading one never runs code.
 Every file is written to a temporary name and renamed, so a crash leaves the old file or the
@@ -18,8 +19,6 @@ from safetensors import safe_open
 from . import models
 from .atomic import atomic_write, write_text
 from .errors import UserError
-
-MODEL_WEIGHTS, MODEL_JSON, STATE_FILE = "model.safetensors", "model.json", "checkpoint.safetensors"
 
 
 class RunError(UserError):
@@ -46,25 +45,22 @@ def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[s
         save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata)
 
 
-def save_model(run_dir: Path, model: torch.nn.Module, info: dict[str, Any]) -> None:
-    """model.safetensors (weights, with model.json's content as metadata) and model.json."""
-    run_dir = Path(run_dir)
-    _save_tensors(run_dir / MODEL_WEIGHTS, model.state_dict(), {"fashionlab": json.dumps(info)})
-    write_json(run_dir / MODEL_JSON, info)
+def write_model(weights: Path, description: Path, model: torch.nn.Module, info: dict[str, Any]) -> None:
+    """The weights (with the description as metadata, so the file stands alone) and the description."""
+    _save_tensors(Path(weights), model.state_dict(), {"fashionlab": json.dumps(info)})
+    write_json(Path(description), info)
 
 
-def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a model from a run folder (or a folder with model.json + model.safetensors)."""
-    run_dir = Path(run_dir)
-    if not run_dir.is_dir():
-        raise RunError(f"{run_dir}: no such run folder")
-    info = read_json(run_dir / MODEL_JSON)
+def read_model(description: Path, weights: Path, device: str | torch.device = "cpu"
+               ) -> tuple[torch.nn.Module, dict[str, Any]]:
+    """Rebuild a model from its description (model.json) and weights (safetensors)."""
+    description, weights = Path(description), Path(weights)
+    info = read_json(description)
+    arch = info.get("architecture") if isinstance(info, dict) else None
     for key in ("family", "kwargs"):
-        if key not in info.get("architecture", {}):
-            raise RunError(f"{run_dir / MODEL_JSON}: field architecture.{key} is missing")
-    arch = info["architecture"]
+        if not isinstance(arch, dict) or key not in arch:
+            raise RunError(f"{description}: field architecture.{key} is missing")
     model = models.build_from_spec(arch["family"], arch["kwargs"])
-    weights = run_dir / MODEL_WEIGHTS
     if not weights.is_file():
         raise RunError(f"{weights}: file not found")
     try:
@@ -73,7 +69,7 @@ def load_model(run_dir: Path, device: str | torch.device = "cpu") -> tuple[torch
         raise RunError(f"{weights}: not a readable safetensors file ({e})") from None
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise RunError(f"{weights}: weights do not fit {arch['name']!r}: missing {missing}, unexpected {unexpected}")
+        raise RunError(f"{weights}: weights do not fit {arch.get('name')!r}: missing {missing}, unexpected {unexpected}")
     return model.to(device).eval(), info
 
 

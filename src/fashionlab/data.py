@@ -109,6 +109,11 @@ def custom_spec(class_names: list[str] | tuple[str, ...], like: DatasetSpec = FA
     return DatasetSpec(name="custom", class_names=tuple(class_names), files=files)
 
 
+def spec_for(dataset: str = "fashion-mnist", class_names: list[str] | tuple[str, ...] | None = None) -> DatasetSpec:
+    """The spec a run or command means: a custom IDX dataset when it names its classes, else a known one."""
+    return custom_spec(class_names) if class_names else get_spec(dataset)
+
+
 # --------------------------------------------------------------------------- settings
 
 def offline_from_env() -> bool:

@@ -73,3 +73,14 @@ def resolve(device: str = "auto", precision: str = "auto", conv_model: bool = Tr
     # NHWC layout only pays for convolutions with a fast bf16/tensor-core path.
     channels_last = conv_model and precision == "bf16" and dev.type in ("cpu", "cuda")
     return Runtime(dev, precision, channels_last)
+
+
+def inference_runtime(info: dict, device: str = "auto", precision: str = "auto") -> Runtime:
+    """How to run a trained model (model.json's `info`): explicit precision is honoured; "auto" keeps
+    the recorded precision where the device runs it natively and falls back to fp32 where bf16 would
+    only be emulated (slow; fp32 is exact enough to classify)."""
+    conv = bool(info.get("architecture", {}).get("channels_last", True))
+    if precision == "auto":
+        recorded = info.get("precision", "fp32")
+        precision = "bf16" if recorded == "bf16" and bf16_supported(resolve_device(device)) else "fp32"
+    return resolve(device, precision, conv_model=conv)

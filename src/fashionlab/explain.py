@@ -15,8 +15,9 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import checkpoint, evaluate, pages
+from . import evaluate, pages
 from .device import resolve
+from .run import RunFolder
 
 
 def conv_layers(model: nn.Module) -> list[tuple[str, nn.Conv2d]]:
@@ -30,16 +31,6 @@ def last_linear(model: nn.Module) -> nn.Linear | None:
 
 def model_device(model: nn.Module) -> torch.device:
     return next(model.parameters()).device
-
-
-def _grid_shape(n: int, cols: int) -> tuple[int, int]:
-    cols = min(cols, n)
-    return int(np.ceil(n / cols)), cols
-
-
-def _hide(ax) -> None:
-    ax.set_xticks([])
-    ax.set_yticks([])
 
 
 def first_layer_filters(model: nn.Module, max_filters: int = 64):
@@ -60,14 +51,14 @@ def first_layer_filters(model: nn.Module, max_filters: int = 64):
         w = first.weight.detach().float().cpu().numpy().reshape(-1, side, side)
         title = f"First dense layer: weights of {min(len(w), max_filters)} of {len(w)} units as {side}x{side} images"
     w = w[:max_filters]
-    rows, cols = _grid_shape(len(w), 16 if len(w) > 32 else 8)
+    rows, cols = pages.grid_shape(len(w), 16 if len(w) > 32 else 8)
     fig = pages.new_figure(cols * 0.75 + 0.4, rows * 0.75 + 0.6)
     fig.suptitle(title, fontsize=9)
     for i, k in enumerate(w):
         ax = fig.add_subplot(rows, cols, i + 1)
         lim = np.abs(k).max() or 1.0
         ax.imshow(k, cmap="RdBu_r", vmin=-lim, vmax=lim)  # red positive, blue negative; white zero
-        _hide(ax)
+        pages.hide_axes(ax)
     return fig
 
 
@@ -94,11 +85,11 @@ def feature_maps(model: nn.Module, image_u8: np.ndarray, max_channels: int = 16,
         ax = fig.add_subplot(len(convs), cols, r * cols + 1)
         ax.imshow(image_u8, cmap="gray_r")
         ax.set_ylabel(f"{name}\n{maps.shape[1]}x{maps.shape[2]}", fontsize=6, rotation=0, ha="right", va="center")
-        _hide(ax)
+        pages.hide_axes(ax)
         for c in range(min(max_channels, len(maps))):
             ax = fig.add_subplot(len(convs), cols, r * cols + c + 2)
             ax.imshow(maps[c], cmap="viridis")
-            _hide(ax)
+            pages.hide_axes(ax)
     return fig
 
 
@@ -166,7 +157,7 @@ def saliency_figure(model: nn.Module, images_u8: np.ndarray, labels: np.ndarray,
         ax.set_title(class_names[p], fontsize=6, color="black" if p == y else "red", pad=2)
         if c == 0:
             ax.set_ylabel(class_names[y], fontsize=7)
-        _hide(ax)
+        pages.hide_axes(ax)
     return fig, method
 
 
@@ -234,7 +225,7 @@ def embedding_figure(emb: dict, labels: np.ndarray, class_names: Sequence[str]):
             sel = y == c
             ax.scatter(xy[sel, 0], xy[sel, 1], s=3, alpha=.6, color=f"C{c % 10}", label=cname, rasterized=True)
         ax.set_title(f"{name} of penultimate features", fontsize=9)
-        _hide(ax)
+        pages.hide_axes(ax)
     fig.legend(*fig.axes[0].get_legend_handles_labels(), loc="outside right center", fontsize=7, markerscale=3)
     return fig
 
@@ -271,7 +262,7 @@ def explain_sections(model: nn.Module, test_images: np.ndarray, test_labels: np.
 
 def load_for_explanation(run_dir: str | Path, device: str = "auto") -> tuple[nn.Module, dict]:
     rt = resolve(device, "fp32")
-    model, info = checkpoint.load_model(run_dir, device=rt.device)
+    model, info = RunFolder(run_dir).load_model(device=rt.device)
     return model.float().eval(), info
 
 

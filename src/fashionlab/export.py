@@ -17,7 +17,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, checkpoint
+from . import __version__, run
+from .run import RunFolder
 from .device import resolve
 from .predict import Predictor
 from .atomic import atomic_write, write_bytes
@@ -93,7 +94,7 @@ def export_onnx(run_dir: str | Path, images: np.ndarray, out: str | Path | None 
     """
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / ONNX_FILE
-    model, info = checkpoint.load_model(run_dir)  # fp32 on CPU: the reference the file must match
+    model, info = RunFolder(run_dir).load_model()  # fp32 on CPU: the reference the file must match
     reference = Predictor(model, info, resolve("cpu", "fp32", conv_model=False))
     if len(images) == 0:
         raise ExportError("parity check needs at least one test image")
@@ -155,7 +156,8 @@ class OnnxPredictor:
         path = run_dir / ONNX_FILE if run_dir.is_dir() else run_dir
         if not path.is_file():
             raise ExportError(f"{path}: file not found; create it with `fashionlab export {run_dir} --format onnx`")
-        info = checkpoint.read_json(path.parent / checkpoint.MODEL_JSON) if (path.parent / checkpoint.MODEL_JSON).is_file() else None
+        folder = RunFolder(path.parent)
+        info = folder.model_info if folder.model_json_path.is_file() else None
         return cls(path, None, info, threads)
 
     def probabilities(self, batch: np.ndarray, batch_size: int = 1000) -> np.ndarray:
@@ -173,7 +175,7 @@ class OnnxPredictor:
 
 # --------------------------------------------------------------------------- SageMaker model archive
 
-PACKAGE_FILES = ("model.json", "model.safetensors", ONNX_FILE, "config.json", "metrics.json")
+PACKAGE_FILES = (run.MODEL_JSON, run.MODEL_WEIGHTS, ONNX_FILE, run.CONFIG, run.METRICS)
 
 
 def package(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
@@ -184,7 +186,7 @@ def package(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any
     """
     import tarfile
     run_dir = Path(run_dir)
-    checkpoint.load_model(run_dir)  # refuse to package a run that cannot be served
+    RunFolder(run_dir).load_model()  # refuse to package a run that cannot be served
     out = Path(out) if out else run_dir / "model.tar.gz"
     present = [name for name in PACKAGE_FILES if (run_dir / name).is_file()]
     with atomic_write(out) as tmp, tarfile.open(tmp, "w:gz") as tar:

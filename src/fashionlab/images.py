@@ -87,6 +87,11 @@ def decode_image(blob: bytes, name: str = "image", max_pixels: int = MAX_PIXELS)
         raise ImageError(f"{name}: not a recognised image format; expected PNG, JPEG, BMP, GIF or WebP") from None
     except Exception as e:  # a damaged header can raise almost anything inside a format plugin
         raise ImageError(f"{name}: corrupt image header ({type(e).__name__}: {e})") from None
+    return pil_to_gray(img, name, max_pixels)
+
+
+def pil_to_gray(img: "Image.Image", name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An opened (not yet decoded) or in-memory PIL image -> 2-D uint8 grayscale (alpha over white)."""
     w, h = img.size
     if w * h > max_pixels:
         raise ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
@@ -181,6 +186,21 @@ def load_images(path: str | Path, max_pixels: int = MAX_PIXELS) -> np.ndarray:
     if path.suffix.lower() == ".npy":
         return decode_npy(blob, str(path))
     return to_dataset_style(decode_image(blob, str(path), max_pixels))[None]
+
+
+def as_images(inputs, max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """What a user holds -> (N, 28, 28) uint8 in the dataset's style: a file path (image or .npy), a
+    PIL image, a numpy array ((28, 28) or (N, 28, 28); uint8 or floats), or a list of these."""
+    if isinstance(inputs, (str, Path)):
+        return load_images(inputs, max_pixels)
+    if isinstance(inputs, Image.Image):
+        return to_dataset_style(pil_to_gray(inputs, "PIL image", max_pixels))[None]
+    if isinstance(inputs, np.ndarray):
+        return array_to_images(inputs)
+    if isinstance(inputs, (list, tuple)) and inputs:
+        return np.concatenate([as_images(x, max_pixels) for x in inputs])
+    raise ImageError(f"cannot classify a {type(inputs).__name__}: expected a file path, a PIL image, a uint8 "
+                     f"array of shape (28, 28) or (N, 28, 28), or a non-empty list of these")
 
 
 # --------------------------------------------------------------------------- photo-style renderings

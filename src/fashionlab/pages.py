@@ -1,7 +1,7 @@
 """The shared kit for every HTML page fashionlab writes (exploration, run, study, explanation).
 
 A page is a title and a list of sections; a section holds HTML fragments: tables, notes and
-figures. Figures are matplotlib `Figure` objects drawn on the Agg canvas (no display, no
+figures. Figures are matplotlib `Figure` objects rendered by Agg when saved (no display, no
 global pyplot state), embedded as base64 PNG so one file opens offline and prints, and also
 written as PNG files beside the page.
 
@@ -19,20 +19,27 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
-import matplotlib
+import numpy as np
+# Figures are matplotlib.figure.Figure objects saved with savefig: no pyplot and no backend switch,
+# so a notebook's own inline plots keep working after fashionlab draws.
+from matplotlib.figure import Figure
 
-matplotlib.use("Agg")  # never open a window, never need a display
-
-from matplotlib.figure import Figure  # noqa: E402
-
-from . import atomic  # noqa: E402
+from . import atomic
 
 DPI = 110
 
 
-def new_figure(width: float = 6.4, height: float = 4.0) -> Figure:
-    """A figure on the Agg canvas, independent of pyplot's global state (safe in threads)."""
-    return Figure(figsize=(width, height), dpi=DPI, layout="constrained")
+class InlineFigure(Figure):
+    """A Figure that shows itself as a PNG when it ends a notebook cell, even where pyplot was never
+    imported (Jupyter's inline backend only registers matplotlib's own display hook with pyplot)."""
+
+    def _repr_png_(self) -> bytes:
+        return figure_png(self)
+
+
+def new_figure(width: float = 6.4, height: float = 4.0) -> InlineFigure:
+    """A figure independent of pyplot's global state (safe in threads); savefig renders it with Agg."""
+    return InlineFigure(figsize=(width, height), dpi=DPI, layout="constrained")
 
 
 def figure_png(fig: Figure) -> bytes:
@@ -44,6 +51,18 @@ def figure_png(fig: Figure) -> bytes:
 def figure_to_base64(fig: Figure) -> str:
     """The figure as a base64 PNG string (what an <img src="data:image/png;base64,..."> needs)."""
     return base64.b64encode(figure_png(fig)).decode("ascii")
+
+
+def grid_shape(n: int, cols: int) -> tuple[int, int]:
+    """(rows, cols) for n panels at most cols wide."""
+    cols = min(cols, n)
+    return int(np.ceil(n / cols)), cols
+
+
+def hide_axes(ax) -> None:
+    """An image panel: no ticks."""
+    ax.set_xticks([])
+    ax.set_yticks([])
 
 
 def esc(value: Any) -> str:

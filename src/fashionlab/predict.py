@@ -9,9 +9,10 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import checkpoint, evaluate, images
+from . import evaluate, images
 from .atomic import write_text
-from .device import Runtime, resolve
+from .device import Runtime, inference_runtime
+from .run import RunFolder
 
 
 class Predictor:
@@ -23,13 +24,8 @@ class Predictor:
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", precision: str | None = None) -> "Predictor":
-        model, info = checkpoint.load_model(run_dir)
-        wanted = precision or info.get("precision", "auto")
-        rt = resolve(device, "auto" if wanted == "bf16" else wanted,
-                     conv_model=info["architecture"].get("channels_last", True))
-        if wanted == "bf16" and rt.precision != "bf16":
-            wanted = "fp32"  # the run was trained in bf16 but this device has no fast bf16: fp32 is exact enough
-        rt = Runtime(rt.device, rt.precision if wanted == "auto" else wanted, rt.channels_last and wanted == "bf16")
+        model, info = RunFolder(run_dir).load_model()
+        rt = inference_runtime(info, device, precision or "auto")
         model = model.to(rt.device)
         if rt.channels_last:
             model = model.to(memory_format=torch.channels_last)
@@ -42,7 +38,9 @@ class Predictor:
         return torch.softmax(logits, 1).numpy()
 
     def rank(self, probs: np.ndarray, top_k: int | None = None) -> list[list[dict[str, Any]]]:
-        k = len(self.class_names) if not top_k else min(top_k, len(self.class_names))
+        if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
+            raise ValueError(f"top_k={top_k!r}: expected an integer >= 1 (or None for every class)")
+        k = len(self.class_names) if top_k is None else min(top_k, len(self.class_names))
         out = []
         for p in probs:
             order = np.argsort(-p, kind="stable")[:k]

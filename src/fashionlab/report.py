@@ -10,13 +10,15 @@ Training never imports this module: the CLI and studies call it after training.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import checkpoint, data as data_mod, explain, models, pages
+from . import data as data_mod, explain, models, pages
 from .predict import Predictor
+from .run import RunFolder
 
 
 # --------------------------------------------------------------------------- figures
@@ -77,7 +79,7 @@ def confused_pairs_figure(images: np.ndarray, y: np.ndarray, pred: np.ndarray, p
         hits = np.flatnonzero((y == index[p["true"]]) & (pred == index[p["predicted"]]))[:per_pair]
         for c in range(per_pair):
             ax = fig.add_subplot(len(pairs), per_pair, r * per_pair + c + 1)
-            explain._hide(ax)
+            pages.hide_axes(ax)
             if c < len(hits):
                 ax.imshow(images[hits[c]], cmap="gray_r")
             else:
@@ -95,13 +97,13 @@ def misclassified_figure(images: np.ndarray, y: np.ndarray, probs: np.ndarray, n
     if len(wrong) == 0:
         return None
     wrong = wrong[np.argsort(-probs[wrong, pred[wrong]], kind="stable")][:n]
-    rows, cols = explain._grid_shape(len(wrong), 8)
+    rows, cols = pages.grid_shape(len(wrong), 8)
     fig = pages.new_figure(cols * 1.25, rows * 1.45 + 0.2)
     for i, k in enumerate(wrong):
         ax = fig.add_subplot(rows, cols, i + 1)
         ax.imshow(images[k], cmap="gray_r")
         ax.set_title(f"true {names[y[k]]}\npred {names[pred[k]]} {probs[k, pred[k]]:.2f}", fontsize=6, pad=2)
-        explain._hide(ax)
+        pages.hide_axes(ax)
     return fig
 
 
@@ -135,7 +137,7 @@ def probability_figure(images: np.ndarray, y: np.ndarray, probs: np.ndarray, nam
         r, c = divmod(i, 2)
         ax = fig.add_subplot(gs[r, 2 * c])
         ax.imshow(images[k], cmap="gray_r")
-        explain._hide(ax)
+        pages.hide_axes(ax)
         p = int(probs[k].argmax())
         ax.set_title(f"test #{k}", fontsize=7)
         ax = fig.add_subplot(gs[r, 2 * c + 1])
@@ -148,6 +150,23 @@ def probability_figure(images: np.ndarray, y: np.ndarray, probs: np.ndarray, nam
         ax.set_xlim(0, 1)
         ax.tick_params(axis="x", labelsize=6)
         ax.set_title(f"true: {names[y[k]]} | predicted: {names[p]} ({probs[k, p]:.2f})", fontsize=7)
+    return fig
+
+
+def per_class_figure(per_class: dict[str, dict[str, float]]):
+    """Precision, recall and F1 per class side by side, on the full 0-1 scale."""
+    names = list(per_class)
+    fig = pages.new_figure(9, 3.4)
+    ax = fig.add_subplot()
+    x = np.arange(len(names))
+    for i, (key, colour) in enumerate((("precision", "#4a7ebb"), ("recall", "#d98c00"), ("f1", "#2e9d4a"))):
+        ax.bar(x + (i - 1) * 0.27, [per_class[n][key] for n in names], 0.27, label=key, color=colour)
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("score")
+    ax.grid(axis="y", alpha=.3)
+    ax.legend(fontsize=8, ncols=3, loc="lower right")
+    ax.set_title("Per-class test scores", fontsize=10)
     return fig
 
 
@@ -177,19 +196,91 @@ def reliability_figure(bins: Sequence[dict], ece: float):
     return fig
 
 
+# --------------------------------------------------------------------------- a run's figures
+
+@dataclass
+class RunView:
+    """A finished run with its test set: the model, predictions and metrics, each computed once and
+    shared by the figures, the report page and `Run.figures()`."""
+    folder: RunFolder
+    dataset: data_mod.Dataset
+    device: str = "auto"
+    _cache: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self):
+        names = self.folder.class_names
+        if list(self.dataset.class_names) != names:
+            raise ValueError(f"{self.folder.path}: the run's classes {names} differ from the dataset's "
+                             f"{list(self.dataset.class_names)}")
+
+    def _once(self, key: str, make: Callable[[], Any]) -> Any:
+        if key not in self._cache:
+            self._cache[key] = make()
+        return self._cache[key]
+
+    @property
+    def names(self) -> list[str]:
+        return list(self.dataset.class_names)
+
+    @property
+    def metrics(self) -> dict[str, Any]:
+        return self._once("metrics", lambda: self.folder.metrics)
+
+    @property
+    def probs(self) -> np.ndarray:
+        """Test-set probabilities as the service would give them (the run's test-time augmentation)."""
+        return self._once("probs", lambda: Predictor.from_run(self.folder.path, device=self.device)
+                          .probabilities(self.dataset.test_images))
+
+    @property
+    def model(self):
+        """The model in float32 on the CPU, for looking inside it."""
+        return self._once("model", lambda: explain.load_for_explanation(self.folder.path, device="cpu")[0])
+
+
+def _embedding_figure(v: RunView, points: int = 2000):
+    y = v.dataset.test_labels
+    n = min(points, len(y))
+    sample = np.sort(np.random.default_rng(0).choice(len(y), n, replace=False)) if n < len(y) else np.arange(n)
+    emb = explain.embed(explain.penultimate_features(v.model, v.dataset.test_images[sample]), y[sample])
+    return explain.embedding_figure(emb, y[sample], v.names)
+
+
+# name -> (caption, figure from a RunView; None when the model has nothing of that kind to show)
+FIGURES: dict[str, tuple[str, Callable[[RunView], Any]]] = {
+    "curves": ("Loss and accuracy per epoch, training and validation",
+               lambda v: curves_figure(v.folder.history) if v.folder.history else None),
+    "confusion": ("Confusion matrix with counts; colour is the share of the true class",
+                  lambda v: confusion_figure(v.metrics["confusion_matrix"], v.names)),
+    "per_class": ("Precision, recall and F1 per class", lambda v: per_class_figure(v.metrics["per_class"])),
+    "probabilities": ("Class probabilities for a few test images: predicted class green when right, red when "
+                      "wrong; the true class in bold",
+                      lambda v: probability_figure(v.dataset.test_images, v.dataset.test_labels, v.probs, v.names)),
+    "filters": ("First-layer weights as images (red positive, blue negative)",
+                lambda v: explain.first_layer_filters(v.model)),
+    "feature_maps": ("Feature maps of one test image after every conv layer",
+                     lambda v: explain.feature_maps(v.model, v.dataset.test_images[0],
+                                                    caption=f"test image 0 ({v.names[v.dataset.test_labels[0]]})")),
+    "gradcam": ("Grad-CAM (or saliency): three test images per class (rows: true class)",
+                lambda v: explain.saliency_figure(v.model, v.dataset.test_images, v.dataset.test_labels, v.names)[0]),
+    "embedding": ("2-D embedding of the penultimate features, coloured by class", _embedding_figure),
+}
+
+
+def run_figures(view: RunView, which: Sequence[str] | None = None) -> dict[str, Any]:
+    """The named figures (all by default) as matplotlib Figures; kinds the model lacks are left out."""
+    unknown = sorted(set(which or ()) - set(FIGURES))
+    if unknown:
+        raise ValueError(f"unknown figure(s) {', '.join(unknown)}; available: {', '.join(FIGURES)}")
+    out = {}
+    for name in which or FIGURES:
+        fig = FIGURES[name][1](view)
+        if fig is not None:
+            out[name] = fig
+    return out
+
+
 # --------------------------------------------------------------------------- page
-
-def dataset_for_run(run_dir: str | Path, data_dir=None, offline=None) -> data_mod.Dataset:
-    """The dataset a run was trained on, found and verified as training does."""
-    cfg = checkpoint.read_json(Path(run_dir) / "config.json")
-    spec = data_mod.custom_spec(cfg["class_names"]) if cfg.get("class_names") else data_mod.get_spec(cfg.get("dataset", "fashion-mnist"))
-    return data_mod.load(spec, data_dir=data_dir, offline=offline)
-
-
-def read_history(run_dir: Path) -> list[dict]:
-    path = run_dir / "history.jsonl"
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
-
 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
@@ -199,46 +290,38 @@ def _fmt(v: Any) -> str:
     return "—" if v is None else str(v)
 
 
-def run_sections(run_dir: Path, dataset: data_mod.Dataset, figs: pages.FigureWriter, with_explain: bool = True,
-                 device: str = "auto") -> list[pages.Section]:
-    cfg = checkpoint.read_json(run_dir / "config.json")
-    metrics = checkpoint.read_json(run_dir / "metrics.json")
-    info = checkpoint.read_json(run_dir / checkpoint.MODEL_JSON)
-    history = read_history(run_dir)
-    names = list(metrics["per_class"])
-    if list(dataset.class_names) != names:
-        raise ValueError(f"{run_dir}: the run's classes {names} differ from the dataset's {list(dataset.class_names)}")
-    images, y = dataset.test_images, dataset.test_labels
-    probs = Predictor.from_run(run_dir, device=device).probabilities(images)
-    pred = probs.argmax(1)
-    sections = []
-
+def _configuration_section(folder: RunFolder) -> pages.Section:
+    cfg = folder.record
     env = cfg.get("environment", {})
     settings = [(k, _fmt(v)) for k, v in cfg.items() if k not in ("environment", "data", "split")]
     facts = [("data", f"{cfg.get('data', {}).get('name', '')} from {cfg.get('data', {}).get('source', '')}"),
              ("verification", cfg.get("data", {}).get("verification", "")),
              ("split", ", ".join(f"{k} {v:,}" for k, v in cfg.get("split", {}).items())),
              ("environment", ", ".join(f"{k} {v}" for k, v in env.items()))]
-    sections.append(pages.Section("Configuration", [pages.key_values(settings + facts)]))
+    return pages.Section("Configuration", [pages.key_values(settings + facts)])
 
-    model, _ = explain.load_for_explanation(run_dir, device="cpu")
-    rows = models.summary(model)
-    arch = info["architecture"]
+
+def _architecture_section(v: RunView) -> pages.Section:
+    rows = models.summary(v.model)
+    arch = v.folder.model_info["architecture"]
     table_rows = [[r["layer"], r["type"], str(tuple(r["output_shape"])), f"{r['params']:,}"] for r in rows]
     table_rows.append(["total", "", "", f"{sum(r['params'] for r in rows):,}"])
-    sections.append(pages.Section("Architecture", [
+    return pages.Section("Architecture", [
         pages.paragraph(f"{arch.get('name')} ({arch.get('family')} family), arguments {json.dumps(arch.get('kwargs'))}."),
         pages.table(["layer", "type", "output shape", "parameters"], table_rows, numeric_from=3,
-                    highlight=[len(table_rows) - 1])]))
+                    highlight=[len(table_rows) - 1])])
 
+
+def _curves_section(v: RunView, figs: pages.FigureWriter) -> pages.Section:
     sec = pages.Section("Training curves")
-    if history:
-        sec.add(figs.add("curves", curves_figure(history), "Loss and accuracy per epoch, training and validation"))
-    else:
-        sec.add(pages.note("No history.jsonl in this run: no curves.", "warn"))
-    sections.append(sec)
+    if v.folder.history:
+        return sec.add(figs.add("curves", curves_figure(v.folder.history), FIGURES["curves"][0]))
+    return sec.add(pages.note("No history.jsonl in this run: no curves.", "warn"))
 
-    here = float((pred == y).mean())
+
+def _test_section(v: RunView) -> pages.Section:
+    metrics, y = v.metrics, v.dataset.test_labels
+    here = float((v.probs.argmax(1) == y).mean())
     test = [("test accuracy", f"{metrics['test_accuracy']:.4f}"), ("test loss", f"{metrics['test_loss']:.4f}"),
             ("expected calibration error", f"{metrics.get('ece', float('nan')):.4f}"),
             ("parameters", f"{metrics['params']:,}"), ("epochs run", metrics["epochs_run"]),
@@ -248,57 +331,64 @@ def run_sections(run_dir: Path, dataset: data_mod.Dataset, figs: pages.FigureWri
             ("test images", f"{len(y):,}")]
     sec = pages.Section("Test metrics", [pages.key_values(test)])
     if abs(here - metrics["test_accuracy"]) > 0.002:
-        sec.add(pages.note(f"The predictions drawn below (accuracy {here:.4f}, on {device}) differ from the stored "
+        sec.add(pages.note(f"The predictions drawn below (accuracy {here:.4f}, on {v.device}) differ from the stored "
                            f"metrics ({metrics['test_accuracy']:.4f}): another device or precision.", "warn"))
-    sections.append(sec)
+    return sec
 
-    pc = metrics["per_class"]
+
+def _per_class_section(v: RunView) -> pages.Section:
+    pc, names = v.metrics["per_class"], v.names
     worst = min(range(len(names)), key=lambda i: pc[names[i]]["f1"])
-    sections.append(pages.Section("Per-class scores", [pages.table(
+    return pages.Section("Per-class scores", [pages.table(
         ["class", "precision", "recall", "F1", "support"],
         [[n, f"{pc[n]['precision']:.4f}", f"{pc[n]['recall']:.4f}", f"{pc[n]['f1']:.4f}", pc[n]["support"]] for n in names],
-        highlight=[worst], caption=f"The hardest class by F1 ({names[worst]}) is highlighted.")]))
+        highlight=[worst], caption=f"The hardest class by F1 ({names[worst]}) is highlighted.")])
 
-    sec = pages.Section("Confusion matrix", [figs.add("confusion", confusion_figure(metrics["confusion_matrix"], names),
-                                                      "Confusion matrix with counts; colour is the share of the true class")])
-    pairs = metrics.get("most_confused", [])
+
+def _confusion_section(v: RunView, figs: pages.FigureWriter) -> pages.Section:
+    sec = pages.Section("Confusion matrix", [figs.add("confusion", FIGURES["confusion"][1](v), FIGURES["confusion"][0])])
+    pairs = v.metrics.get("most_confused", [])
     if pairs:
         sec.add(pages.table(["true class", "predicted as", "count"],
                             [[p["true"], p["predicted"], p["count"]] for p in pairs], numeric_from=2,
                             caption="Most confused pairs"))
-        fig = confused_pairs_figure(images, y, pred, pairs, names)
+        fig = confused_pairs_figure(v.dataset.test_images, v.dataset.test_labels, v.probs.argmax(1), pairs, v.names)
         if fig is not None:
             sec.add(figs.add("confused_pairs", fig, "Test images behind the most confused pairs (true → predicted)"))
-    sections.append(sec)
+    return sec
 
+
+def _mistakes_section(v: RunView, figs: pages.FigureWriter) -> pages.Section:
     sec = pages.Section("Mistakes")
-    fig = misclassified_figure(images, y, probs, names)
+    fig = misclassified_figure(v.dataset.test_images, v.dataset.test_labels, v.probs, v.names)
     sec.add(figs.add("misclassified", fig, "The most confident mistakes: true and predicted label, probability")
             if fig is not None else pages.note("No test image is misclassified."))
-    sec.add(figs.add("probabilities", probability_figure(images, y, probs, names),
-                     "Class probabilities for a few test images: predicted class green when right, red when wrong; "
-                     "the true class in bold"))
-    sections.append(sec)
+    return sec.add(figs.add("probabilities", FIGURES["probabilities"][1](v), FIGURES["probabilities"][0]))
 
-    if metrics.get("reliability"):
+
+def run_sections(folder: RunFolder, dataset: data_mod.Dataset, figs: pages.FigureWriter, with_explain: bool = True,
+                 device: str = "auto") -> list[pages.Section]:
+    v = RunView(folder, dataset, device)
+    sections = [_configuration_section(folder), _architecture_section(v), _curves_section(v, figs),
+                _test_section(v), _per_class_section(v), _confusion_section(v, figs), _mistakes_section(v, figs)]
+    if v.metrics.get("reliability"):
         sections.append(pages.Section("Calibration", [figs.add(
-            "reliability", reliability_figure(metrics["reliability"], metrics.get("ece", 0.0)),
+            "reliability", reliability_figure(v.metrics["reliability"], v.metrics.get("ece", 0.0)),
             "Reliability diagram: accuracy against confidence per bin (the diagonal is perfect calibration)")]))
     if with_explain:
-        sections += explain.explain_sections(model, images, y, names, figs)
+        sections += explain.explain_sections(v.model, dataset.test_images, dataset.test_labels, v.names, figs)
     return sections
 
 
 def write_run_report(run_dir: str | Path, dataset: data_mod.Dataset | None = None, out: str | Path | None = None,
                      with_explain: bool = True, data_dir=None, offline=None, device: str = "auto") -> Path:
     """Write `report.html` (default: in the run folder) and its PNG figures beside it."""
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.json").exists():
-        raise checkpoint.RunError(f"{run_dir}: not a finished run (metrics.json is missing)")
-    out = Path(out) if out else run_dir / "report.html"
-    dataset = dataset or dataset_for_run(run_dir, data_dir, offline)
+    folder = RunFolder(run_dir).require_finished()
+    out = Path(out) if out else folder.report_path
+    dataset = dataset or folder.dataset(data_dir, offline)
     figs = pages.FigureWriter(out.parent)
-    sections = run_sections(run_dir, dataset, figs, with_explain, device)
-    m = checkpoint.read_json(run_dir / "metrics.json")
-    return pages.write_page(out, f"Run {run_dir.name}: {m.get('model')} — test accuracy {m['test_accuracy']:.2%}",
-                            sections, subtitle=f"{run_dir.resolve()} · recipe {m.get('recipe') or 'none'} · seed {m.get('seed')}")
+    sections = run_sections(folder, dataset, figs, with_explain, device)
+    m = folder.metrics
+    return pages.write_page(out, f"Run {folder.path.name}: {m.get('model')} — test accuracy {m['test_accuracy']:.2%}",
+                            sections, subtitle=f"{folder.path.resolve()} · recipe {m.get('recipe') or 'none'} · "
+                                               f"seed {m.get('seed')}")

@@ -16,8 +16,10 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from . import pages
-from .sweep import Spec, describe_point, open_storage, point_id, quiet_optuna
+from .. import pages
+from .design import describe_point, point_id
+from .spec import Spec, SpecError
+from .storage import open_storage, quiet_optuna
 
 
 @dataclass(frozen=True)
@@ -71,7 +73,6 @@ def collect(spec: Spec, storage) -> list[RunResult]:
     try:
         study_id = storage.get_study_id_from_name(spec.name)
     except KeyError:
-        from .sweep import SpecError
         raise SpecError(f"{spec.path}: no study {spec.name!r} in this storage yet; run `fashionlab sweep "
                         f"{spec.path}` first (with the same --storage)") from None
     runs = []
@@ -293,12 +294,11 @@ def render_html(res: SweepResults) -> str:
 def write_report(spec: Spec, storage_url: str | None = None, html_path: str | Path | None = None):
     """Analyse the stored results; write the HTML report; returns (results, path)."""
     if storage_url is None and not (spec.folder / "sweep.db").exists():
-        from .sweep import SpecError
         raise SpecError(f"{spec.path}: no results in {spec.folder / 'sweep.db'}; run `fashionlab sweep {spec.path}` "
                         f"first, or give the --storage (and --out) the sweep used")
     storage = open_storage(storage_url or spec.default_storage())
     res = analyse(spec, collect(spec, storage))
     path = Path(html_path) if html_path else spec.folder / "report.html"
-    from .atomic import write_text
+    from ..atomic import write_text
     write_text(path, render_html(res))
     return res, path

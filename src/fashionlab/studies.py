@@ -1,8 +1,8 @@
 """Studies: train a set of models over several seeds with one recipe, then compare them.
 
 A study is data (a recipe and its models). Each (model, seed) run is an ordinary run folder
-`<out>/<model>/seed-<seed>/` written by `train.train`, so a study is resumable for free: a
-folder with metrics.json is finished and reused, a folder with a training checkpoint is
+`<out>/<model>/seed-<seed>/` made by `run.train_or_reuse`, so a study is resumable for free: a
+finished run is reused (when its settings are the ones asked for), an interrupted one is
 continued, anything else is trained. Seeds are the recipe's seed + 0, 1, ..., N-1.
 
 `compare(run_dirs)` builds the comparison page from any finished runs (grouped by model), so
@@ -11,7 +11,7 @@ continued, anything else is trained. Seeds are the recipe's seed + 0, 1, ..., N-
 
 from __future__ import annotations
 
-import json
+import functools
 import sys
 import time
 from dataclasses import dataclass
@@ -20,8 +20,10 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import checkpoint, models, pages, report, train as train_mod
+from . import checkpoint, data as data_mod, models, pages, report, run as run_mod
+from .config import TrainConfig, make_config
 from .recipes import get_recipe
+from .training import Callback
 
 
 class StudyError(ValueError):
@@ -64,7 +66,7 @@ def get_study(name: str) -> Study:
 def study_seeds(study: Study, n: int) -> list[int]:
     if n < 1:
         raise StudyError(f"--seeds {n}: expected an integer >= 1")
-    base = get_recipe(study.recipe).settings.get("seed", train_mod.TrainConfig.seed)
+    base = get_recipe(study.recipe).settings.get("seed", TrainConfig.seed)
     return [base + i for i in range(n)]
 
 
@@ -72,18 +74,23 @@ def run_folder(out_dir: Path, model: str, seed: int) -> Path:
     return Path(out_dir) / model / f"seed-{seed}"
 
 
-_VOLATILE = ("environment", "data", "split")  # recorded facts about a run, not settings
+class StudyLog(Callback):
+    """One line per epoch of a study's run, tagged with its place in the study."""
+
+    def __init__(self, tag: str, log: Callable[[str], None]):
+        self.tag, self.log = tag, log
+
+    def on_epoch_end(self, trainer, row) -> None:
+        val = f" | val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
+        self.log(f"{self.tag} epoch {row['epoch']}/{trainer.cfg.epochs}: loss {row['train_loss']:.4f} "
+                 f"acc {row['train_accuracy']:.4f}{val} | {row['seconds']:.1f} s, {row['images_per_s']:,.0f} img/s")
 
 
-def _check_same_settings(run_dir: Path, cfg: train_mod.TrainConfig) -> None:
-    """A finished run is reused only if it was trained with the settings asked for now."""
-    saved = checkpoint.read_json(run_dir / "config.json")
-    wanted = json.loads(json.dumps(cfg.to_dict()))  # tuples -> lists, as in the JSON file
-    diff = [k for k, v in wanted.items() if saved.get(k) != v]
-    if diff:
-        shown = ", ".join(f"{k}: saved {saved.get(k)!r}, asked {wanted[k]!r}" for k in diff)
-        raise StudyError(f"{run_dir} was trained with other settings ({shown}); "
-                         f"use another --out or remove that folder")
+def study_plan(study: Study, out_dir: Path, seeds: int, overrides: dict[str, Any]) -> list[tuple[TrainConfig, Path]]:
+    """Every (settings, run folder) of the study, seed-major: a study stopped early still has every
+    model at its first seeds."""
+    return [(make_config(recipe=study.recipe, model=model, seed=seed, **overrides), run_folder(out_dir, model, seed))
+            for seed in study_seeds(study, seeds) for model in study.model_names()]
 
 
 def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, overrides: dict[str, Any] | None = None,
@@ -91,75 +98,55 @@ def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, over
               data_dir=None, offline=None) -> dict[str, Any]:
     """Train (or reuse) every (model, seed) run of a study, then write `<out>/report.html`.
 
-    Returns {"trained": [...], "reused": [...], "report": path, "summary": {...}}.
-    `overrides` are TrainConfig settings applied on top of the recipe (epochs, subset, device...).
+    Returns {"runs": [...], "trained": [...], "reused": [...], "report": path, "summary": {...}}.
+    `overrides` are training settings applied on top of the recipe (epochs, subset, device...).
     """
     study = get_study(name)
     out_dir = Path(out_dir)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
-    seed_list = study_seeds(study, seeds)
-    overrides = {k: v for k, v in (overrides or {}).items() if v is not None}
-    plan = []
-    # Seed-major order: a study stopped early still has every model at its first seeds.
-    for seed in seed_list:
-        for model in study.model_names():
-            cfg = train_mod.make_config(recipe=study.recipe, model=model, seed=seed, **overrides)
-            plan.append((model, seed, cfg, run_folder(out_dir, model, seed)))
-
-    need_training = any(not (d / "metrics.json").exists() for *_, d in plan)
-    need_reports = run_reports and any(not (d / "report.html").exists() for *_, d in plan)
-    if dataset is None and (need_training or need_reports):
-        from . import data as data_mod
-        dataset = data_mod.load(data_mod.FASHION_MNIST, data_dir=data_dir, offline=offline, progress=log)
-
+    plan = study_plan(study, out_dir, seeds, {k: v for k, v in (overrides or {}).items() if v is not None})
+    if dataset is None:  # loaded only if some run needs training or a report
+        dataset = functools.cache(lambda: data_mod.load(data_mod.FASHION_MNIST, data_dir=data_dir, offline=offline,
+                                                        progress=log))
     trained, reused = [], []
     started = time.perf_counter()
-    for i, (model, seed, cfg, run_dir) in enumerate(plan, 1):
-        tag = f"[{i}/{len(plan)}] {model} seed {seed}"
-        if (run_dir / "metrics.json").exists():
-            _check_same_settings(run_dir, cfg)
-            m = checkpoint.read_json(run_dir / "metrics.json")
+    for i, (cfg, run_dir) in enumerate(plan, 1):
+        tag = f"[{i}/{len(plan)}] {cfg.model} seed {cfg.seed}"
+        status = run_mod.RunFolder(run_dir).status
+        if status != run_mod.FINISHED:
+            log(f"{tag}: {'resuming' if status == run_mod.INTERRUPTED else 'training'} {cfg.epochs} epochs -> {run_dir}")
+        folder, action = run_mod.train_or_reuse(cfg, run_dir, dataset, callbacks=[StudyLog(tag, log)])
+        m = folder.metrics
+        if action == "reused":
             log(f"{tag}: finished earlier (test accuracy {m['test_accuracy']:.4f}), reusing {run_dir}")
             reused.append(run_dir)
-            continue
-        resume = (run_dir / checkpoint.STATE_FILE).exists()
-        log(f"{tag}: {'resuming' if resume else 'training'} {cfg.epochs} epochs -> {run_dir}")
+        else:
+            log(f"{tag}: test accuracy {m['test_accuracy']:.4f} in {m['train_seconds']:.1f} s "
+                f"({time.perf_counter() - started:.0f} s since the study started)")
+            trained.append(run_dir)
 
-        def on_epoch(row, _model, tag=tag, epochs=cfg.epochs):
-            val = f" | val acc {row['val_accuracy']:.4f}" if "val_accuracy" in row else ""
-            log(f"{tag} epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
-                f"{val} | {row['seconds']:.1f} s, {row['images_per_s']:,.0f} img/s")
-
-        m = train_mod.train(cfg, run_dir, dataset=dataset, quiet=True, resume=resume, on_epoch=on_epoch)
-        log(f"{tag}: test accuracy {m['test_accuracy']:.4f} in {m['train_seconds']:.1f} s "
-            f"({time.perf_counter() - started:.0f} s since the study started)")
-        trained.append(run_dir)
-
-    run_dirs = [d for *_, d in plan]
+    run_dirs = [d for _, d in plan]
     if run_reports:
         for d in run_dirs:
-            if not (d / "report.html").exists():
-                log(f"writing {d / 'report.html'}")
-                report.write_run_report(d, dataset=dataset)
-    references = get_recipe(study.recipe).reference
+            if not run_mod.RunFolder(d).report_path.exists():
+                log(f"writing {run_mod.RunFolder(d).report_path}")
+                report.write_run_report(d, dataset=dataset() if callable(dataset) else dataset)
+    seed_list = study_seeds(study, seeds)
     page, summary = write_comparison(run_dirs, out_dir / "report.html", title=f"Study {study.name}",
                                      subtitle=f"{study.description} Recipe {study.recipe}; seeds "
                                               f"{', '.join(map(str, seed_list))}.",
-                                     references=references, link_base=out_dir)
-    return {"trained": trained, "reused": reused, "report": page, "summary": summary}
+                                     references=get_recipe(study.recipe).reference, link_base=out_dir)
+    return {"runs": run_dirs, "trained": trained, "reused": reused, "report": page, "summary": summary}
 
 
 # --------------------------------------------------------------------------- comparison
 
 def load_run(run_dir: str | Path) -> dict[str, Any]:
-    run_dir = Path(run_dir)
-    if not (run_dir / "metrics.json").exists():
-        raise StudyError(f"{run_dir}: not a finished run (metrics.json is missing)")
-    run = {"dir": run_dir, "metrics": checkpoint.read_json(run_dir / "metrics.json"),
-           "config": checkpoint.read_json(run_dir / "config.json")}
-    hist = run_dir / "history.jsonl"
-    run["history"] = [json.loads(line) for line in hist.read_text().splitlines() if line.strip()] if hist.exists() else []
-    return run
+    """A finished run's numbers as a comparison uses them."""
+    folder = run_mod.RunFolder(run_dir)
+    if not folder.finished:
+        raise StudyError(f"{folder.path}: not a finished run (metrics.json is missing)")
+    return {"dir": folder.path, "metrics": folder.metrics, "config": folder.record, "history": folder.history}
 
 
 def group_runs(runs: Sequence[dict]) -> dict[str, list[dict]]:
@@ -240,11 +227,26 @@ def claims(summary: dict[str, Any], references: dict[str, float]) -> list[str]:
 
 def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], figs: pages.FigureWriter,
                        references: dict[str, float]) -> dict[str, str]:
-    labels = list(summary)
-    colors = [f"C{i % 10}" for i in range(len(labels))]
-    out = {}
+    """The comparison's figures as HTML blocks (their PNGs written by figs)."""
+    return {
+        "accuracy": figs.add("accuracy", accuracy_figure(summary, references),
+                             "Test accuracy per model, mean and one standard deviation over seeds"),
+        "per_class": figs.add("per_class", per_class_accuracy_figure(summary), "Per-class accuracy side by side"),
+        "confusion": figs.add("confusion", confusion_grid_figure(summary),
+                              "Confusion matrices (rows: true class; mean counts over seeds)"),
+        "curves": figs.add("curves", curves_overlay_figure(summary, groups),
+                           "Training curves overlaid, mean over seeds with ± one standard deviation"),
+    }
 
-    # accuracy with error bars (one standard deviation), reference figures as markers
+
+def _colors(n: int) -> list[str]:
+    return [f"C{i % 10}" for i in range(n)]
+
+
+def accuracy_figure(summary: dict[str, Any], references: dict[str, float]):
+    """Accuracy with error bars (one standard deviation), single runs as dots, reference figures as markers."""
+    labels = list(summary)
+    colors = _colors(len(labels))
     fig = pages.new_figure(max(6.0, 1.2 * len(labels) + 2), 3.6)
     ax = fig.add_subplot()
     means = [summary[k]["test_accuracy"]["mean"] * 100 for k in labels]
@@ -265,9 +267,13 @@ def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], f
     if refs:
         ax.legend(loc="lower right", fontsize=8)
     ax.tick_params(axis="x", labelrotation=20 if len(labels) > 4 else 0)
-    out["accuracy"] = figs.add("accuracy", fig, "Test accuracy per model, mean and one standard deviation over seeds")
+    return fig
 
-    # per-class accuracy side by side
+
+def per_class_accuracy_figure(summary: dict[str, Any]):
+    """Per-class accuracy (recall) of every model side by side, mean and spread over seeds."""
+    labels = list(summary)
+    colors = _colors(len(labels))
     names = summary[labels[0]]["class_names"]
     fig = pages.new_figure(9, 3.8)
     ax = fig.add_subplot()
@@ -283,9 +289,13 @@ def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], f
     ax.set_ylim(max(0, low * 100 - 5), 100)  # room for the lowest error bar
     ax.legend(fontsize=8, ncols=min(len(labels), 4))
     ax.set_title("Per-class test accuracy, mean ± std over seeds")
-    out["per_class"] = figs.add("per_class", fig, "Per-class accuracy side by side")
+    return fig
 
-    # confusion matrices side by side (mean counts over seeds)
+
+def confusion_grid_figure(summary: dict[str, Any]):
+    """Every model's confusion matrix, mean counts over seeds, side by side."""
+    labels = list(summary)
+    names = summary[labels[0]]["class_names"]
     cols = min(len(labels), 3)
     rows = int(np.ceil(len(labels) / cols))
     fig = pages.new_figure(4.6 * cols, 4.4 * rows)
@@ -293,9 +303,13 @@ def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], f
         ax = fig.add_subplot(rows, cols, i + 1)
         cm = np.asarray(summary[k]["confusion_mean"])
         report.draw_confusion(ax, cm, names, f"{k} (mean of {summary[k]['runs']} runs)", small=True)
-    out["confusion"] = figs.add("confusion", fig, "Confusion matrices (rows: true class; mean counts over seeds)")
+    return fig
 
-    # curves overlaid: mean over seeds with a band of one standard deviation
+
+def curves_overlay_figure(summary: dict[str, Any], groups: dict[str, list[dict]]):
+    """Training curves of every model overlaid: mean over seeds with a band of one standard deviation."""
+    labels = list(summary)
+    colors = _colors(len(labels))
     fig = pages.new_figure(10, 3.6)
     axes = [fig.add_subplot(1, 2, j + 1) for j in range(2)]
     for i, k in enumerate(labels):
@@ -320,8 +334,7 @@ def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], f
     axes[1].legend(fontsize=7)
     axes[0].set_title("Loss (dashed: train, solid: validation)")
     axes[1].set_title("Accuracy")
-    out["curves"] = figs.add("curves", fig, "Training curves overlaid, mean over seeds with ± one standard deviation")
-    return out
+    return fig
 
 
 def comparison_sections(run_dirs: Sequence[str | Path], figs: pages.FigureWriter,
@@ -330,21 +343,26 @@ def comparison_sections(run_dirs: Sequence[str | Path], figs: pages.FigureWriter
     runs = [load_run(d) for d in run_dirs]
     if not runs:
         raise StudyError("no runs to compare")
-    groups = group_runs(runs)
     names = list(runs[0]["metrics"]["per_class"])
     for r in runs:
         if list(r["metrics"]["per_class"]) != names:
             raise StudyError(f"{r['dir']}: its classes differ from {runs[0]['dir']}'s; only runs on one dataset compare")
+    groups = group_runs(runs)
     summary = summarise(groups)
     references = {k: v for k, v in (references or {}).items() if k in summary}
-    labels = list(summary)
     f = comparison_figures(summary, groups, figs, references)
+    claims_list = "<ul>" + "".join(f"<li>{pages.esc(line)}</li>" for line in claims(summary, references)) + "</ul>"
+    sections = [pages.Section("Claims", [claims_list]),
+                _side_by_side_section(summary, references, f["accuracy"]),
+                _per_class_section(summary, names, f["per_class"]),
+                pages.Section("Confusion matrices", [f["confusion"]]),
+                pages.Section("Curves", [f["curves"]]),
+                _runs_section(summary, groups, link_base)]
+    return sections, summary
 
-    sections = []
-    sec = pages.Section("Claims")
-    sec.add("<ul>" + "".join(f"<li>{pages.esc(line)}</li>" for line in claims(summary, references)) + "</ul>")
-    sections.append(sec)
 
+def _side_by_side_section(summary: dict[str, Any], references: dict[str, float], figure: str) -> pages.Section:
+    labels = list(summary)
     head = ["model", "runs", "test accuracy (%)", "test loss", "parameters", "train time (s)", "images/s", "epochs"]
     if references:
         head.append("reported (%)")
@@ -357,14 +375,17 @@ def comparison_sections(run_dirs: Sequence[str | Path], figs: pages.FigureWriter
             row.append(f"{references[k] * 100:.2f}" if k in references else "")
         rows.append(row)
     best = max(range(len(labels)), key=lambda i: summary[labels[i]]["test_accuracy"]["mean"])
-    sections.append(pages.Section("Side by side", [
+    return pages.Section("Side by side", [
         pages.table(head, rows, highlight=[best] if len(labels) > 1 else [],
                     caption="Mean ± sample standard deviation over seeds; the best mean is highlighted."),
         pages.note("Devices: " + "; ".join(f"{k}: {', '.join(summary[k]['device'])}" for k in labels)
                    + ". Training time and images/s depend on the machine and its load."),
-        f["accuracy"]]))
+        figure])
 
-    # per-class accuracy: hardest class (lowest mean over models) highlighted; gain column for two models
+
+def _per_class_section(summary: dict[str, Any], names: list[str], figure: str) -> pages.Section:
+    """Per-class accuracy: the hardest class (lowest mean over models) highlighted; a gain column for two models."""
+    labels = list(summary)
     overall = {n: np.mean([summary[k]["per_class_accuracy"][n]["mean"] for k in labels]) for n in names}
     hardest = min(overall, key=overall.get)
     head = ["class"] + [f"{k} (%)" for k in labels]
@@ -377,32 +398,36 @@ def comparison_sections(run_dirs: Sequence[str | Path], figs: pages.FigureWriter
             a, b = (summary[k]["per_class_accuracy"][n]["mean"] for k in labels)
             row.append(f"{(a - b) * 100:+.1f}")
         rows.append(row)
-    sections.append(pages.Section("Per-class accuracy", [
+    return pages.Section("Per-class accuracy", [
         pages.table(head, rows, highlight=[names.index(hardest)],
                     caption=f"Test accuracy (recall) per class, mean ± std over seeds; the hardest class "
                             f"({hardest}) is highlighted."),
-        f["per_class"]]))
-    sections.append(pages.Section("Confusion matrices", [f["confusion"]]))
-    sections.append(pages.Section("Curves", [f["curves"]]))
+        figure])
 
+
+def _runs_section(summary: dict[str, Any], groups: dict[str, list[dict]], link_base: Path | None) -> pages.Section:
     rows = []
-    for k in labels:
+    for k in summary:
         for r in groups[k]:
             m = r["metrics"]
-            rep = r["dir"] / "report.html"
-            where = str(r["dir"])
-            if link_base is not None and rep.exists():
-                try:
-                    rel = rep.relative_to(link_base)
-                    where = pages.Raw(f'<a href="{pages.esc(rel.as_posix())}">{pages.esc(r["dir"].relative_to(link_base))}</a>')
-                except ValueError:
-                    pass
             rows.append([k, m.get("seed"), f"{m['test_accuracy'] * 100:.2f}", f"{m['test_loss']:.4f}",
-                         m["epochs_run"], f"{m['train_seconds']:.1f}", f"{m.get('images_per_s', 0):,.0f}", where])
-    sections.append(pages.Section("Runs", [pages.table(
+                         m["epochs_run"], f"{m['train_seconds']:.1f}", f"{m.get('images_per_s', 0):,.0f}",
+                         _run_link(r["dir"], link_base)])
+    return pages.Section("Runs", [pages.table(
         ["model", "seed", "test accuracy (%)", "test loss", "epochs", "train time (s)", "images/s", "run"], rows,
-        numeric_from=1)]))
-    return sections, summary
+        numeric_from=1)])
+
+
+def _run_link(run_dir: Path, link_base: Path | None):
+    """A link to the run's report relative to the comparison page, when both live under link_base."""
+    rep = run_mod.RunFolder(run_dir).report_path
+    if link_base is not None and rep.exists():
+        try:
+            rel = rep.relative_to(link_base)
+            return pages.Raw(f'<a href="{pages.esc(rel.as_posix())}">{pages.esc(run_dir.relative_to(link_base))}</a>')
+        except ValueError:
+            pass
+    return str(run_dir)
 
 
 def write_comparison(run_dirs: Sequence[str | Path], out: str | Path, title: str = "Comparison", subtitle: str = "",

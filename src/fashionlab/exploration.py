@@ -7,6 +7,7 @@ pixel histograms; and which classes look most alike (distance between class-mean
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -105,6 +106,42 @@ def closest_pairs(dist: np.ndarray, names, k: int = 6) -> list[tuple[str, str, f
     return [(names[i[o]], names[j[o]], float(dist[i[o], j[o]])) for o in order]
 
 
+def class_counts_figure(ds: Dataset):
+    names = list(ds.class_names)
+    tr = np.bincount(ds.train_labels, minlength=len(names))
+    te = np.bincount(ds.test_labels, minlength=len(names))
+    fig = pages.new_figure(8, 3.2)
+    ax = fig.add_subplot()
+    x = np.arange(len(names))
+    ax.bar(x - .2, tr, .4, label="train")
+    ax.bar(x + .2, te, .4, label="test")
+    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
+    ax.set_ylabel("images")
+    ax.legend(fontsize=8)
+    ax.set_title("Images per class", fontsize=9)
+    return fig
+
+
+FIGURE_CAPTIONS = {
+    "class_counts": "Images per class in the training and test sets",
+    "samples": "The first ten training images of every class",
+    "mean_images": "Mean training image of every class (pixel value 0-1)",
+    "histograms": "Pixel-value histograms, overall and per class",
+    "class_distances": "Distances between class-mean images",
+}
+
+
+def exploration_figures(ds: Dataset) -> dict[str, Any]:
+    """The exploration's figures by name (captions in FIGURE_CAPTIONS)."""
+    names = list(ds.class_names)
+    means = class_means(ds.train_images, ds.train_labels, len(names))
+    return {"class_counts": class_counts_figure(ds),
+            "samples": samples_figure(ds.train_images, ds.train_labels, names),
+            "mean_images": mean_images_figure(means, names),
+            "histograms": histograms_figure(ds.train_images, ds.train_labels, names),
+            "class_distances": distance_figure(distance_matrix(means), names)}
+
+
 def exploration_sections(ds: Dataset, figs: pages.FigureWriter) -> list[pages.Section]:
     names = list(ds.class_names)
     sections = []
@@ -121,36 +158,23 @@ def exploration_sections(ds: Dataset, figs: pages.FigureWriter) -> list[pages.Se
 
     tr = np.bincount(ds.train_labels, minlength=len(names))
     te = np.bincount(ds.test_labels, minlength=len(names))
-    fig = pages.new_figure(8, 3.2)
-    ax = fig.add_subplot()
-    x = np.arange(len(names))
-    ax.bar(x - .2, tr, .4, label="train")
-    ax.bar(x + .2, te, .4, label="test")
-    ax.set_xticks(x, names, rotation=30, ha="right", fontsize=8)
-    ax.set_ylabel("images")
-    ax.legend(fontsize=8)
-    ax.set_title("Images per class", fontsize=9)
+    figures = exploration_figures(ds)
+
+    def fig(name):
+        return figs.add(name, figures[name], FIGURE_CAPTIONS[name])
     sections.append(pages.Section("Class counts", [
         pages.table(["#", "class", "train", "test"], [[i, n, f"{tr[i]:,}", f"{te[i]:,}"] for i, n in enumerate(names)],
                     numeric_from=2, caption="Balanced classes make plain accuracy a fair summary."
                     if len(set(tr)) == 1 and len(set(te)) == 1 else "Images per class"),
-        figs.add("class_counts", fig, "Images per class in the training and test sets")]))
-
-    sections.append(pages.Section("Samples", [figs.add(
-        "samples", samples_figure(ds.train_images, ds.train_labels, names),
-        "The first ten training images of every class")]))
-    means = class_means(ds.train_images, ds.train_labels, len(names))
-    sections.append(pages.Section("Mean image per class", [figs.add(
-        "mean_images", mean_images_figure(means, names), "Mean training image of every class (pixel value 0-1)")]))
-    sections.append(pages.Section("Pixel values", [figs.add(
-        "histograms", histograms_figure(ds.train_images, ds.train_labels, names),
-        "Pixel-value histograms, overall and per class")]))
-    dist = distance_matrix(means)
-    pairs = closest_pairs(dist, names)
+        fig("class_counts")]))
+    sections.append(pages.Section("Samples", [fig("samples")]))
+    sections.append(pages.Section("Mean image per class", [fig("mean_images")]))
+    sections.append(pages.Section("Pixel values", [fig("histograms")]))
+    pairs = closest_pairs(distance_matrix(class_means(ds.train_images, ds.train_labels, len(names))), names)
     sections.append(pages.Section("Which classes look alike", [
         pages.table(["class", "class", "distance"], [[a, b, f"{d:.4f}"] for a, b, d in pairs], numeric_from=2,
                     caption="The closest pairs of class-mean images: where a classifier is likely to confuse classes"),
-        figs.add("class_distances", distance_figure(dist, names), "Distances between class-mean images")]))
+        fig("class_distances")]))
     return sections
 
 

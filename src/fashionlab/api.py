@@ -1,0 +1,269 @@
+"""The public Python API: what `import fashionlab` offers a notebook, a script or the CLI.
+
+    import fashionlab as fl
+    run = fl.train(recipe="fast")                  # a Run: a finished run folder
+    run.evaluate()["test_accuracy"]
+    run.predict("shirt.png")                       # ranked labels with probabilities
+    run.figures()                                  # curves, confusion, ..., inline in Jupyter
+
+Everything here is a thin layer over the library modules: a `Run` is a `run.RunFolder` that
+can also resume, evaluate, predict, export, report and draw itself.
+"""
+
+from __future__ import annotations
+
+import html
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Sequence
+
+from . import config, data as data_mod, models, recipes, run as run_mod
+from .run import RunFolder
+from .training import Callback
+
+
+# --------------------------------------------------------------------------- data and models
+
+def load_data(data_dir: str | Path | None = None, offline: bool | None = None, class_names: Sequence[str] | None = None,
+              dataset: str = "fashion-mnist", progress=None) -> data_mod.Dataset:
+    """The verified dataset as numpy arrays (train/test images (N, 28, 28) uint8, labels, class names).
+
+    Looks in data_dir, $FASHIONLAB_DATA, the user cache and /usr/share/datasets/fashion-mnist, then
+    downloads unless offline. class_names makes data_dir a custom IDX dataset (no reference checksums)."""
+    if class_names and not data_dir:
+        raise data_mod.DataError("class_names describes a custom dataset: give its folder as data_dir")
+    return data_mod.load(data_mod.spec_for(dataset, list(class_names) if class_names else None),
+                         data_dir=data_dir, offline=offline, progress=progress)
+
+
+def explore(dataset: data_mod.Dataset | None = None, out: str | Path | None = None) -> "Figures":
+    """The dataset at a glance: class counts, samples per class, mean images, pixel histograms and
+    which classes look alike, as figures (and as an HTML page when out is given)."""
+    from . import exploration as explore_mod
+    ds = dataset or load_data()
+    if out:
+        explore_mod.write_exploration(ds, out)
+    return Figures(explore_mod.exploration_figures(ds), explore_mod.FIGURE_CAPTIONS)
+
+
+def list_models() -> list[dict[str, Any]]:
+    """Every registered model: name, family, parameters (total and trained) and where it comes from."""
+    return models.list_models()
+
+
+def list_recipes() -> list[dict[str, Any]]:
+    """Every recipe: name, description, its settings, the models its study trains and what it reported."""
+    return [{"name": r.name, "description": r.description, "settings": dict(r.settings), "models": list(r.models),
+             "reference": dict(r.reference)} for r in recipes.RECIPES.values()]
+
+
+def build_model(name: str, **kwargs):
+    """A registered model (an untrained torch.nn.Module); keyword arguments override its defaults."""
+    return models.build_model(name, **kwargs)
+
+
+# --------------------------------------------------------------------------- runs
+
+class Run(RunFolder):
+    """A run folder: `.config`, `.history`, `.metrics`, `.status` (new / interrupted / finished), and
+    the things to do with it. In Jupyter a Run shows a short summary when it ends a cell."""
+
+    def resume(self, quiet: bool = False, dataset: data_mod.Dataset | None = None,
+               callbacks: Sequence[Callback] = (), data_dir=None, offline: bool | None = None) -> "Run":
+        """Continue an interrupted run from its checkpoint (identical to a run never interrupted)."""
+        run_mod.resume_run(self.path, dataset, callbacks, quiet, data_dir, offline)
+        return self
+
+    def evaluate(self, dataset: data_mod.Dataset | None = None, device: str | None = None,
+                 precision: str | None = None, data_dir=None, offline: bool | None = None) -> dict[str, Any]:
+        """Test metrics recomputed from the saved model: accuracy, loss, per-class scores, confusion,
+        calibration. On the training device and precision they equal metrics.json."""
+        return run_mod.evaluate_run(self.require_finished(), dataset, device, precision, data_dir, offline)
+
+    def predict(self, images, top_k: int | None = 3, device: str = "auto") -> list[list[dict[str, Any]]]:
+        """Ranked labels with probabilities for each image. images: a file path (PNG, JPEG, .npy, ...),
+        a PIL image, a uint8 array (28, 28) or (N, 28, 28), or a list of these. Photos are converted to
+        the dataset's style (light garment on black, centred) first."""
+        from .images import as_images
+        return self.predictor(device).predict(as_images(images), top_k)
+
+    def predictor(self, device: str = "auto"):
+        """The loaded model, kept for repeated predictions (predict.Predictor)."""
+        from .predict import Predictor
+        cache = self.__dict__.setdefault("_predictors", {})
+        if device not in cache:
+            cache[device] = Predictor.from_run(self.require_finished().path, device=device)
+        return cache[device]
+
+    def export(self, path: str | Path | None = None, format: str = "onnx", parity_images: int = 1000,
+               tolerance: float = 1e-4, dataset: data_mod.Dataset | None = None, data_dir=None,
+               offline: bool | None = None) -> dict[str, Any]:
+        """An ONNX file (default RUN/model.onnx), written only after it matches PyTorch on test images."""
+        from . import export
+        if format != "onnx":
+            raise ValueError(f"format={format!r}: only 'onnx' is supported")
+        ds = dataset or self.require_finished().dataset(data_dir, offline)
+        n = min(parity_images, len(ds.test_images))
+        return export.export_onnx(self.path, ds.test_images[:n], path, tolerance)
+
+    def package(self, out: str | Path | None = None) -> dict[str, Any]:
+        """The model.tar.gz SageMaker expects (default RUN/model.tar.gz)."""
+        from . import export
+        return export.package(self.path, out)
+
+    def report(self, out: str | Path | None = None, with_explain: bool = True,
+               dataset: data_mod.Dataset | None = None, device: str = "auto", data_dir=None,
+               offline: bool | None = None) -> Path:
+        """Write report.html (figures embedded, PNGs beside it); returns its path."""
+        from . import report
+        return report.write_run_report(self.path, dataset, out, with_explain, data_dir, offline, device)
+
+    def figures(self, which: Sequence[str] | None = None, dataset: data_mod.Dataset | None = None,
+                device: str = "auto") -> "Figures":
+        """matplotlib Figures by name: curves, confusion, per_class, probabilities, filters,
+        feature_maps, gradcam, embedding (those the model has). Each shows inline in Jupyter, and so
+        does the whole set."""
+        from . import report
+        view = report.RunView(self.require_finished(), dataset or self.dataset(), device)
+        return Figures(report.run_figures(view, which), {k: v[0] for k, v in report.FIGURES.items()})
+
+    def _repr_html_(self) -> str:
+        return run_summary_html(self)
+
+
+def run_summary_html(r: RunFolder) -> str:
+    """A short HTML card: model, recipe, status, test accuracy and the per-class table."""
+    esc = html.escape
+    if not r.finished:
+        return f"<p><b>Run</b> <code>{esc(str(r.path))}</code>: {r.status}</p>"
+    m = r.metrics
+    rows = "".join(f"<tr><td>{esc(n)}</td><td>{s['precision']:.3f}</td><td>{s['recall']:.3f}</td>"
+                   f"<td>{s['f1']:.3f}</td><td>{s['support']}</td></tr>" for n, s in m["per_class"].items())
+    return (f"<div><p><b>Run</b> <code>{esc(str(r.path))}</code>: model <b>{esc(str(m.get('model')))}</b>, recipe "
+            f"{esc(str(m.get('recipe') or 'none'))}, seed {m.get('seed')}, {m['epochs_run']} epochs in "
+            f"{m['train_seconds']:.1f} s<br>test accuracy <b>{m['test_accuracy']:.2%}</b>, loss "
+            f"{m['test_loss']:.4f}, {m['params']:,} parameters</p><table><tr><th>class</th><th>precision</th>"
+            f"<th>recall</th><th>F1</th><th>support</th></tr>{rows}</table></div>")
+
+
+class Figures(dict):
+    """Figures by name; shows every figure with its caption when it ends a notebook cell."""
+
+    def __init__(self, figures: dict[str, Any], captions: dict[str, str]):
+        super().__init__(figures)
+        self.captions = captions
+
+    def _repr_html_(self) -> str:
+        from . import pages
+        return "".join(pages.figure_html(fig, self.captions.get(name, name), name) for name, fig in self.items())
+
+
+def train(recipe: str | None = None, model: str | None = None, out: str | Path | None = None, *,
+          reuse: bool = False, dataset: data_mod.Dataset | None = None, callbacks: Sequence[Callback] = (),
+          quiet: bool = False, data_dir=None, offline: bool | None = None, **settings) -> Run:
+    """Train and evaluate on the test set; returns the finished Run (folder `out`, default
+    runs/<time>-<model>). Any training setting is a keyword (epochs=3, lr=0.01, augment={"flip": 0.5},
+    ...); recipe values come first and explicit settings override them. Unknown settings raise with
+    the valid names (`fashionlab.TrainConfig` lists them with their help).
+
+    reuse=True makes re-running cheap: a finished run in `out` trained with exactly these settings is
+    returned as it is, an interrupted one is resumed, and one with other settings is an error."""
+    cfg = config.make_config(recipe=recipe, model=model, **settings)
+    if not reuse:
+        return Run(run_mod.train_run(cfg, out, dataset, callbacks, quiet, data_dir, offline).path)
+    if out is None:
+        raise ValueError("reuse=True needs out: the run folder to reuse")
+    return Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline)[0].path)
+
+
+# --------------------------------------------------------------------------- many runs
+
+@dataclass
+class StudyResult:
+    """A study's runs (trained now or reused), its comparison page and the numbers on it."""
+    name: str
+    runs: list[Run]
+    trained: list[Run]
+    reused: list[Run]
+    report: Path
+    summary: dict[str, Any]
+
+    def _repr_html_(self) -> str:
+        return _summary_table_html(f"Study {self.name}", self.summary, self.report)
+
+
+@dataclass
+class Comparison:
+    """Runs side by side: mean and spread per model, and the page that shows them."""
+    runs: list[Run]
+    report: Path
+    summary: dict[str, Any]
+
+    def _repr_html_(self) -> str:
+        return _summary_table_html("Comparison", self.summary, self.report)
+
+
+def _summary_table_html(title: str, summary: dict[str, Any], page: Path) -> str:
+    from . import pages
+    rows = "".join(f"<tr><td>{html.escape(k)}</td><td>{s['runs']}</td>"
+                   f"<td>{pages.fmt_mean_std(s['test_accuracy']['values'], 100)}</td>"
+                   f"<td>{html.escape(s['hardest_class'])}</td></tr>" for k, s in summary.items())
+    return (f"<div><p><b>{html.escape(title)}</b>: <code>{html.escape(str(page))}</code></p><table><tr><th>model</th>"
+            f"<th>runs</th><th>test accuracy (%)</th><th>hardest class</th></tr>{rows}</table></div>")
+
+
+def study(name: str, seeds: int = 3, out: str | Path | None = None, *, run_reports: bool = True,
+          dataset: data_mod.Dataset | None = None, data_dir=None, offline: bool | None = None,
+          log=None, **settings) -> StudyResult:
+    """A reference study (`dense-vs-conv`, `cnn-vs-rnn`, `zoo`) over several seeds, resumable: finished
+    runs in `out` (default studies/<name>) are reused. settings override the recipe (epochs, subset, ...)."""
+    from . import studies
+    result = studies.run_study(name, out or Path("studies") / name, seeds=seeds, dataset=dataset, overrides=settings,
+                               log=log, run_reports=run_reports, data_dir=data_dir, offline=offline)
+    return StudyResult(name, [Run(d) for d in result["runs"]], [Run(d) for d in result["trained"]],
+                       [Run(d) for d in result["reused"]], Path(result["report"]), result["summary"])
+
+
+def compare(runs: Sequence[str | Path | RunFolder], out: str | Path = "compare.html",
+            title: str = "Comparison of runs") -> Comparison:
+    """Finished runs side by side (grouped by model: mean and spread over seeds) on one page."""
+    from . import studies
+    paths = [Path(r) for r in runs]
+    page, summary = studies.write_comparison(paths, out, title=title)
+    return Comparison([Run(p) for p in paths], Path(page), summary)
+
+
+def sweep(spec: str | Path, storage: str | None = None, workers: int = 1, out: str | Path | None = None,
+          report: bool = True, quiet: bool = False, **options) -> "SweepResult":
+    """Run a controlled experiment (a TOML spec) on Optuna storage (default: a SQLite file in the
+    experiment folder) with `workers` local processes; resumable. When every training is done and
+    report is true, the results (per-level table, effects, tests) and report.html come with it.
+    options: heartbeat_interval, grace_period, max_retry, threads, worker_only."""
+    from . import sweeps
+    loaded = sweeps.load_spec(spec, folder=out)
+    tally = sweeps.run_sweep(loaded, storage, workers=workers, quiet=quiet, **options)
+    if not (report and tally.finished) or options.get("worker_only"):
+        return SweepResult(loaded, tally)
+    results, page = sweeps.write_report(loaded, storage)
+    return SweepResult(loaded, tally, results, Path(page))
+
+
+@dataclass
+class SweepResult:
+    """A sweep's state after `sweep()`: its spec, the tally of trainings and, once every training is
+    done, the results (per-level means, effects, Welch tests with verdicts) and the report page."""
+    spec: Any  # sweeps.Spec
+    tally: Any  # sweeps.Tally: trainings done, failed, total
+    results: Any = None  # sweeps.SweepResults, when the sweep finished and was reported
+    report: Path | None = None
+
+    def table(self) -> str:
+        """The per-level table with its significance verdicts, as text."""
+        from . import sweeps
+        return sweeps.text_table(self.results) if self.results is not None else "(no results: the sweep is not finished)"
+
+    def _repr_html_(self) -> str:
+        t = self.tally
+        return (f"<p><b>Sweep {html.escape(self.spec.name)}</b>: {t.done} of {t.total} trainings done, "
+                f"{t.failed} failed; folder <code>{html.escape(str(self.spec.folder))}</code></p>"
+                f"<pre>{html.escape(self.table())}</pre>")

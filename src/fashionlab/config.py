@@ -1,0 +1,382 @@
+"""Every training setting, declared once: its default, its help text and the values it accepts.
+
+`TrainConfig` is the single table. The `train` command's flags, the README's flag table and the
+validation that runs before anything is written all come from the declarations below, so a new
+setting is one line here and nowhere else. Recipes (recipes.py) are named sets of these settings.
+"""
+
+from __future__ import annotations
+
+import copy
+import difflib
+import json
+import math
+from dataclasses import MISSING, asdict, dataclass, field, fields
+from typing import Any, Callable
+
+from . import device as device_mod
+from .augment import Augment
+from .errors import UserError
+from .recipes import get_recipe
+
+OPTIMIZERS = ("adam", "adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "onecycle")
+MONITORS = ("val_accuracy", "val_loss")
+DATASETS = ("fashion-mnist",)
+
+# Groups order the `train --help` output and the README table.
+GROUPS = ("model", "optimisation", "schedule", "validation", "regularisation", "evaluation", "data", "runtime")
+
+
+class ConfigError(UserError, ValueError):
+    """A training setting with a wrong name, type or value; the message names it and what it accepts."""
+
+
+def setting(default: Any = None, help: str = "", *, group: str, choices: tuple | Callable[[], tuple] | None = None,
+            check: Callable[[Any], bool] | None = None, expected: str = "", flag: str | None = None,
+            metavar: str | None = None, cli_type: str | None = None) -> Any:
+    """A TrainConfig field with what the CLI, the README and validation need to know about it.
+
+    check/expected: a predicate on a present value and the words for what it accepts.
+    choices: allowed values (or a function returning them, for registries filled at import time).
+    cli_type: "keyvalues" for dict settings given as K=V,..., "names" for comma lists or a file.
+    """
+    meta = dict(help=help, group=group, choices=choices, check=check, expected=expected, flag=flag,
+                metavar=metavar, cli_type=cli_type)
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+def _model_names() -> tuple[str, ...]:
+    from . import models  # the registry fills at import time; imported late so config stays light
+    return tuple(models.MODELS)
+
+
+def _positive_int(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 1
+
+
+def _fraction(v) -> bool:
+    return 0 <= v < 1
+
+
+@dataclass
+class TrainConfig:
+    """Every training setting with its default. Build one with make_config (recipe, then overrides,
+    validated); each field's metadata holds its help text, group and allowed values."""
+
+    # ---- model
+    model: str = setting("cnn", "registered model name (see `fashionlab models`)", group="model",
+                         choices=_model_names, metavar="NAME")
+    model_args: dict[str, Any] = setting({}, "override the model's arguments, e.g. dropout=0.3,channels=[16,32]",
+                                         group="model", flag="--model-arg", metavar="K=V,...", cli_type="keyvalues")
+    recipe: str | None = setting(None, "named preset (see `fashionlab recipes`); explicit settings override it",
+                                 group="model", metavar="NAME")
+    # ---- optimisation
+    epochs: int = setting(10, "passes over the training images", group="optimisation",
+                          check=_positive_int, expected="an integer >= 1")
+    batch_size: int = setting(128, "training images per step", group="optimisation",
+                              check=_positive_int, expected="an integer >= 1")
+    lr: float = setting(1e-3, "peak learning rate", group="optimisation",
+                        check=lambda v: v > 0 and math.isfinite(v), expected="a positive number")
+    optimizer: str = setting("adam", "optimiser (weight decay is left off biases and normalisation)",
+                             group="optimisation", choices=OPTIMIZERS)
+    momentum: float = setting(0.9, "SGD momentum", group="optimisation", check=_fraction,
+                              expected="a number in [0, 1)")
+    nesterov: bool = setting(False, "Nesterov momentum (SGD)", group="optimisation")
+    weight_decay: float = setting(0.0, "L2 weight decay on weights (decoupled for adamw)", group="optimisation",
+                                  check=lambda v: v >= 0 and math.isfinite(v), expected="a number >= 0")
+    # ---- schedule
+    schedule: str = setting("constant", "learning-rate schedule after warm-up", group="schedule", choices=SCHEDULES)
+    warmup_epochs: float = setting(0.0, "epochs of linear warm-up (onecycle: a quarter of the run when 0)",
+                                   group="schedule", check=lambda v: v >= 0, expected="a number >= 0")
+    # ---- validation and early stopping
+    val_split: float = setting(0.1, "fraction of training images held out for validation (stratified)",
+                               group="validation", check=_fraction, expected="a fraction in [0, 1)")
+    patience: int | None = setting(None, "early stopping after this many epochs without improvement",
+                                   group="validation", check=_positive_int, expected="an integer >= 1")
+    monitor: str = setting("val_accuracy", "what early stopping and best-epoch selection watch",
+                           group="validation", choices=MONITORS)
+    restore_best: bool = setting(True, "with --patience: keep the best epoch's weights, not the last",
+                                 group="validation")
+    # ---- regularisation
+    label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", group="regularisation",
+                                     check=_fraction, expected="a fraction in [0, 1)")
+    augment: dict[str, Any] = setting({}, "batch augmentation, e.g. flip=0.5,crop=2,rotate=10,scale=0.1,erase=0.25",
+                                      group="regularisation", metavar="K=V,...", cli_type="keyvalues")
+    ema: float | None = setting(None, "evaluate an exponential moving average of the weights with this decay",
+                                group="regularisation", check=lambda v: 0 < v < 1, expected="a decay in (0, 1)",
+                                metavar="DECAY")
+    sam_rho: float = setting(0.0, "sharpness-aware minimisation: gradients at the steepest point within RHO "
+                             "(0.05-0.1; a second forward and backward per step; 0 = off)", group="regularisation",
+                             check=lambda v: v >= 0, expected="a radius >= 0 (0 turns SAM off)", metavar="RHO")
+    sam_start: float = setting(0.0, "turn SAM on after this fraction of the run", group="regularisation",
+                               check=_fraction, expected="a fraction of the run in [0, 1)", metavar="FRACTION")
+    # ---- evaluation
+    tta_flip: bool = setting(False, "average predictions with mirror images", group="evaluation")
+    tta_shift: int = setting(0, "also average with copies moved 1 to PIXELS pixels up, down, left and right",
+                             group="evaluation", check=lambda v: isinstance(v, int) and 0 <= v <= 4,
+                             expected="an integer from 0 to 4 (pixels)", metavar="PIXELS")
+    precise_bn: int = setting(0, "recompute BatchNorm statistics from N training images before each evaluation",
+                              group="evaluation", check=lambda v: isinstance(v, int) and v >= 0,
+                              expected="an integer >= 0", metavar="N")
+    eval_batch_size: int = setting(1000, "images per evaluation batch", group="evaluation",
+                                   check=_positive_int, expected="an integer >= 1")
+    # ---- data
+    seed: int = setting(0, "seed of the split, initial weights, shuffling and augmentation", group="data",
+                        check=lambda v: isinstance(v, int) and v >= 0, expected="an integer >= 0")
+    subset: int | None = setting(None, "train on a stratified subset of N training images", group="data",
+                                 check=lambda v: isinstance(v, int) and v >= 10, expected="an integer >= 10",
+                                 metavar="N")
+    dataset: str = setting("fashion-mnist", "the dataset's reference checksums to verify against", group="data",
+                           choices=DATASETS)
+    class_names: list[str] | None = setting(None, "comma-separated class names, or a file with one per line: "
+                                            "use --data-dir as a custom IDX dataset (no reference checksums)",
+                                            group="data", check=lambda v: len(v) >= 2,
+                                            expected="a list of at least 2 names", cli_type="names")
+    # ---- runtime (speed only: results never depend on these beyond floating-point rounding)
+    device: str = setting("auto", "where to train", group="runtime", choices=device_mod.DEVICES)
+    precision: str = setting("auto", "auto: bf16 autocast and channels_last where the CPU or GPU supports it",
+                             group="runtime", choices=device_mod.PRECISIONS)
+    compile: bool = setting(False, "torch.compile the training step (CUDA graphs on CUDA); compiling costs time",
+                            group="runtime")
+    cache_stem: bool = setting(True, "keep a frozen stem's output per training image (off only to compare)",
+                               group="runtime")
+
+    def validate(self) -> "TrainConfig":
+        """Raise ConfigError naming the first bad setting; returns self so calls chain."""
+        for f in fields(self):
+            _check_field(f, getattr(self, f.name))
+        if self.patience is not None and self.val_split == 0:
+            raise ConfigError("patience (early stopping) needs a validation split: set val_split > 0")
+        try:
+            Augment.from_dict(self.augment)
+        except (TypeError, ValueError) as e:
+            raise ConfigError(f"augment={self.augment!r}: {e}") from None
+        if self.device != "auto":
+            device_mod.resolve_device(self.device)  # raises when that device is not there
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-normalised settings (tuples become lists), as config.json stores them."""
+        return json.loads(json.dumps(asdict(self)))
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
+        check_names(d)
+        return cls(**d)
+
+
+def _type_ok(f, value) -> bool:
+    kind = str(f.type)
+    if value is None:
+        return "None" in kind
+    if kind.startswith("bool"):
+        return isinstance(value, bool)
+    if kind.startswith("int"):
+        return isinstance(value, int) and not isinstance(value, bool)
+    if kind.startswith("float"):
+        return isinstance(value, (int, float)) and not isinstance(value, bool)
+    if kind.startswith("str"):
+        return isinstance(value, str)
+    if kind.startswith("dict"):
+        return isinstance(value, dict)
+    if kind.startswith("list"):
+        return isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value)
+    return True
+
+
+_TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
+               "dict": "a mapping of names to values", "list": "a list of strings"}
+
+
+def _check_field(f, value) -> None:
+    meta = f.metadata
+    if not _type_ok(f, value):
+        words = _TYPE_WORDS.get(str(f.type).split("[")[0].split(" ")[0], str(f.type))
+        raise ConfigError(f"{f.name}={value!r}: expected {words}")
+    if value is None:
+        return
+    choices = meta.get("choices")
+    if choices is not None:
+        allowed = choices() if callable(choices) else choices
+        if value not in allowed:
+            what = f"unknown {f.name}; registered: " if callable(choices) else "expected one of "
+            raise ConfigError(f"{f.name}={value!r}: {what}{', '.join(allowed)}")
+    check = meta.get("check")
+    if check is not None and not check(value):
+        raise ConfigError(f"{f.name}={value!r}: expected {meta['expected']}")
+
+
+def check_setting(name: str, value: Any) -> None:
+    """One setting's value on its own (type, allowed values, range); ConfigError names it."""
+    check_names({name: value})
+    _check_field(next(f for f in fields(TrainConfig) if f.name == name), value)
+
+
+def setting_names() -> list[str]:
+    return [f.name for f in fields(TrainConfig)]
+
+
+def check_names(d: dict[str, Any]) -> None:
+    """Unknown setting names raise with the closest valid name and the full list."""
+    known = setting_names()
+    unknown = sorted(set(d) - set(known))
+    if unknown:
+        hints = [f"{u!r} (did you mean {m[0]!r}?)" if (m := difflib.get_close_matches(u, known, 1)) else repr(u)
+                 for u in unknown]
+        raise ConfigError(f"unknown training setting {', '.join(hints)}; valid settings: {', '.join(known)}")
+
+
+def make_config(recipe: str | None = None, **overrides) -> TrainConfig:
+    """The recipe's values first, then explicit overrides (None means 'not given'); validated."""
+    values: dict[str, Any] = {}
+    if recipe:
+        try:
+            values.update(copy.deepcopy(get_recipe(recipe).settings))
+        except KeyError as e:
+            raise ConfigError(e.args[0]) from None
+        values["recipe"] = recipe
+    values.update({k: v for k, v in overrides.items() if v is not None})
+    return TrainConfig.from_dict(values).validate()
+
+
+def settings_of(saved: dict[str, Any]) -> dict[str, Any]:
+    """The training settings in a config.json (recorded facts such as the environment left out), with
+    defaults filled in for settings added since the run was made, so old and new runs compare."""
+    names = set(setting_names())
+    defaults = TrainConfig().to_dict()
+    return {**defaults, **{k: v for k, v in saved.items() if k in names}}
+
+
+# --------------------------------------------------------------------------- the command line
+
+def flag_name(f) -> str:
+    return f.metadata.get("flag") or "--" + f.name.replace("_", "-")
+
+
+def add_train_flags(parser) -> None:
+    """One flag per setting, grouped, generated from the declarations (default None = 'not given')."""
+    import argparse
+    groups = {g: parser.add_argument_group(f"{g} settings") for g in GROUPS}
+    for f in fields(TrainConfig):
+        meta, kind = f.metadata, str(f.type)
+        kw: dict[str, Any] = dict(dest=f.name, default=None, help=_help_text(f))
+        if meta.get("metavar"):
+            kw["metavar"] = meta["metavar"]
+        if kind.startswith("bool"):
+            kw["action"] = argparse.BooleanOptionalAction
+            kw.pop("metavar", None)
+        elif meta.get("cli_type") == "keyvalues":
+            kw["type"] = _flag_parser(flag_name(f), parse_key_values)
+        elif meta.get("cli_type") == "names":
+            kw["type"] = parse_names
+        elif kind.startswith("int"):
+            kw["type"] = int
+        elif kind.startswith("float"):
+            kw["type"] = float
+        choices = meta.get("choices")
+        if choices is not None and not callable(choices):
+            kw["choices"] = choices
+        groups[meta["group"]].add_argument(flag_name(f), **kw)
+
+
+def default_of(f) -> Any:
+    return f.default_factory() if f.default_factory is not MISSING else f.default
+
+
+def _help_text(f) -> str:
+    default = default_of(f)
+    shown = "" if default in (None, {}, [], False) else f" (default {default})"
+    return (f.metadata["help"] + shown).replace("%", "%%")
+
+
+def _flag_parser(flag: str, parse: Callable[[str, str], Any]) -> Callable[[str], Any]:
+    import argparse
+
+    def convert(text: str):
+        try:
+            return parse(text, flag)
+        except ValueError as e:  # argparse shows an ArgumentTypeError's own words
+            raise argparse.ArgumentTypeError(str(e)) from None
+    return convert
+
+
+def settings_from_flags(args) -> dict[str, Any]:
+    """The settings a parsed `train` command line gives explicitly."""
+    return {name: getattr(args, name) for name in setting_names() if getattr(args, name, None) is not None}
+
+
+def parse_key_values(text: str, flag: str = "--augment") -> dict[str, Any]:
+    """'a=1,b=[3,5],c=max' -> {'a': 1, 'b': [3, 5], 'c': 'max'} (values parsed as JSON when they can be)."""
+    out: dict[str, Any] = {}
+    for part in _split_top(text):
+        if "=" not in part:
+            raise ValueError(f"{flag} {text!r}: expected key=value pairs separated by commas, got {part!r}")
+        key, value = part.split("=", 1)
+        try:
+            out[key.strip()] = json.loads(value)
+        except json.JSONDecodeError:
+            out[key.strip()] = value.strip()
+    return out
+
+
+def _split_top(text: str) -> list[str]:
+    """Split on commas that are not inside brackets, so list values survive."""
+    parts, depth, cur = [], 0, ""
+    for ch in text:
+        depth += ch in "[{("
+        depth -= ch in "]})"
+        if ch == "," and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p for p in parts + [cur] if p.strip()]
+
+
+def parse_names(value: str) -> list[str]:
+    """Class names: a file with one name per line, or a comma-separated list."""
+    from pathlib import Path
+    path = Path(value)
+    if path.is_file():
+        return [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    return [n.strip() for n in value.split(",") if n.strip()]
+
+
+def flags_markdown() -> str:
+    """The README's table of training flags, generated from the declarations."""
+    lines = ["| flag | default | what it does |", "|---|---|---|"]
+    for f in fields(TrainConfig):
+        default = default_of(f)
+        shown = "" if default in (None, {}, []) else f"`{json.dumps(default)}`"
+        name = flag_name(f)
+        if str(f.type).startswith("bool"):
+            name = f"{name} / --no-{name[2:]}"
+        choices = f.metadata.get("choices")
+        allowed = "" if choices is None else " (" + " \\| ".join(choices() if callable(choices) else choices) + ")"
+        lines.append(f"| `{name}` | {shown} | {f.metadata['help']}{allowed} |")
+    return "\n".join(lines) + "\n"
+
+
+
+README_BEGIN, README_END = "<!-- train-flags:begin -->", "<!-- train-flags:end -->"
+
+
+def sync_readme(path: str) -> bool:
+    """Rewrite the README's flag table from the declarations; returns whether it changed."""
+    from pathlib import Path
+    from .atomic import write_text
+    text = Path(path).read_text()
+    head, rest = text.split(README_BEGIN, 1)
+    _, tail = rest.split(README_END, 1)
+    new = f"{head}{README_BEGIN}\n{flags_markdown()}{README_END}{tail}"
+    if new != text:
+        write_text(path, new)
+    return new != text
+
+
+if __name__ == "__main__":  # python -m fashionlab.config README.md: regenerate the flag table
+    import sys
+    print("updated" if sync_readme(sys.argv[1] if len(sys.argv) > 1 else "README.md") else "up to date")

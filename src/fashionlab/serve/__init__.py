@@ -1,0 +1,27 @@
+"""The HTTP service: a JSON API, the SageMaker and Open Inference (KServe v2) contracts, a web page.
+
+A thin shell over the library: images.py turns bodies into (N, 28, 28) uint8 batches, a
+predictor (predict.Predictor on PyTorch, export.OnnxPredictor on ONNX Runtime) classifies them,
+loaded once when the app is created. Settings come from one place (Settings: arguments, then
+environment, then defaults). Every client mistake is a 4xx JSON error {"error": "..."}.
+
+Modules
+    settings      Settings: every setting once, from arguments and environment variables
+    service       ModelService: the loaded model, shared by every router
+    decoding      request bodies -> uint8 images; ClientError
+    routing       bind(): a plain route function with its service and settings, as an endpoint
+    json_api      POST /v1/predict (image body, multipart `file`, JSON base64 or arrays, .npy; ?top_k=),
+                  POST /v1/explain (one image -> preprocessed input, all probabilities, saliency), GET /v1/model
+    web           GET / (the page in static/), /static, GET /v1/samples[/{i}.png] (its test images)
+    sagemaker     GET /ping, POST /invocations, GET /execution-parameters (SageMaker inference contract)
+    openinference GET /v2, /v2/health/{live,ready}, /v2/models/{name}[/ready], POST /v2/models/{name}/infer
+                  (each model route also under /versions/1), and the protocol's codec
+    app           create_app (the routers, error handlers, request guard), app_from_env, run
+"""
+
+from .app import app_from_env, create_app, run
+from .decoding import ClientError, decode_blob, read_batch
+from .service import ModelService
+from .settings import Settings
+
+__all__ = ["ClientError", "ModelService", "Settings", "app_from_env", "create_app", "decode_blob", "read_batch", "run"]

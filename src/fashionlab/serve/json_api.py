@@ -1,0 +1,75 @@
+"""The /v1 JSON API: classify images, explain one, describe the served model.
+
+Routes are plain functions; `router(service, settings)` registers them. The route functions
+have no docstrings and no return annotations on purpose: FastAPI would turn them into the
+OpenAPI description and a response model.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Query, Request
+from starlette.concurrency import run_in_threadpool
+
+from .decoding import ClientError, parse_top_k, read_batch
+from .routing import bind
+from .service import ModelService
+from .settings import Settings
+
+TOP_K = Query(None, description="how many classes to return per image, best first")
+
+# read_batch's bodies, for the OpenAPI schema (the routes read the raw request themselves)
+PREDICT_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "application/json": {"schema": {"type": "object", "properties": {
+                "image": {"type": "string", "description": "base64 PNG/JPEG/.npy bytes"},
+                "images": {"type": "array", "items": {"type": "string"}},
+                "array": {"type": "array", "items": {"type": "array", "items": {"type": "number"}}},
+                "top_k": {"type": "integer"}}}},
+            "multipart/form-data": {"schema": {"type": "object", "required": ["file"], "properties": {
+                "file": {"type": "string", "format": "binary"}}}},
+            "image/png": {"schema": {"type": "string", "format": "binary"}},
+            "image/jpeg": {"schema": {"type": "string", "format": "binary"}},
+            "application/x-npy": {"schema": {"type": "string", "format": "binary"}},
+        },
+    },
+}
+
+
+async def ranked(service: ModelService, settings: Settings, request: Request, top_k: int | None
+                 ) -> list[list[dict[str, Any]]]:
+    """The body's images, each with its top_k classes sorted by score (/v1/predict, /invocations)."""
+    batch, body_k = await read_batch(request, settings)
+    k = parse_top_k(top_k, body_k, settings, len(service.class_names))
+    return await run_in_threadpool(service.predict, batch, k)
+
+
+async def v1_predict(service: ModelService, settings: Settings, request: Request, top_k: int | None = TOP_K):
+    return await ranked(service, settings, request, top_k)
+
+
+async def v1_explain(service: ModelService, settings: Settings, request: Request):
+    batch, _ = await read_batch(request, settings)
+    if len(batch) != 1:
+        raise ClientError(400, f"/v1/explain takes exactly one image; got {len(batch)}")
+    return await run_in_threadpool(service.explain, batch[0])
+
+
+async def v1_model(service: ModelService, settings: Settings):
+    return {"name": settings.model_name, "backend": settings.backend, "platform": service.platform,
+            "class_names": service.class_names, "max_body_bytes": settings.max_body_bytes,
+            "max_pixels": settings.max_pixels, "saliency": service.saliency_model is not None}
+
+
+def router(service: ModelService, settings: Settings) -> APIRouter:
+    r = APIRouter()
+    r.add_api_route("/v1/predict", bind(v1_predict, service, settings), methods=["POST"], openapi_extra=PREDICT_BODY,
+                    summary="Classify one or more images; a list (one per image) of classes sorted by score")
+    r.add_api_route("/v1/explain", bind(v1_explain, service, settings), methods=["POST"], openapi_extra=PREDICT_BODY,
+                    summary="One image: preprocessed 28x28 input, probabilities of every class, saliency map")
+    r.add_api_route("/v1/model", bind(v1_model, service, settings), methods=["GET"],
+                    summary="The served model: classes, backend, input contract")
+    return r

@@ -1,0 +1,89 @@
+"""`fashionlab sweep`: N local workers (this process, or child worker processes) and the progress line."""
+
+from __future__ import annotations
+
+import os
+import re
+import signal
+import subprocess
+import sys
+
+from .progress import ProgressLine, Tally
+from .spec import Spec
+from .storage import open_storage, open_study
+from .worker import Worker
+
+
+def run_sweep(spec: Spec, storage_url: str | None = None, workers: int = 1, heartbeat_interval: int = 10,
+              grace_period: int = 30, max_retry: int = 2, threads: int | None = None, worker_only: bool = False,
+              quiet: bool = False, stream=None) -> Tally:
+    """`fashionlab sweep`: run N local workers against the storage and show progress; returns the final tally."""
+    stream = stream or sys.stderr
+    spec.folder.mkdir(parents=True, exist_ok=True)
+    url = storage_url or spec.default_storage()
+    if workers < 1:
+        raise ValueError(f"--workers {workers}: expected an integer >= 1")
+    if heartbeat_interval < 1 or grace_period <= heartbeat_interval:
+        raise ValueError(f"--grace-period {grace_period} must exceed --heartbeat-interval {heartbeat_interval} (>= 1 s)")
+    storage = open_storage(url, heartbeat_interval, grace_period, max_retry)
+    if threads:
+        import torch
+        torch.set_num_threads(threads)
+    if worker_only:
+        return Worker(spec, storage).run()
+    open_study(spec, storage)  # create and enqueue before the workers start
+    progress = ProgressLine(spec, storage, stream=stream)
+    if not quiet:
+        stream.write(f"sweep {spec.name}: {spec.n_points} points x {len(spec.seeds)} seeds = {spec.total_trials} "
+                     f"trainings, {workers} worker(s), storage {_redact(url)}\n")
+    if workers == 1:
+        worker = Worker(spec, storage)
+        if quiet:
+            worker.run()
+        else:
+            with progress:
+                worker.run()
+    else:
+        _run_child_workers(spec, url, workers, heartbeat_interval, grace_period, max_retry, threads, progress, quiet)
+    return progress.show(final=True) if not quiet else progress.current()
+
+
+def _run_child_workers(spec, url, workers, heartbeat_interval, grace_period, max_retry, threads, progress, quiet):
+    threads = threads or max(1, (os.cpu_count() or 1) // workers)
+    cmd = [sys.executable, "-m", "fashionlab", "sweep", str(spec.path), "--storage", url, "--out", str(spec.folder),
+           "--heartbeat-interval", str(heartbeat_interval), "--grace-period", str(grace_period),
+           "--max-retry", str(max_retry), "--threads", str(threads), "--worker-only"]
+    children = [subprocess.Popen(cmd, preexec_fn=_die_with_parent) for _ in range(workers)]
+
+    def forward(signum, frame):
+        for c in children:
+            if c.poll() is None:
+                c.send_signal(signum)
+    old = signal.signal(signal.SIGTERM, forward)
+    try:
+        if quiet:
+            for c in children:
+                c.wait()
+        else:
+            with progress:
+                for c in children:
+                    c.wait()
+    except KeyboardInterrupt:  # the children got the same SIGINT from the terminal: let them checkpoint
+        for c in children:
+            c.wait()
+        raise
+    finally:
+        signal.signal(signal.SIGTERM, old)
+
+
+def _die_with_parent() -> None:
+    # Linux: a worker whose parent `fashionlab sweep` dies gets SIGTERM (it checkpoints and re-queues).
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6", use_errno=True).prctl(1, signal.SIGTERM)  # PR_SET_PDEATHSIG
+    except OSError:
+        pass
+
+
+def _redact(url: str) -> str:
+    return re.sub(r"//([^:/@]+):[^@]*@", r"//\1:***@", url)

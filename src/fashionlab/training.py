@@ -1,0 +1,651 @@
+"""The training loop, as a few named steps over one state object.
+
+    trainer = Trainer.set_up(cfg, folder, dataset)   # runtime, data split, model, optimiser
+    trainer.start() or trainer.restore()             # config.json, or the checkpoint of a stopped run
+    for each epoch: train_epoch -> validate -> end_epoch (history, events, early stopping, checkpoint)
+    trainer.finish()                                 # test metrics, model.safetensors, metrics.json
+
+The whole training set lives on the device as one uint8 tensor; a batch is an index slice,
+converted to floats and augmented as a whole. Shuffling and augmentation draw from a CPU
+generator seeded by (seed, epoch), so a run is repeatable on the same device and precision,
+and a run stopped mid-epoch resumes into exactly the run it would have been.
+
+Progress bars, benchmarks and trackers plug in as `Callback`s (on_epoch_end, should_stop, ...).
+The run folder is written through a `run.RunFolder` handed in by run.py, the module that owns
+the folder's layout; this module never imports it, so data flows one way (training -> run).
+"""
+
+from __future__ import annotations
+
+import copy
+import math
+import platform
+import signal
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from . import __version__, checkpoint, data as data_mod, device as device_mod, evaluate, models
+from .augment import Augment
+from .config import TrainConfig
+from .stem_cache import StemCache
+
+INIT_IMAGES = 5000  # training images a model's data-dependent initialisation sees
+
+
+class TrainingInterrupted(Exception):
+    """Training stopped on SIGINT/SIGTERM after saving a checkpoint that resume continues."""
+
+    def __init__(self, run_dir, signum: int):
+        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved in {run_dir}")
+        self.run_dir, self.signum = run_dir, signum
+
+
+class Callback:
+    """Training events. Subclass and override what you need; every method is optional.
+
+    on_step runs after every optimiser step, so it must not force a device sync unless it means
+    to (the progress bar reads the running loss every 20 steps). The others run once per epoch,
+    outside the timed part of training.
+    """
+
+    def on_train_start(self, trainer: "Trainer") -> None: ...
+
+    def on_epoch_start(self, trainer: "Trainer", epoch: int, first_step: int) -> None: ...
+
+    def on_step(self, trainer: "Trainer", step: int, epoch_stats: "EpochStats") -> None: ...
+
+    def on_epoch_end(self, trainer: "Trainer", row: dict[str, Any]) -> None: ...
+
+    def should_stop(self, trainer: "Trainer", row: dict[str, Any]) -> bool:
+        return False
+
+    def on_interrupt(self, trainer: "Trainer") -> None:
+        """A signal stopped training mid-epoch; a checkpoint has been saved."""
+
+    def on_train_end(self, trainer: "Trainer", metrics: dict[str, Any]) -> None: ...
+
+
+# --------------------------------------------------------------------------- state
+
+@dataclass
+class TrainState:
+    """Everything about progress that a checkpoint stores (as JSON) and a resumed run restores."""
+    epoch: int = 0  # epochs finished
+    step: int = 0  # optimiser steps taken
+    history: list[dict[str, Any]] = field(default_factory=list)
+    best: float | None = None  # best monitored validation value so far
+    best_epoch: int | None = None
+    since_best: int = 0
+    train_seconds: float = 0.0
+    partial: dict[str, Any] | None = None  # a mid-epoch stop: where in the epoch, and its running sums
+
+
+@dataclass
+class EpochStats:
+    """Running sums of one epoch, kept on the device (read only when an epoch ends or a bar refreshes)."""
+    loss_sum: torch.Tensor
+    correct: torch.Tensor
+    seen: int = 0
+    seconds: float = 0.0  # time already spent in this epoch (before a resume, or the data init)
+
+
+@dataclass
+class Split:
+    """The training and validation images as tensors: training on the device, validation on the CPU."""
+    X: torch.Tensor  # uint8 (N, 1, 28, 28)
+    Y: torch.Tensor
+    Xv: torch.Tensor
+    Yv: torch.Tensor
+
+    @property
+    def n(self) -> int:
+        return len(self.Y)
+
+    @property
+    def n_val(self) -> int:
+        return len(self.Yv)
+
+
+def split_data(cfg: TrainConfig, ds: data_mod.Dataset, device: torch.device) -> Split:
+    """A stratified subset, then a stratified validation split, all seeded by cfg.seed."""
+    pool = np.arange(len(ds.train_labels))
+    if cfg.subset:
+        pool = data_mod.stratified_subset(ds.train_labels, min(cfg.subset, len(pool)), cfg.seed)
+    tr_rel, va_rel = data_mod.stratified_split(ds.train_labels[pool], cfg.val_split, cfg.seed)
+    tr_idx, va_idx = pool[tr_rel], pool[va_rel]
+    return Split(torch.from_numpy(ds.train_images[tr_idx]).unsqueeze(1).to(device),
+                 torch.from_numpy(ds.train_labels[tr_idx]).to(device),
+                 torch.from_numpy(ds.train_images[va_idx]), torch.from_numpy(ds.train_labels[va_idx]))
+
+
+def epoch_generator(seed: int, epoch: int) -> torch.Generator:
+    """The CPU generator an epoch's shuffle and augmentation draw from."""
+    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+
+
+# --------------------------------------------------------------------------- the trainer
+
+@dataclass
+class Trainer:
+    cfg: TrainConfig
+    folder: Any  # run.RunFolder: where config, history, checkpoints, model and metrics go
+    dataset: data_mod.Dataset
+    runtime: device_mod.Runtime
+    split: Split
+    model_args: dict[str, Any]
+    model: torch.nn.Module
+    optimizer: torch.optim.Optimizer
+    ema: "EMA | None"
+    step_model: Callable  # the model's forward as the training step calls it (compiled when asked)
+    init_seconds: float  # data-dependent initialisation: counted as part of the first epoch
+    augment: Augment
+    callbacks: Sequence[Callback] = ()
+    log: Callable[[str], None] = lambda message: None
+    state: TrainState = field(default_factory=TrainState)
+    best_weights: dict[str, torch.Tensor] | None = None
+    resume_gen_state: torch.Tensor | None = None  # the epoch generator's state at a mid-epoch stop
+    cache: StemCache | None = None
+    from_stem: Callable | None = None
+    stop_signal: dict[str, int] = field(default_factory=dict)
+    wall_start: float = field(default_factory=time.perf_counter)
+
+    # ---- set-up
+
+    @classmethod
+    def set_up(cls, cfg: TrainConfig, folder, dataset: data_mod.Dataset, callbacks: Sequence[Callback] = (),
+               log: Callable[[str], None] | None = None, resume: bool = False) -> "Trainer":
+        """Runtime, data split, model (seeded, initialised from data unless resuming) and optimiser."""
+        wall_start = time.perf_counter()
+        margs = dict(cfg.model_args)
+        if dataset.num_classes != 10:
+            margs.setdefault("num_classes", dataset.num_classes)
+        rt = device_mod.resolve(cfg.device, cfg.precision, conv_model=models.MODELS[cfg.model].channels_last)
+        split = split_data(cfg, dataset, rt.device)
+        model, init_seconds = build_model(cfg, margs, split, rt, initialise=not resume)
+        optimizer = make_optimizer(model, cfg)
+        return cls(cfg=cfg, folder=folder, dataset=dataset, runtime=rt, split=split, model_args=margs, model=model,
+                   optimizer=optimizer, ema=EMA(model, cfg.ema) if cfg.ema else None,
+                   step_model=_compiled(model, cfg, rt), init_seconds=init_seconds,
+                   augment=Augment.from_dict(cfg.augment), callbacks=callbacks,
+                   log=log or (lambda message: None), wall_start=wall_start)
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.split.n / self.cfg.batch_size)
+
+    @property
+    def total_steps(self) -> int:
+        return self.steps_per_epoch * self.cfg.epochs
+
+    @property
+    def opt_params(self) -> list[torch.Tensor]:
+        """What the optimiser trains (and SAM perturbs)."""
+        return [p for group in self.optimizer.param_groups for p in group["params"]]
+
+    def eval_model(self) -> torch.nn.Module:
+        """The model evaluation uses: the moving average of the weights when EMA is on."""
+        return self.ema.model if self.ema else self.model
+
+    def start(self) -> None:
+        """A new run: config.json records the settings, the environment and the data."""
+        self.folder.write_config({**self.cfg.to_dict(), "environment": environment(self.runtime),
+                                  "data": {"source": self.dataset.source, "verification": self.dataset.verification,
+                                           "name": self.dataset.name},
+                                  "split": {"train": self.split.n, "validation": self.split.n_val}})
+
+    def restore(self) -> None:
+        """Weights, optimiser, random state and progress of a stopped run, from its checkpoint."""
+        path = self.folder.checkpoint_path
+        if not path.exists():
+            raise FileNotFoundError(f"{path}: no checkpoint to resume from")
+        extra, state = checkpoint.load_state(path, self.model, self.optimizer)
+        self.state = TrainState(**state)
+        torch.set_rng_state(extra.pop("rng.cpu"))
+        if "rng.cuda" in extra and self.runtime.device.type == "cuda":
+            torch.cuda.set_rng_state(extra.pop("rng.cuda"))
+        if self.ema:
+            self.ema.model.load_state_dict({k[4:]: v for k, v in extra.items() if k.startswith("ema.")})
+        self.best_weights = {k[5:]: v for k, v in extra.items() if k.startswith("best.")} or None
+        self.resume_gen_state = extra.get("rng.epoch")
+        self.log(f"resuming {self.folder.path} at epoch {self.state.epoch + 1}, step {self.state.step}")
+
+    def attach_stem_cache(self) -> None:
+        """After the weights are final for the run (loaded on resume): the cache holds what the frozen
+        stem computes from them."""
+        if not self.cfg.cache_stem:
+            return
+        self.cache, note = StemCache.for_run(self.model, self.augment, self.split.X, self.runtime)
+        if self.cache:
+            self.from_stem = _compiled(self.model.forward_from_stem, self.cfg, self.runtime)
+            self.log(f"frozen stem: computed in the first epoch, read from a cache after it ({note})")
+
+    # ---- the loop
+
+    def run(self, resume: bool = False) -> dict[str, Any]:
+        """Train to the end (or until stopped), then evaluate and write the model; returns the metrics."""
+        self.restore() if resume else self.start()
+        self.log(self.describe())
+        self.attach_stem_cache()
+        self._emit("on_train_start")
+        with _stop_on_signals(self.stop_signal):
+            for epoch in range(self.state.epoch, self.cfg.epochs):
+                row = self.train_epoch(epoch)
+                self.validate(row)
+                if self.end_epoch(row):
+                    break
+        return self.finish()
+
+    def train_epoch(self, epoch: int) -> dict[str, Any]:
+        """One pass over the shuffled training images; returns the epoch's history row (no validation yet)."""
+        g = epoch_generator(self.cfg.seed, epoch)
+        perm = torch.randperm(self.split.n, generator=g).to(self.runtime.device)
+        stats, first_step = self._epoch_stats(epoch, g)
+        self.model.train()
+        self._emit("on_epoch_start", epoch, first_step)
+        t0 = time.perf_counter()
+        for s in range(first_step, self.steps_per_epoch):
+            self.train_step(perm[s * self.cfg.batch_size:(s + 1) * self.cfg.batch_size], g, stats)
+            self._emit("on_step", s, stats)
+            if self.stop_signal.get("signum") and s < self.steps_per_epoch - 1:
+                self._stop_mid_epoch(epoch, s + 1, stats, t0, g)
+        self._end_of_pass()
+        stats.seconds += time.perf_counter() - t0
+        self.state.train_seconds += stats.seconds
+        return {"epoch": epoch + 1, "train_loss": float(stats.loss_sum) / stats.seen,
+                "train_accuracy": int(stats.correct) / stats.seen, "lr": self.optimizer.param_groups[0]["lr"],
+                "seconds": stats.seconds, "images_per_s": stats.seen / stats.seconds}
+
+    def _epoch_stats(self, epoch: int, g: torch.Generator) -> tuple[EpochStats, int]:
+        dev = self.runtime.device
+        stats = EpochStats(torch.zeros((), device=dev), torch.zeros((), device=dev, dtype=torch.long),
+                           seconds=self.init_seconds if epoch == 0 else 0.0)
+        p = self.state.partial
+        if not p:
+            return stats, 0
+        # Resuming mid-epoch: continue the same random stream and running sums.
+        stats.seen, stats.seconds = p["seen"], p["seconds"]
+        stats.loss_sum += p["loss_sum"]
+        stats.correct += p["correct"]
+        g.set_state(self.resume_gen_state)
+        self.state.partial = None
+        return stats, p["step"]
+
+    def train_step(self, idx: torch.Tensor, g: torch.Generator, stats: EpochStats) -> None:
+        """Learning rate, batch, forward and backward (twice with SAM), optimiser step, EMA, running sums."""
+        cfg = self.cfg
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.state.step, self.total_steps, cfg, self.steps_per_epoch)
+        xb, forward = self._batch(idx, g)
+        yb = self.split.Y[idx]
+
+        def logits_and_loss():
+            with self.runtime.autocast():
+                out = forward(xb)
+            return out, F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
+
+        logits, loss = logits_and_loss()
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.sam_rho and self.state.step >= int(cfg.sam_start * self.total_steps):
+            sharpness_aware_gradients(self.opt_params, lambda: logits_and_loss()[1], cfg.sam_rho)
+        self.optimizer.step()
+        if self.ema:
+            self.ema.update(self.model)
+        self.state.step += 1
+        stats.loss_sum += loss.detach() * len(idx)
+        stats.correct += (logits.detach().argmax(1) == yb).sum()
+        stats.seen += len(idx)
+
+    def _batch(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Callable]:
+        """The augmented batch and the forward that takes it (from the stem's cached output when cached)."""
+        rt = self.runtime
+        if self.cache:
+            with rt.autocast():
+                return self.cache.batch(self.split.X, idx, self.augment, g, rt), self.from_stem
+        xb = evaluate.to_input(self.split.X[idx])
+        if self.augment.active:
+            xb = self.augment(xb, g)
+        if rt.channels_last:
+            xb = xb.contiguous(memory_format=torch.channels_last)
+        return xb, self.step_model
+
+    def _stop_mid_epoch(self, epoch: int, next_step: int, stats: EpochStats, t0: float, g: torch.Generator):
+        """A signal arrived: checkpoint where the epoch stands, with its random stream, and stop."""
+        stats.seconds += time.perf_counter() - t0
+        self.state.epoch = epoch
+        self.state.partial = {"step": next_step, "seen": stats.seen, "seconds": stats.seconds,
+                              "loss_sum": float(stats.loss_sum), "correct": int(stats.correct)}
+        self.save_checkpoint(g.get_state())
+        self._emit("on_interrupt")
+        raise TrainingInterrupted(self.folder.path, self.stop_signal["signum"])
+
+    def _end_of_pass(self) -> None:
+        """Work that finishes an epoch's model, inside the timed part."""
+        if self.cache:
+            self.cache.end_epoch()
+        if self.cfg.precise_bn:
+            recompute_batchnorm(self.eval_model(), self.split.X[:self.cfg.precise_bn], self.runtime,
+                                self.cfg.batch_size)
+        if self.runtime.device.type == "cuda":
+            torch.cuda.synchronize()  # honest timing: wait for queued kernels
+
+    def validate(self, row: dict[str, Any]) -> None:
+        """Validation loss and accuracy into the row (no-op without a validation split)."""
+        if not self.split.n_val:
+            return
+        logits = evaluate.predict_logits(self.eval_model(), self.split.Xv, self.runtime, self.cfg.eval_batch_size,
+                                         self.cfg.tta_flip, self.cfg.tta_shift)
+        row["val_loss"], row["val_accuracy"] = evaluate.quick_scores(logits, self.split.Yv)
+
+    def end_epoch(self, row: dict[str, Any]) -> bool:
+        """History, events, early stopping and the checkpoint; True when training should stop."""
+        self.state.history.append(row)
+        self.state.epoch = row["epoch"]
+        self.log(epoch_line(row, self.cfg.epochs))
+        self._emit("on_epoch_end", row)
+        early = self._early_stopping(row)
+        self.folder.write_history(self.state.history)
+        if early:
+            self.log(f"early stopping: no {self.cfg.monitor} improvement for {self.cfg.patience} epochs "
+                     f"(best {self.state.best:.4f} at epoch {self.state.best_epoch})")
+        if early or any(cb.should_stop(self, row) for cb in self.callbacks):
+            return True
+        if self.stop_signal.get("signum"):
+            self.save_checkpoint()
+            raise TrainingInterrupted(self.folder.path, self.stop_signal["signum"])
+        if row["epoch"] < self.cfg.epochs:
+            self.save_checkpoint()
+        return False
+
+    def _early_stopping(self, row: dict[str, Any]) -> bool:
+        """Track the best monitored epoch (keeping its weights when they will be restored)."""
+        if not self.split.n_val:
+            return False
+        cfg, st = self.cfg, self.state
+        value = row[cfg.monitor]
+        better = st.best is None or (value > st.best if cfg.monitor == "val_accuracy" else value < st.best)
+        if better:
+            st.best, st.best_epoch, st.since_best = value, row["epoch"], 0
+            if cfg.patience is not None and cfg.restore_best:
+                self.best_weights = {k: v.detach().cpu().clone() for k, v in self.eval_model().state_dict().items()}
+            return False
+        st.since_best += 1
+        return cfg.patience is not None and st.since_best >= cfg.patience
+
+    def save_checkpoint(self, epoch_gen_state: torch.Tensor | None = None) -> None:
+        extra = {"rng.cpu": torch.get_rng_state()}
+        if self.runtime.device.type == "cuda":
+            extra["rng.cuda"] = torch.cuda.get_rng_state()
+        if self.ema:
+            extra.update({f"ema.{k}": v for k, v in self.ema.model.state_dict().items()})
+        if self.best_weights:
+            extra.update({f"best.{k}": v for k, v in self.best_weights.items()})
+        if epoch_gen_state is not None:
+            extra["rng.epoch"] = epoch_gen_state
+        checkpoint.save_state(self.folder.checkpoint_path, self.model, self.optimizer, extra, asdict(self.state))
+
+    # ---- the end
+
+    def finish(self) -> dict[str, Any]:
+        """The chosen weights on the test set; model.safetensors, model.json and metrics.json written."""
+        cfg, st, ds = self.cfg, self.state, self.dataset
+        final = self.eval_model()
+        if self.best_weights and cfg.restore_best:
+            final.load_state_dict(self.best_weights)
+        metrics = evaluate.evaluate_model(final, ds.test_images, ds.test_labels, ds.class_names, self.runtime,
+                                          cfg.eval_batch_size, cfg.tta_flip, cfg.tta_shift)
+        metrics.update(
+            params=models.count_params(self.model), train_seconds=st.train_seconds, epochs_run=len(st.history),
+            best_epoch=st.best_epoch, wall_seconds=time.perf_counter() - self.wall_start,
+            images_per_s=sum(r["seconds"] * r["images_per_s"] for r in st.history) / max(st.train_seconds, 1e-9),
+            model=cfg.model, recipe=cfg.recipe, seed=cfg.seed, precision=self.runtime.precision,
+            device=str(self.runtime.device), stem_cached=self.cache is not None,
+        )
+        self.folder.save_model(final, model_info(cfg, self.model_args, self.runtime, ds.class_names))
+        self.folder.write_metrics(metrics)
+        self.folder.checkpoint_path.unlink(missing_ok=True)  # finished: nothing left to resume
+        self.log(f"test accuracy {metrics['test_accuracy']:.4f}  loss {metrics['test_loss']:.4f}  "
+                 f"({metrics['train_seconds']:.1f} s training) -> {self.folder.path}")
+        self._emit("on_train_end", metrics)
+        return metrics
+
+    # ---- helpers
+
+    def describe(self) -> str:
+        rt = self.runtime
+        return (f"{self.cfg.model}: {models.count_params(self.model):,} parameters | {self.split.n:,} train / "
+                f"{self.split.n_val:,} val / {len(self.dataset.test_labels):,} test | {rt.device.type} {rt.precision}"
+                f"{' channels_last' if rt.channels_last else ''}")
+
+    def _emit(self, event: str, *args) -> None:
+        for cb in self.callbacks:
+            hook = getattr(cb, event, None)
+            if hook is not None:
+                hook(self, *args)
+
+
+def build_model(cfg: TrainConfig, margs: dict[str, Any], split: Split, rt: device_mod.Runtime,
+                initialise: bool) -> tuple[torch.nn.Module, float]:
+    """The model seeded by cfg.seed, initialised from data when it asks to be; returns it and the
+    seconds the data-dependent initialisation took (part of training time)."""
+    torch.manual_seed(cfg.seed)
+    model = models.build_model(cfg.model, **margs).to(rt.device)
+    init_seconds = 0.0
+    # Data-dependent initialisation, e.g. FastNet's whitening filters; a resumed run loads them instead.
+    # 5,000 images (3.9 million 3x3 patches) set the whitening filters to within about 1.5% of what
+    # 10,000 give, in half the time (0.4 s against 0.8 s on 2 cores).
+    if hasattr(model, "init_from_data") and initialise:
+        t_init = time.perf_counter()
+        model.init_from_data(evaluate.to_input(split.X[:INIT_IMAGES]))
+        init_seconds = time.perf_counter() - t_init
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, init_seconds
+
+
+def _compiled(fn: Callable, cfg: TrainConfig, rt: device_mod.Runtime) -> Callable:
+    """torch.compile when asked (CUDA graphs on CUDA). Compiled functions share the model's
+    parameters; evaluation and checkpoints use the plain model."""
+    if not cfg.compile:
+        return fn
+    return torch.compile(fn, mode="reduce-overhead" if rt.device.type == "cuda" else None)
+
+
+# --------------------------------------------------------------------------- the pieces of a step
+
+def lr_at(step: int, total: int, cfg: TrainConfig, steps_per_epoch: int) -> float:
+    """Learning rate for a global step: linear warm-up, then the schedule's decay."""
+    warm = int(cfg.warmup_epochs * steps_per_epoch)
+    if cfg.schedule == "onecycle" and warm == 0:
+        warm = int(0.25 * total)
+    if step < warm:
+        start = cfg.lr / 25 if cfg.schedule == "onecycle" else 0.0
+        return start + (cfg.lr - start) * (step + 1) / warm
+    if cfg.schedule == "constant":
+        return cfg.lr
+    t = (step - warm) / max(total - warm, 1)
+    return cfg.lr * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    # No weight decay on biases and normalisation parameters (1-D tensors); frozen weights are left out.
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    decay = [p for p in trainable if p.ndim > 1]
+    no_decay = [p for p in trainable if p.ndim <= 1]
+    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+    if cfg.optimizer == "adamw":
+        return torch.optim.AdamW(groups, lr=cfg.lr)
+    if cfg.weight_decay:
+        return torch.optim.Adam(groups, lr=cfg.lr)  # L2 added to the gradient, as Keras/PyTorch Adam do
+    return torch.optim.Adam(trainable, lr=cfg.lr)
+
+
+@torch.no_grad()
+def sharpness_aware_gradients(params: list[torch.Tensor], loss_at: Callable[[], torch.Tensor], rho: float) -> None:
+    """SAM (Foret et al., 2021): replace the gradients in params' .grad, computed at w, by those at
+    w + rho * g / ||g||, the nearby point where the loss rises fastest; the weights are put back.
+
+    loss_at() runs the forward pass on the same batch (the augmentation drawn once) and returns the loss.
+    Costs a second forward and backward per step."""
+    params = [p for p in params if p.grad is not None]
+    grads = [p.grad for p in params]
+    norm = torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    saved = [p.detach().clone() for p in params]  # restored by copy: w + e - e is not always w in floating point
+    torch._foreach_add_(params, torch._foreach_mul(grads, rho / (norm + 1e-12)))  # a tensor: no device sync
+    for p in params:
+        p.grad = None
+    with torch.enable_grad():
+        loss_at().backward()
+    torch._foreach_copy_(params, saved)
+
+
+class EMA:
+    """Exponential moving average of the weights; buffers (BatchNorm statistics) are copied."""
+
+    def __init__(self, model: torch.nn.Module, decay: float):
+        self.decay = decay
+        self.model = copy.deepcopy(model).eval()
+        for p in self.model.parameters():
+            p.requires_grad_(False)
+
+    @torch.no_grad()
+    def update(self, model: torch.nn.Module) -> None:
+        ema_p = list(self.model.parameters())
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - self.decay)
+        for b_ema, b in zip(self.model.buffers(), model.buffers()):
+            b_ema.copy_(b)
+
+
+@torch.no_grad()
+def recompute_batchnorm(model: torch.nn.Module, images_u8: torch.Tensor, rt: device_mod.Runtime,
+                        batch_size: int) -> None:
+    """Precise BatchNorm: replace every BatchNorm layer's running statistics by the average of the
+    batch statistics the current weights give on these images (at the training batch size).
+
+    A running average with momentum 0.1 remembers the last ~10 batches, whose weights differ from
+    the final ones. In a pre-activation ResNet the residual stream is not normalised, so its scale
+    moves with every step and the stale statistics can cost tens of points of test accuracy in
+    eval mode while the training batches look fine; an EMA of the weights has no statistics of its
+    own at all. Training itself is untouched: it always uses batch statistics.
+    """
+    layers = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)]
+    if not layers or not len(images_u8):
+        return
+    momenta = [m.momentum for m in layers]
+    was_training = model.training
+    for m in layers:
+        m.reset_running_stats()
+        m.momentum = None  # a cumulative average over the batches below
+    model.train()
+    try:
+        for i in range(0, len(images_u8), batch_size):
+            with rt.autocast():
+                model(evaluate.to_input(images_u8[i: i + batch_size], rt))
+    finally:
+        for m, momentum in zip(layers, momenta):
+            m.momentum = momentum
+        model.train(was_training)
+
+
+# --------------------------------------------------------------------------- what a run records
+
+def environment(runtime: device_mod.Runtime) -> dict[str, Any]:
+    return {**runtime.describe(), "fashionlab": __version__, "python": platform.python_version(),
+            "platform": platform.platform(), "processor": platform.processor() or platform.machine()}
+
+
+def model_info(cfg: TrainConfig, margs: dict[str, Any], runtime: device_mod.Runtime,
+               class_names: list[str]) -> dict[str, Any]:
+    """model.json: enough to rebuild and use the model without the registry or the training settings."""
+    spec = models.model_spec(cfg.model, **margs)
+    kw = spec["kwargs"]
+    return {
+        "architecture": spec,
+        "class_names": class_names,
+        "input": {"shape": [1, 28, 28], "dtype": "float32", "scale": "uint8 pixel / 255",
+                  "normalisation": {"mean": kw.get("mean", models.FASHION_MEAN), "std": kw.get("std", models.FASHION_STD),
+                                    "resize": kw.get("resize")}},
+        "precision": runtime.precision,
+        "tta_flip": cfg.tta_flip,
+        "tta_shift": cfg.tta_shift,
+        "versions": {"fashionlab": __version__, "torch": torch.__version__, "python": platform.python_version()},
+    }
+
+
+def epoch_line(row: dict, epochs: int) -> str:
+    s = f"epoch {row['epoch']}/{epochs}: loss {row['train_loss']:.4f} acc {row['train_accuracy']:.4f}"
+    if "val_accuracy" in row:
+        s += f" | val loss {row['val_loss']:.4f} acc {row['val_accuracy']:.4f}"
+    return s + f" | {row['seconds']:.1f} s, {row['images_per_s']:,.0f} img/s"
+
+
+# --------------------------------------------------------------------------- stock callbacks
+
+class ProgressBar(Callback):
+    """A tqdm bar per epoch with the running loss, accuracy and speed (refreshed every 20 steps)."""
+
+    def __init__(self):
+        self.bar = None
+
+    def on_epoch_start(self, trainer: Trainer, epoch: int, first_step: int) -> None:
+        from tqdm import tqdm
+        self.bar = tqdm(total=trainer.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{trainer.cfg.epochs}",
+                        unit="batch", leave=False, mininterval=0.5, dynamic_ncols=True)
+        self.t0 = time.perf_counter()
+
+    def on_step(self, trainer: Trainer, step: int, stats: EpochStats) -> None:
+        if step % 20 == 0 or step == trainer.steps_per_epoch - 1:
+            el = stats.seconds + time.perf_counter() - self.t0
+            self.bar.set_postfix_str(f"loss {stats.loss_sum.item() / stats.seen:.4f} "
+                                     f"acc {stats.correct.item() / stats.seen:.4f} "
+                                     f"{stats.seen / max(el, 1e-9):,.0f} img/s", refresh=False)
+        self.bar.update(1)
+        if step == trainer.steps_per_epoch - 1:
+            self.close()
+
+    def on_interrupt(self, trainer: Trainer) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+            self.bar = None
+
+
+class EpochHook(Callback):
+    """A plain function called with (row, model) after each epoch: the model evaluation would use."""
+
+    def __init__(self, fn: Callable[[dict[str, Any], torch.nn.Module], None]):
+        self.fn = fn
+
+    def on_epoch_end(self, trainer: Trainer, row: dict[str, Any]) -> None:
+        self.fn(row, trainer.eval_model())
+
+
+@contextmanager
+def _stop_on_signals(flag: dict):
+    """First SIGINT/SIGTERM asks the loop to checkpoint and stop; a second SIGINT stops at once."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def handler(signum, frame):
+        if flag.get("signum") and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        flag["signum"] = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
