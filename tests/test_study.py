@@ -95,17 +95,47 @@ def test_every_run_of_a_study_gets_its_report_linked_from_the_comparison(tmp_pat
         assert f'href="{model}/seed-4/report.html"' in html
 
 
-def test_claims_name_the_winner_and_the_hardest_class():
-    def stats(acc, shirt):
-        per = {n: {"mean": .9, "std": 0.0, "values": [.9]} for n in ("T-shirt/top", "Coat")}
-        per["Shirt"] = {"mean": shirt, "std": 0.0, "values": [shirt]}
-        return {"test_accuracy": {"mean": acc, "std": 0.002, "values": [acc]}, "per_class_accuracy": per,
-                "hardest_class": "Shirt"}
-    lines = study.claims({"cnn_small": stats(.88, .6), "lstm": stats(.86, .55)}, {"cnn_small": .88, "lstm": .862})
-    assert lines[0].startswith("cnn_small wins: 88.00% mean test accuracy against 86.00% for lstm")
-    assert "larger than twice" in lines[0]
-    assert "its winner (cnn_small) reproduces" in lines[1]
+def _summary(accs, shirt):
+    per = {n: {"mean": .9, "std": 0.0, "values": [.9]} for n in ("T-shirt/top", "Coat")}
+    per["Shirt"] = {"mean": shirt, "std": 0.0, "values": [shirt]}
+    return {"test_accuracy": {"mean": float(np.mean(accs)), "std": float(np.std(accs, ddof=1)) if len(accs) > 1 else 0.0,
+                              "values": list(accs)},
+            "per_class_accuracy": per, "hardest_class": "Shirt"}
+
+
+def test_claims_are_welch_tests_with_n_and_p_and_say_when_runs_are_too_few():
+    from scipy import stats
+    cnn, lstm = [.881, .879, .883], [.862, .860, .861]
+    lines = study.claims({"cnn_small": _summary(cnn, .6), "lstm": _summary(lstm, .55)}, {"cnn_small": .88, "lstm": .862})
+    p = stats.ttest_ind(cnn, lstm, equal_var=False).pvalue
+    assert lines[0].startswith("cnn_small beats lstm: 88.10% against 86.10% mean test accuracy (+2.00 points; "
+                               "n = 3 and 3; Welch's t-test p = ")
+    assert f"p = {p:.2g})" in lines[0]
     assert "Hardest class for lstm: Shirt (55.00% mean accuracy)." in lines
+    assert any(line.startswith("cnn_small: 88.10% here (n = 3) against 88.00% reported (+0.10 points): the reported "
+                               "figure lies within our spread") for line in lines)
+    assert any("The reference study's winner, cnn_small, wins here too" in line for line in lines)
+
+    close = study.claims({"a": _summary([.90, .91, .89], .6), "b": _summary([.905, .895, .90], .6)}, {})
+    assert close[0].startswith("a and b are not significantly different")
+    few = study.claims({"a": _summary([.95], .6), "b": _summary([.10], .6)}, {})
+    assert "not enough runs to say which is better (3 seeds per model are needed for a test)" in few[0]
+
+
+def test_a_study_on_a_cut_budget_is_not_compared_with_the_reference(tmp_path):
+    res = study.run_study("cnn-vs-rnn", tmp_path, seeds=1, dataset=DS, overrides=QUICK, log=lambda m: None,
+                          run_reports=False)
+    html = res["report"].read_text()
+    assert "are for the full cnn-vs-rnn recipe; these runs changed it (epochs 1, batch_size 64)" in html
+    assert "reported (" not in html and "within our spread" not in html
+
+
+def test_runs_trained_differently_are_flagged_before_any_claim(tmp_path):
+    import fashionlab as fl
+    a = fl.train(model="mlp", out=tmp_path / "a", dataset=DS, quiet=True, epochs=1)
+    b = fl.train(model="cnn_small", out=tmp_path / "b", dataset=DS, quiet=True, epochs=2, subset=100)
+    page = fl.compare([a.path, b.path], out=tmp_path / "cmp.html").report.read_text()
+    assert "These runs were not trained alike (epochs 1 / 2; subset 100 / null)" in page
 
 
 def test_compare_cli_rejects_unfinished_runs(tmp_path):

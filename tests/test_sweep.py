@@ -94,6 +94,10 @@ kernel = [3, 5]
     (BASE + "pool = ['max', 'triangle']\n", "design point kernel=3, pool=triangle", "pool must be one of"),
     (BASE + "depth = [9]\n", "design point kernel=3, depth=9", "too small"),
     (BASE + "[report]\nheatmap = ['kernel', 'nope']\n", "[report] heatmap", "two different factor names"),
+    (BASE.replace('model = "cnn"', 'model = "cnn"\nmetric = "test_accuracy"'), "[experiment] metric",
+     "test_accuracy is a test score, and the metric is what the sweep chooses settings by"),
+    (BASE.replace('model = "cnn"', 'model = "cnn"\nmetric = "test_loss"'), "[experiment] metric", "Use val_loss"),
+    (BASE + "[train]\nval_split = 0.0\n", "[train] val_split", "measured on a validation split"),
 ])
 def test_spec_errors_name_file_field_and_expectation(tmp_path, body, field, expected):
     path = write_spec(tmp_path, body)
@@ -324,7 +328,8 @@ def test_postgres_two_workers_one_killed_and_restarted(tmp_path):
 # --------------------------------------------------------------------------- report
 
 def _runs(values_by_level: dict[str, list[float]]):
-    return [sweeps.RunResult({"kernel": level, "filters": "8"}, seed, v, {})
+    # The test score of each run is 0.1 below its validation score: reported beside it, never choosing.
+    return [sweeps.RunResult({"kernel": level, "filters": "8"}, seed, v, {"test_accuracy": v - 0.1})
             for level, values in values_by_level.items() for seed, v in enumerate(values)]
 
 
@@ -342,6 +347,9 @@ def test_report_finds_real_differences_and_not_noise(tmp_path):
     assert rows["3"].std == pytest.approx(stats.tstd(rows["3"].values))
     table = sweeps.text_table(res)
     assert "worse, significant" in table and "not significantly different" in table
+    assert spec.metric == "val_accuracy" and "chosen by val_accuracy" in table and "test_accuracy of the same runs" in table
+    assert rows["3"].test_mean == pytest.approx(rows["3"].mean - 0.1)
+    assert "test_accuracy mean (reported, not used to choose)" in sweeps.markdown_table(res)
 
     html = sweeps.render_html(res)
     assert html.count("data:image/png;base64,") == 2  # main effects and the kernel x filters heatmap

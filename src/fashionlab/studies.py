@@ -12,6 +12,7 @@ continued, anything else is trained. Seeds are the recipe's seed + 0, 1, ..., N-
 from __future__ import annotations
 
 import functools
+import json
 import sys
 import time
 from dataclasses import dataclass
@@ -20,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import checkpoint, data as data_mod, models, pages, report, run as run_mod
+from . import checkpoint, data as data_mod, models, pages, report, run as run_mod, stats
 from .config import TrainConfig, make_config
 from .recipes import get_recipe
 from .training import Callback
@@ -93,6 +94,20 @@ def study_plan(study: Study, out_dir: Path, seeds: int, overrides: dict[str, Any
             for seed in study_seeds(study, seeds) for model in study.model_names()]
 
 
+def _references_if_recipe_unchanged(study: Study, overrides: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
+    """The reference study's figures hold for its recipe as it was: a study run on another budget
+    (fewer epochs, a subset) is not compared with them, and says so."""
+    recipe = get_recipe(study.recipe)
+    changed = {k: v for k, v in overrides.items()
+               if v is not None and k not in ("device", "precision") and recipe.settings.get(k, getattr(TrainConfig, k, None)) != v}
+    if not changed or not recipe.reference:
+        return dict(recipe.reference), []
+    shown = ", ".join(f"{k} {v}" for k, v in changed.items())
+    return {}, [f"The reference study's figures ({', '.join(f'{m} {a:.2%}' for m, a in recipe.reference.items())}) "
+                f"are for the full {study.recipe} recipe; these runs changed it ({shown}), so they are not compared "
+                f"with them."]
+
+
 def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, overrides: dict[str, Any] | None = None,
               log: Callable[[str], None] | None = None, run_reports: bool = True,
               data_dir=None, offline=None) -> dict[str, Any]:
@@ -132,10 +147,11 @@ def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, over
                 log(f"writing {run_mod.RunFolder(d).report_path}")
                 report.write_run_report(d, dataset=dataset() if callable(dataset) else dataset)
     seed_list = study_seeds(study, seeds)
+    references, caveats = _references_if_recipe_unchanged(study, overrides or {})
     page, summary = write_comparison(run_dirs, out_dir / "report.html", title=f"Study {study.name}",
                                      subtitle=f"{study.description} Recipe {study.recipe}; seeds "
                                               f"{', '.join(map(str, seed_list))}.",
-                                     references=get_recipe(study.recipe).reference, link_base=out_dir)
+                                     references=references, link_base=out_dir, caveats=caveats)
     return {"runs": run_dirs, "trained": trained, "reused": reused, "report": page, "summary": summary}
 
 
@@ -194,35 +210,61 @@ def _ms(stat: dict, scale: float = 1.0, digits: int = 2) -> str:
     return pages.fmt_mean_std(stat["values"], scale, digits)
 
 
-def claims(summary: dict[str, Any], references: dict[str, float]) -> list[str]:
-    """Plain sentences: who wins (and whether the gap exceeds the spread), the hardest class, references."""
-    labels = list(summary)
-    lines = []
-    if len(labels) > 1:
-        ranked = sorted(labels, key=lambda k: -summary[k]["test_accuracy"]["mean"])
-        a, b = summary[ranked[0]]["test_accuracy"], summary[ranked[1]]["test_accuracy"]
-        gap = a["mean"] - b["mean"]
-        spread = max(a["std"], b["std"])
-        clear = "larger than" if gap > 2 * spread else "not clearly larger than"
-        lines.append(f"{ranked[0]} wins: {a['mean']:.2%} mean test accuracy against {b['mean']:.2%} for "
-                     f"{ranked[1]} (gap {gap * 100:.2f} points, {clear} twice the larger standard deviation "
-                     f"{spread * 100:.2f}).")
-        ref = {k: v for k, v in references.items() if k in summary}
-        if len(ref) > 1:
-            ref_winner = max(ref, key=ref.get)
-            same = "reproduces" if ref_winner == ranked[0] else "does NOT reproduce"
-            lines.append(f"The reference study reported {', '.join(f'{k} {v:.1%}' for k, v in ref.items())}: "
-                         f"its winner ({ref_winner}) {same}.")
-    hardest = {k: s["hardest_class"] for k, s in summary.items()}
-    for k, c in hardest.items():
-        acc = summary[k]["per_class_accuracy"][c]
-        lines.append(f"Hardest class for {k}: {c} ({acc['mean']:.2%} mean accuracy).")
-    for k, v in references.items():
-        if k in summary:
-            m = summary[k]["test_accuracy"]
-            lines.append(f"{k}: {m['mean']:.2%} ± {m['std']:.2%} here against {v:.2%} reported "
-                         f"({(m['mean'] - v) * 100:+.2f} points).")
+def claims(summary: dict[str, Any], references: dict[str, float], caveats: Sequence[str] = ()) -> list[str]:
+    """Plain sentences, each backed by a test: caveats first (runs not trained alike), then every model
+    against the best by Welch's t-test with n and p ("not enough runs to say" below MIN_RUNS per side),
+    the hardest classes, and the reference study's figures (only passed when the recipe matches)."""
+    lines = list(caveats)
+    ranked = sorted(summary, key=lambda k: -summary[k]["test_accuracy"]["mean"])
+    lines += [_versus(ranked[0], other, summary) for other in ranked[1:]]
+    for k, s in summary.items():
+        acc = s["per_class_accuracy"][s["hardest_class"]]
+        lines.append(f"Hardest class for {k}: {s['hardest_class']} ({acc['mean']:.2%} mean accuracy).")
+    lines += [_against_reference(k, v, summary[k]["test_accuracy"]["values"]) for k, v in references.items()
+              if k in summary]
+    ref = {k: v for k, v in references.items() if k in summary}
+    if len(ref) > 1 and len(summary) > 1:
+        ref_winner = max(ref, key=ref.get)
+        here = "wins here too" if ref_winner == ranked[0] else f"does not win here ({ranked[0]} has the best mean)"
+        lines.append(f"The reference study's winner, {ref_winner}, {here}; the tests above say whether by a "
+                     f"significant margin.")
     return lines
+
+
+def _versus(best: str, other: str, summary: dict[str, Any]) -> str:
+    a, b = summary[best]["test_accuracy"]["values"], summary[other]["test_accuracy"]["values"]
+    ma, mb = np.mean(a), np.mean(b)
+    facts = f"{ma:.2%} against {mb:.2%} mean test accuracy ({(ma - mb) * 100:+.2f} points; n = {len(a)} and {len(b)}"
+    if min(len(a), len(b)) < stats.MIN_RUNS:
+        return (f"{best} against {other}: {facts}): not enough runs to say which is better "
+                f"({stats.MIN_RUNS} seeds per model are needed for a test).")
+    p = stats.welch(a, b)
+    if p < 0.05:
+        return f"{best} beats {other}: {facts}; Welch's t-test p = {stats.fmt_p(p)})."
+    return f"{best} and {other} are not significantly different: {facts}; Welch's t-test p = {stats.fmt_p(p)})."
+
+
+def _against_reference(model: str, reported: float, values: list[float]) -> str:
+    m = float(np.mean(values))
+    head = f"{model}: {m:.2%} here (n = {len(values)}) against {reported:.2%} reported ({(m - reported) * 100:+.2f} points)"
+    if len(values) < stats.MIN_RUNS:
+        return f"{head}: not enough runs to test whether the reported figure lies within our spread."
+    p = stats.one_sample(values, reported)
+    verdict = "outside" if p < 0.05 else "within"
+    return f"{head}: the reported figure lies {verdict} our spread (one-sample t-test p = {stats.fmt_p(p)})."
+
+
+def training_differences(runs: Sequence[dict]) -> list[str]:
+    """A caveat naming the settings (other than model and seed) in which the runs were not trained alike."""
+    from .config import settings_of
+    per_run = [settings_of(r["config"]) for r in runs]
+    ignore = {"model", "model_args", "seed", "device", "precision", "compile", "cache_stem", "eval_batch_size"}
+    differ = {k: sorted({json.dumps(s.get(k)) for s in per_run}) for k in per_run[0] if k not in ignore}
+    differ = {k: v for k, v in differ.items() if len(v) > 1}
+    if not differ:
+        return []
+    shown = "; ".join(f"{k} {' / '.join(v)}" for k, v in differ.items())
+    return [f"These runs were not trained alike ({shown}): differences below may come from that, not from the models."]
 
 
 def comparison_figures(summary: dict[str, Any], groups: dict[str, list[dict]], figs: pages.FigureWriter,
@@ -244,29 +286,29 @@ def _colors(n: int) -> list[str]:
 
 
 def accuracy_figure(summary: dict[str, Any], references: dict[str, float]):
-    """Accuracy with error bars (one standard deviation), single runs as dots, reference figures as markers."""
+    """Mean test accuracy as a point with its 95% confidence interval, every run as a dot, reference
+    figures as markers. Points with intervals, not bars on a cut axis, so the gaps are not exaggerated."""
     labels = list(summary)
     colors = _colors(len(labels))
     fig = pages.new_figure(max(6.0, 1.2 * len(labels) + 2), 3.6)
     ax = fig.add_subplot()
-    means = [summary[k]["test_accuracy"]["mean"] * 100 for k in labels]
-    stds = [summary[k]["test_accuracy"]["std"] * 100 for k in labels]
-    ax.bar(labels, means, yerr=stds, capsize=5, color=colors, alpha=.85)
-    refs = [(i, references[k] * 100) for i, k in enumerate(labels) if k in references]
     for i, k in enumerate(labels):
-        for v in summary[k]["test_accuracy"]["values"]:
-            ax.plot(i, v * 100, "k.", ms=4)
+        values = [v * 100 for v in summary[k]["test_accuracy"]["values"]]
+        lo, hi = stats.mean_ci(values)
+        mean = float(np.mean(values))
+        ax.errorbar(i, mean, yerr=[[mean - lo], [hi - mean]], fmt="o", ms=7, capsize=6, color=colors[i])
+        ax.plot(np.full(len(values), i + 0.12), values, "k.", ms=4)
+    refs = [(i, references[k] * 100) for i, k in enumerate(labels) if k in references]
     for j, (i, v) in enumerate(refs):
         ax.plot(i, v, marker="_", ms=30, mew=2, color="crimson",
                 label="reported by the reference study" if j == 0 else None)
-    lo = min([m - s for m, s in zip(means, stds)] + [v for _, v in refs])
-    hi = max([m + s for m, s in zip(means, stds)] + [v for _, v in refs])
-    ax.set_ylim(max(0, lo - 3), min(100, hi + 1.5))
+    ax.set_xticks(range(len(labels)), labels, rotation=20 if len(labels) > 4 else 0)
+    ax.set_xlim(-0.6, len(labels) - 0.4)
     ax.set_ylabel("test accuracy (%)")
-    ax.set_title("Test accuracy: mean ± std over seeds (dots: single runs)", fontsize=9)
+    ax.grid(axis="y", alpha=.3)
+    ax.set_title("Test accuracy: mean with 95% confidence interval (dots: single runs)", fontsize=9)
     if refs:
         ax.legend(loc="lower right", fontsize=8)
-    ax.tick_params(axis="x", labelrotation=20 if len(labels) > 4 else 0)
     return fig
 
 
@@ -285,8 +327,7 @@ def per_class_accuracy_figure(summary: dict[str, Any]):
                yerr=[pc[n]["std"] * 100 for n in names], capsize=2, label=k, color=colors[i])
     ax.set_xticks(x, names, rotation=30, ha="right")
     ax.set_ylabel("accuracy (recall, %)")
-    low = min(pc["mean"] - pc["std"] for k in labels for pc in summary[k]["per_class_accuracy"].values())
-    ax.set_ylim(max(0, low * 100 - 5), 100)  # room for the lowest error bar
+    ax.set_ylim(0, 100)  # bars on the full scale: a cut axis exaggerates the gaps
     ax.legend(fontsize=8, ncols=min(len(labels), 4))
     ax.set_title("Per-class test accuracy, mean ± std over seeds")
     return fig
@@ -338,8 +379,8 @@ def curves_overlay_figure(summary: dict[str, Any], groups: dict[str, list[dict]]
 
 
 def comparison_sections(run_dirs: Sequence[str | Path], figs: pages.FigureWriter,
-                        references: dict[str, float] | None = None,
-                        link_base: Path | None = None) -> tuple[list[pages.Section], dict[str, Any]]:
+                        references: dict[str, float] | None = None, link_base: Path | None = None,
+                        caveats: Sequence[str] = ()) -> tuple[list[pages.Section], dict[str, Any]]:
     runs = [load_run(d) for d in run_dirs]
     if not runs:
         raise StudyError("no runs to compare")
@@ -351,7 +392,8 @@ def comparison_sections(run_dirs: Sequence[str | Path], figs: pages.FigureWriter
     summary = summarise(groups)
     references = {k: v for k, v in (references or {}).items() if k in summary}
     f = comparison_figures(summary, groups, figs, references)
-    claims_list = "<ul>" + "".join(f"<li>{pages.esc(line)}</li>" for line in claims(summary, references)) + "</ul>"
+    said = claims(summary, references, [*caveats, *training_differences(runs)])
+    claims_list = "<ul>" + "".join(f"<li>{pages.esc(line)}</li>" for line in said) + "</ul>"
     sections = [pages.Section("Claims", [claims_list]),
                 _side_by_side_section(summary, references, f["accuracy"]),
                 _per_class_section(summary, names, f["per_class"]),
@@ -431,13 +473,13 @@ def _run_link(run_dir: Path, link_base: Path | None):
 
 
 def write_comparison(run_dirs: Sequence[str | Path], out: str | Path, title: str = "Comparison", subtitle: str = "",
-                     references: dict[str, float] | None = None, link_base: Path | None = None
-                     ) -> tuple[Path, dict[str, Any]]:
+                     references: dict[str, float] | None = None, link_base: Path | None = None,
+                     caveats: Sequence[str] = ()) -> tuple[Path, dict[str, Any]]:
     """The comparison page, its PNG figures beside it and summary.json with the numbers."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     figs = pages.FigureWriter(out.parent, prefix="compare_")
-    sections, summary = comparison_sections(run_dirs, figs, references, link_base or out.parent)
+    sections, summary = comparison_sections(run_dirs, figs, references, link_base or out.parent, caveats)
     pages.write_page(out, title, sections, subtitle)
     checkpoint.write_json(out.parent / "summary.json", {
         k: {kk: vv for kk, vv in v.items() if kk != "confusion_mean"} for k, v in summary.items()})

@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import html
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from .. import pages
+from ..stats import holm, welch
 from .design import describe_point, point_id
 from .spec import Spec, SpecError
 from .storage import open_storage, quiet_optuna
@@ -34,8 +35,9 @@ class RunResult:
 class Row:
     """One level of a factor, or one design point: its runs' summary and its comparison with the best."""
     label: str
-    values: list[float]
+    values: list[float]  # the objective (a validation score): what chooses
     seeds: int
+    test_values: list[float] = field(default_factory=list)  # the test score of the same runs: reported only
     diff: float | None = None  # this row minus the best row
     p: float | None = None  # Welch's two-sided p-value against the best
     p_adj: float | None = None  # Holm-adjusted over the group's comparisons
@@ -51,10 +53,22 @@ class Row:
 
     @property
     def std(self) -> float:
-        if len(self.values) < 2:
-            return math.nan
-        m = self.mean
-        return math.sqrt(sum((x - m) ** 2 for x in self.values) / (len(self.values) - 1))
+        return _std(self.values)
+
+    @property
+    def test_mean(self) -> float:
+        return sum(self.test_values) / len(self.test_values) if self.test_values else math.nan
+
+    @property
+    def test_std(self) -> float:
+        return _std(self.test_values)
+
+
+def _std(values: list[float]) -> float:
+    if len(values) < 2:
+        return math.nan
+    m = sum(values) / len(values)
+    return math.sqrt(sum((x - m) ** 2 for x in values) / (len(values) - 1))
 
 
 @dataclass
@@ -82,35 +96,6 @@ def collect(spec: Spec, storage) -> list[RunResult]:
         runs.append(RunResult({f.name: t.params[f.name] for f in spec.factors}, t.user_attrs["seed"], t.value,
                               t.user_attrs.get("metrics", {})))
     return runs
-
-
-def welch(a: list[float], b: list[float]) -> float | None:
-    """Two-sided p-value of Welch's t-test; None when a side has fewer than 2 runs."""
-    if len(a) < 2 or len(b) < 2:
-        return None
-    from scipy import stats
-    if _var(a) == 0 and _var(b) == 0:  # identical repeats: the test is undefined, the answer is not
-        return 1.0 if sum(a) / len(a) == sum(b) / len(b) else 0.0
-    import warnings
-    with warnings.catch_warnings():  # near-identical runs: scipy warns, the p-value is still right
-        warnings.simplefilter("ignore", RuntimeWarning)
-        return float(stats.ttest_ind(a, b, equal_var=False).pvalue)
-
-
-def _var(v: list[float]) -> float:
-    m = sum(v) / len(v)
-    return sum((x - m) ** 2 for x in v)
-
-
-def holm(pvalues: list[float]) -> list[float]:
-    """Holm-Bonferroni adjusted p-values (step-down, monotone), in the input order."""
-    order = sorted(range(len(pvalues)), key=lambda i: pvalues[i])
-    adjusted = [0.0] * len(pvalues)
-    running = 0.0
-    for rank, i in enumerate(order):
-        running = max(running, min(1.0, (len(pvalues) - rank) * pvalues[i]))
-        adjusted[i] = running
-    return adjusted
 
 
 def compare_to_best(rows: list[Row], direction: str, alpha: float) -> list[Row]:
@@ -141,19 +126,24 @@ def compare_to_best(rows: list[Row], direction: str, alpha: float) -> list[Row]:
     return rows
 
 
+def _row(label: str, runs: list[RunResult], spec: Spec) -> Row:
+    tests = [r.metrics.get(spec.reported_metric) for r in runs]
+    return Row(label, [r.value for r in runs], len({r.seed for r in runs}),
+               [float(t) for t in tests if t is not None])
+
+
 def analyse(spec: Spec, runs: list[RunResult]) -> SweepResults:
     levels = {}
     for f in spec.factors:
         rows = []
         for label in f.labels:
             at = [r for r in runs if r.point[f.name] == label]
-            rows.append(Row(label, [r.value for r in at], len({r.seed for r in at})))
+            rows.append(_row(label, at, spec))
         levels[f.name] = compare_to_best(rows, spec.direction, spec.alpha)
     by_point: dict[str, list[RunResult]] = {}
     for r in runs:
         by_point.setdefault(point_id(r.point), []).append(r)
-    points = [Row(describe_point(group[0].point), [r.value for r in group], len({r.seed for r in group}))
-              for group in by_point.values()]
+    points = [_row(describe_point(group[0].point), group, spec) for group in by_point.values()]
     compare_to_best(points, spec.direction, spec.alpha)
     sign = 1 if spec.direction == "maximize" else -1
     points.sort(key=lambda r: -sign * r.mean)
@@ -170,32 +160,42 @@ def _p(x: float | None) -> str:
     return "-" if x is None else ("<0.0001" if x < 1e-4 else f"{x:.4f}")
 
 
+def selection_note(spec: Spec) -> str:
+    """Which score chose and which is reported: the objective is a validation score, the test score
+    of the same runs is shown beside it and never chooses."""
+    return (f"chosen by {spec.metric} ({spec.direction}, validation split); {spec.reported_metric} of the same "
+            f"runs reported beside it, never used to choose; Welch's t-test against the best, Holm-corrected, "
+            f"alpha {spec.alpha}")
+
+
 def text_table(res: SweepResults, top_points: int = 10) -> str:
     spec = res.spec
-    lines = [f"{spec.name}: {len(res.runs)}/{res.expected} runs complete; metric {spec.metric} ({spec.direction}); "
-             f"Welch's t-test against the best level, Holm-corrected, alpha {spec.alpha}", ""]
-    head = f"{'factor':<12} {'level':<14} {'mean':>8} {'std':>8} {'runs':>5} {'seeds':>5} {'diff':>8} {'p (Holm)':>9}  verdict"
-    lines.append(head)
-    lines.append("-" * len(head))
+    lines = [f"{spec.name}: {len(res.runs)}/{res.expected} runs complete; {selection_note(spec)}", ""]
+    head = (f"{'factor':<12} {'level':<14} {'val mean':>8} {'std':>8} {'runs':>5} {'seeds':>5} {'diff':>8} "
+            f"{'p (Holm)':>9} {'test mean':>9}  verdict")
+    lines += [head, "-" * len(head)]
     for name, rows in res.levels.items():
         for r in rows:
             lines.append(f"{name:<12} {r.label:<14} {_fmt(r.mean):>8} {_fmt(r.std):>8} {r.n:>5} {r.seeds:>5} "
-                         f"{_fmt(r.diff):>8} {_p(r.p_adj):>9}  {r.verdict}")
+                         f"{_fmt(r.diff):>8} {_p(r.p_adj):>9} {_fmt(r.test_mean):>9}  {r.verdict}")
     lines += ["", f"design points (best first, top {min(top_points, len(res.points))} of {len(res.points)}):",
-              f"{'point':<48} {'mean':>8} {'std':>8} {'seeds':>5} {'p (Holm)':>9}  verdict"]
+              f"{'point':<48} {'val mean':>8} {'std':>8} {'seeds':>5} {'p (Holm)':>9} {'test mean':>9}  verdict"]
     for r in res.points[:top_points]:
-        lines.append(f"{r.label:<48} {_fmt(r.mean):>8} {_fmt(r.std):>8} {r.seeds:>5} {_p(r.p_adj):>9}  {r.verdict}")
+        lines.append(f"{r.label:<48} {_fmt(r.mean):>8} {_fmt(r.std):>8} {r.seeds:>5} {_p(r.p_adj):>9} "
+                     f"{_fmt(r.test_mean):>9}  {r.verdict}")
     return "\n".join(lines)
 
 
 def markdown_table(res: SweepResults) -> str:
     """The per-level table as Markdown, for docs."""
-    out = ["| factor | level | mean | std | runs | seeds | diff vs best | p (Welch, Holm) | verdict |",
-           "|---|---|---:|---:|---:|---:|---:|---:|---|"]
+    spec = res.spec
+    out = [f"| factor | level | {spec.metric} mean | std | runs | seeds | diff vs best | p (Welch, Holm) | verdict | "
+           f"{spec.reported_metric} mean (reported, not used to choose) |",
+           "|---|---|---:|---:|---:|---:|---:|---:|---|---:|"]
     for name, rows in res.levels.items():
         for r in rows:
             out.append(f"| {name} | {r.label} | {_fmt(r.mean)} | {_fmt(r.std)} | {r.n} | {r.seeds} | "
-                       f"{_fmt(r.diff)} | {_p(r.p_adj)} | {r.verdict} |")
+                       f"{_fmt(r.diff)} | {_p(r.p_adj)} | {r.verdict} | {_fmt(r.test_mean)} |")
     return "\n".join(out)
 
 
@@ -258,18 +258,18 @@ def _rows_html(rows: list[Row], first_col: str | None = None) -> str:
             f"<td>{html.escape(r.label)}</td>", f"<td class=num>{_fmt(r.mean)}</td>", f"<td class=num>{_fmt(r.std)}</td>",
             f"<td class=num>{r.n}</td>", f"<td class=num>{r.seeds}</td>", f"<td class=num>{_fmt(r.diff)}</td>",
             f"<td class=num>{_p(r.p)}</td>", f"<td class=num>{_p(r.p_adj)}</td>",
-            f"<td class=verdict>{html.escape(r.verdict)}</td>"]
+            f"<td class=verdict>{html.escape(r.verdict)}</td>", f"<td class=num>{_fmt(r.test_mean)}</td>"]
         out.append(f"<tr class=\"{cls}\">" + "".join(cells) + "</tr>")
     return "\n".join(out)
 
 
 def render_html(res: SweepResults) -> str:
     spec = res.spec
-    head = "<th>mean</th><th>std</th><th>runs</th><th>seeds</th><th>diff vs best</th><th>p (Welch)</th>" \
-           "<th>p (Holm)</th><th>verdict</th>"
+    head = (f"<th>{spec.metric} mean</th><th>std</th><th>runs</th><th>seeds</th><th>diff vs best</th>"
+            f"<th>p (Welch)</th><th>p (Holm)</th><th>verdict</th><th>{spec.reported_metric} mean (reported)</th>")
     parts = [f"<p>{html.escape(spec.description)}</p>" if spec.description else "",
              f"<p class=meta>{len(res.runs)} of {res.expected} runs complete · model {spec.model}"
-             f"{' · recipe ' + spec.recipe if spec.recipe else ''} · metric {spec.metric} ({spec.direction}) · "
+             f"{' · recipe ' + spec.recipe if spec.recipe else ''} · {html.escape(selection_note(spec))} · "
              f"{len(spec.seeds)} seeds per point · sampler {spec.sampler} · spec {html.escape(str(spec.path))} · "
              f"written {datetime.now():%Y-%m-%d %H:%M}</p>",
              "<h2>Main effects</h2>",

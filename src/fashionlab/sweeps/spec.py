@@ -25,6 +25,9 @@ except ModuleNotFoundError:  # Python 3.10: the same parser as a package
 
 SAMPLERS = ("grid", "random", "tpe")
 METRICS = {"test_accuracy": "maximize", "test_loss": "minimize", "val_accuracy": "maximize", "val_loss": "minimize"}
+# What may choose between settings (the objective), and the test score reported beside each: choosing on
+# the test set would make every reported test score optimistic.
+OBJECTIVES = {"val_accuracy": "test_accuracy", "val_loss": "test_loss"}
 DIRECTIONS = ("maximize", "minimize")
 # Training settings a factor or [train] may not set: the spec names them elsewhere, or they are per trial.
 RESERVED_TRAIN = {"model", "model_args", "recipe", "seed", "class_names", "dataset"}
@@ -83,6 +86,11 @@ class Spec:
 
     def factor(self, name: str) -> Factor:
         return next(f for f in self.factors if f.name == name)
+
+    @property
+    def reported_metric(self) -> str:
+        """The test score shown beside the objective, after selection; it never chooses."""
+        return OBJECTIVES[self.metric]
 
     @property
     def grid_size(self) -> int:
@@ -215,13 +223,22 @@ def _validate_model_and_recipe(path: Path, exp: dict) -> tuple[str, str | None]:
 
 
 def _validate_metric(path: Path, exp: dict) -> tuple[str, str]:
-    metric = _experiment_field(path, exp, "metric", (str,), f"one of {', '.join(METRICS)}", "test_accuracy")
-    if metric not in METRICS:
-        raise _spec_error(path, "[experiment] metric", f"expected one of {', '.join(METRICS)}, got {metric!r}")
+    metric = _experiment_field(path, exp, "metric", (str,), f"one of {', '.join(OBJECTIVES)}", "val_accuracy")
+    if metric in METRICS and metric not in OBJECTIVES:
+        raise _spec_error(path, "[experiment] metric", (
+            f"{metric} is a test score, and the metric is what the sweep chooses settings by: choosing on the "
+            f"test set makes every reported test score optimistic. Use {_validation_twin(metric)} (measured on "
+            f"the validation split, [train] val_split); test scores are still recorded and reported beside it"))
+    if metric not in OBJECTIVES:
+        raise _spec_error(path, "[experiment] metric", f"expected one of {', '.join(OBJECTIVES)}, got {metric!r}")
     direction = _experiment_field(path, exp, "direction", (str,), "maximize or minimize", METRICS[metric])
     if direction not in DIRECTIONS:
         raise _spec_error(path, "[experiment] direction", f"expected maximize or minimize, got {direction!r}")
     return metric, direction
+
+
+def _validation_twin(test_metric: str) -> str:
+    return next(v for v, t in OBJECTIVES.items() if t == test_metric)
 
 
 def _validate_seeds(path: Path, exp: dict) -> tuple[int, ...]:
@@ -369,6 +386,9 @@ def _validate_points(spec: Spec) -> None:
             cfg = trial_config(spec, point, spec.seeds[0])
         except (ValueError, KeyError) as e:
             raise _spec_error(spec.path, f"design point {describe_point(point)}", str(e)) from None
+        if not cfg.val_split:
+            raise _spec_error(spec.path, "[train] val_split", f"the metric {spec.metric} is measured on a validation "
+                                                              f"split: set val_split > 0 (the recipe's is 0)")
         key = json.dumps(cfg.model_args, sort_keys=True, default=str)
         if key in checked:
             continue
