@@ -30,7 +30,8 @@ def spec_for(ds: data.Dataset, folder_gz: Path | None = None, **changes) -> data
             md5 = hashlib.md5((folder_gz / (f.name + ".gz")).read_bytes()).hexdigest()
         files[key] = data.IdxFile(f.name, hashlib.sha256(data.idx_bytes(arrays[key])).hexdigest(), md5)
     base = dataclasses.replace(data.FASHION_MNIST, name="synthetic", files=files, system_dirs=(),
-                               class_names=tuple(ds.class_names))
+                               class_names=tuple(ds.class_names),
+                               counts={"train": len(ds.train_images), "test": len(ds.test_images)})
     return dataclasses.replace(base, **changes)
 
 
