@@ -99,5 +99,5 @@ def test_should_stop_ends_training_and_the_run_still_finishes(tmp_path):
 def test_history_lines_that_are_not_json_name_the_file(tmp_path):
     folder = run_mod.RunFolder(tmp_path)
     folder.history_path.write_text(json.dumps({"epoch": 1}) + "\n{oops\n")
-    with pytest.raises(UserError, match=r"history.jsonl: line 2 is not valid JSON"):
+    with pytest.raises(UserError, match=r"history.jsonl: line 2: not valid JSON"):
         folder.history

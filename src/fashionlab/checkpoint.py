@@ -3,7 +3,8 @@ Which file is which lives in run.py; this module reads and writes whatever paths
 
 Nothing here is a pickle: a checkpoint is tensors plus JSON, so loading one never runs code.
 Every file is written to a temporary name and renamed, so a crash leaves the old file or the
-new one, never half of one.
+new one, never half of one. Every file is checked by schema.py before anything is built from it or
+any tensor is read: names, dtypes and shapes against the model the description builds.
 """
 
 from __future__ import annotations
@@ -14,29 +15,14 @@ from typing import Any
 
 import torch
 from safetensors.torch import load_file, save_file
-from safetensors import safe_open
 
-from . import models
+from . import models, schema
 from .atomic import atomic_write, write_text
-from .errors import UserError
-
-
-class RunError(UserError):
-    """A run folder is missing a file or holds one that cannot be read."""
+from .schema import RunError, read_json
 
 
 def write_json(path: Path, obj: Any) -> None:
     write_text(path, json.dumps(obj, indent=2, sort_keys=False) + "\n")
-
-
-def read_json(path: Path) -> Any:
-    path = Path(path)
-    if not path.is_file():
-        raise RunError(f"{path}: file not found")
-    try:
-        return json.loads(path.read_text())
-    except json.JSONDecodeError as e:
-        raise RunError(f"{path}: not valid JSON ({e})") from None
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
@@ -53,23 +39,20 @@ def write_model(weights: Path, description: Path, model: torch.nn.Module, info: 
 
 def read_model(description: Path, weights: Path, device: str | torch.device = "cpu"
                ) -> tuple[torch.nn.Module, dict[str, Any]]:
-    """Rebuild a model from its description (model.json) and weights (safetensors)."""
+    """Rebuild a model from its description (model.json) and weights (safetensors).
+
+    The description is checked and built on the meta device, and the weights' header compared with
+    that model, before the model is built for real or any weight is read."""
     description, weights = Path(description), Path(weights)
-    info = read_json(description)
-    arch = info.get("architecture") if isinstance(info, dict) else None
-    for key in ("family", "kwargs"):
-        if not isinstance(arch, dict) or key not in arch:
-            raise RunError(f"{description}: field architecture.{key} is missing")
+    info = schema.model_info(read_json(description), str(description))
+    schema.check_weights(weights, schema.meta_model(info, str(description)), description)
+    arch = info["architecture"]
     model = models.build_from_spec(arch["family"], arch["kwargs"])
-    if not weights.is_file():
-        raise RunError(f"{weights}: file not found")
     try:
         state = load_file(str(weights))
     except Exception as e:  # safetensors raises its own error types
         raise RunError(f"{weights}: not a readable safetensors file ({e})") from None
-    missing, unexpected = model.load_state_dict(state, strict=False)
-    if missing or unexpected:
-        raise RunError(f"{weights}: weights do not fit {arch.get('name')!r}: missing {missing}, unexpected {unexpected}")
+    model.load_state_dict(state)
     return model.to(device).eval(), info
 
 
@@ -95,15 +78,15 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
 
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
+    """Load a checkpoint into model and optimizer; returns the extra tensors and the training state.
+    Every metadata entry and tensor a resume reads is checked first (schema.check_checkpoint)."""
     path = Path(path)
+    opt_meta, state = schema.check_checkpoint(path, model, optimizer)
     try:
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata()
         tensors = load_file(str(path))
     except Exception as e:
         raise RunError(f"{path}: not a readable checkpoint ({e})") from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
-    opt_meta = json.loads(meta["optimizer"])
     opt_state: dict[int, dict[str, Any]] = {}
     for pid, pstate in opt_meta["state"].items():
         opt_state[int(pid)] = {
@@ -111,4 +94,4 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
         }
     optimizer.load_state_dict({"state": opt_state, "param_groups": opt_meta["param_groups"]})
     extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
-    return extra, json.loads(meta["state"])
+    return extra, state

@@ -17,7 +17,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, run
+from . import __version__, run, schema
 from .run import RunFolder
 from .device import resolve
 from .predict import Predictor
@@ -138,17 +138,26 @@ class OnnxPredictor:
         # (and other processes) need. Measured in benchmarks/serve_latency.py.
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         source = onnx_blob_or_path if isinstance(onnx_blob_or_path, bytes) else str(onnx_blob_or_path)
+        label = "ONNX model" if isinstance(source, bytes) else source
         try:
             self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as e:
-            raise ExportError(f"{onnx_blob_or_path if not isinstance(source, bytes) else 'ONNX model'}: "
-                              f"cannot be loaded by ONNX Runtime ({e})") from None
-        meta = self.session.get_modelmeta().custom_metadata_map
-        names = class_names or (json.loads(meta["class_names"]) if "class_names" in meta else None)
-        if not names:
-            raise ExportError("ONNX model has no class_names in its metadata; give them explicitly")
-        self.class_names: list[str] = list(names)
+            raise ExportError(f"{label}: cannot be loaded by ONNX Runtime ({e})") from None
+        self.class_names: list[str] = self._class_names(class_names, label)
         self.info = info or {"class_names": self.class_names}
+
+    def _class_names(self, given: list[str] | None, label: str) -> list[str]:
+        """The given names or the file's, checked as model.json's are: distinct strings, one per output."""
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if given is None and "class_names" not in meta:
+            raise ExportError(f"{label}: no class_names in its metadata; give them explicitly")
+        where = f"{label}: metadata" if given is None else label
+        names = schema.check_class_names(list(given) if given is not None else
+                                         schema.parse_json(meta["class_names"], f"{where} class_names"), where)
+        outputs = self.session.get_outputs()[-1].shape[-1]  # probabilities: (batch, classes)
+        if isinstance(outputs, int) and outputs != len(names):
+            raise ExportError(f"{where}: {len(names)} class names for {outputs} outputs")
+        return names
 
     @classmethod
     def from_run(cls, run_dir: str | Path, threads: int | None = None) -> "OnnxPredictor":

@@ -16,7 +16,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import data as data_mod, explain, models, pages
+from . import data as data_mod, explain, models, pages, schema
 from .predict import Predictor
 from .run import RunFolder
 
@@ -208,10 +208,14 @@ class RunView:
     _cache: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self):
+        # Every file of the run is read (and so checked) first: before the dataset is compared with it and
+        # before any figure is drawn or written.
+        self.model, self.folder.history, self.folder.record  # noqa: B018
         names = self.folder.class_names
         if list(self.dataset.class_names) != names:
             raise ValueError(f"{self.folder.path}: the run's classes {names} differ from the dataset's "
                              f"{list(self.dataset.class_names)}")
+        self.metrics  # noqa: B018  (per-class rows for the dataset's classes)
 
     def _once(self, key: str, make: Callable[[], Any]) -> Any:
         if key not in self._cache:
@@ -224,7 +228,8 @@ class RunView:
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return self._once("metrics", lambda: self.folder.metrics)
+        return self._once("metrics", lambda: schema.metrics(self.folder.metrics, str(self.folder.metrics_path),
+                                                            self.names))
 
     @property
     def probs(self) -> np.ndarray:

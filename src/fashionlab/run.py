@@ -8,8 +8,11 @@
     report.html        the run's report
 
 `RunFolder` reads and writes those files and knows a run's status, its settings and what
-"the same settings" means. `train_run`, `resume_run` and `train_or_reuse` are the one way to
-make a run: the CLI, studies, sweeps, benchmarks and the public API all go through them.
+"the same settings" means. Every file is checked as it is read (schema.py: types, ranges, sizes,
+and the weights against the model their description builds), so a damaged or tampered folder is
+refused with one line naming the file and the field, whoever reads it. `train_run`, `resume_run`
+and `train_or_reuse` are the one way to make a run: the CLI, studies, sweeps, benchmarks and the
+public API all go through them.
 """
 
 from __future__ import annotations
@@ -21,8 +24,9 @@ from typing import Any, Callable, Sequence
 
 import torch
 
-from . import checkpoint, data as data_mod, device as device_mod, evaluate
-from .checkpoint import RunError, read_json, write_json
+from . import checkpoint, data as data_mod, device as device_mod, evaluate, schema
+from .checkpoint import write_json
+from .schema import RunError, read_json
 from .config import TrainConfig, settings_of
 from .training import Callback, ProgressBar, Trainer
 
@@ -92,35 +96,28 @@ class RunFolder:
     @property
     def record(self) -> dict[str, Any]:
         """config.json as written: the settings plus the environment, data and split it recorded."""
-        return read_json(self.config_path)
+        return schema.record(read_json(self.config_path), str(self.config_path))
 
     @property
     def config(self) -> TrainConfig:
-        """The training settings, with defaults for settings added since the run was made."""
-        return TrainConfig.from_dict(settings_of(self.record))
+        """The training settings, with defaults for settings added since the run was made, validated as
+        `train` validates them."""
+        return schema.train_config(self.record, str(self.config_path))
 
     @property
     def history(self) -> list[dict[str, Any]]:
         """One dict per finished epoch ([] before the first)."""
-        if not self.history_path.exists():
-            return []
-        rows = []
-        for n, line in enumerate(self.history_path.read_text().splitlines(), 1):
-            if line.strip():
-                try:
-                    rows.append(json.loads(line))
-                except json.JSONDecodeError as e:
-                    raise RunError(f"{self.history_path}: line {n} is not valid JSON ({e})") from None
-        return rows
+        return schema.read_history(self.history_path)
 
     @property
     def metrics(self) -> dict[str, Any]:
-        return read_json(self.metrics_path)
+        return schema.metrics(read_json(self.metrics_path), str(self.metrics_path))
 
     @property
     def model_info(self) -> dict[str, Any]:
-        """model.json: architecture, class names, input normalisation, precision, versions."""
-        return read_json(self.model_json_path)
+        """model.json: architecture, class names, input normalisation, precision, versions (their types and
+        ranges checked; load_model also checks the architecture against the class names and weights)."""
+        return schema.model_info(read_json(self.model_json_path), str(self.model_json_path))
 
     @property
     def class_names(self) -> list[str]:
@@ -189,13 +186,14 @@ def evaluate_run(folder: RunFolder, dataset: data_mod.Dataset | None = None, dev
                  precision: str | None = None, data_dir=None, offline: bool | None = None) -> dict[str, Any]:
     """Test metrics recomputed from the saved model, by default on the training settings' device and
     at the recorded precision, so they equal metrics.json; device/precision change that."""
-    cfg, info = folder.config, folder.model_info
+    # Every file of the run is read (and so checked) before the dataset is loaded or anything evaluated.
+    cfg, info, _ = folder.config, folder.model_info, folder.metrics
+    rt = folder.runtime(device or cfg.device, precision or info.get("precision", "auto"))
+    model, _ = folder.load_model(rt.device)
     ds = dataset or folder.dataset(data_dir, offline)
     if list(ds.class_names) != list(info["class_names"]):
         raise RunError(f"{folder.model_json_path}: the run's classes {info['class_names']} differ from the "
                        f"dataset's {list(ds.class_names)}")
-    rt = folder.runtime(device or cfg.device, precision or info.get("precision", "auto"))
-    model, _ = folder.load_model(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
     return evaluate.evaluate_model(model, ds.test_images, ds.test_labels, ds.class_names, rt, cfg.eval_batch_size,
@@ -235,7 +233,10 @@ def resume_run(path: str | Path, dataset: DatasetArg = None, callbacks: Sequence
         raise RunError(f"{folder.path} is already finished (metrics.json exists); nothing to resume")
     if folder.status == NEW:
         raise RunError(f"{folder.checkpoint_path}: no checkpoint to resume from")
-    return _train(folder.config, folder, dataset, callbacks, quiet, data_dir, offline, resume=True)
+    cfg = folder.config  # validated, model_args included, as `train` validates them
+    # What the settings make a resume read beyond what load_state checks against the model and optimiser
+    schema.check_resume(folder.checkpoint_path, cfg)
+    return _train(cfg, folder, dataset, callbacks, quiet, data_dir, offline, resume=True)
 
 
 def train_or_reuse(cfg: TrainConfig, path: str | Path, dataset: DatasetArg = None,

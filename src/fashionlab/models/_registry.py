@@ -6,7 +6,11 @@ none of them, so the registry can never be half-initialised by an import cycle.
 
 from __future__ import annotations
 
+import copy
 import inspect
+import math
+import threading
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Callable
 
@@ -50,7 +54,7 @@ def build_model(name: str, **overrides) -> nn.Module:
 
 def build_from_spec(family: str, kwargs: dict[str, Any]) -> nn.Module:
     """Rebuild any model from its family and full arguments (what a checkpoint records)."""
-    if family not in FAMILIES:
+    if not isinstance(family, str) or family not in FAMILIES:
         raise KeyError(f"unknown model family {family!r}; known families: {', '.join(sorted(FAMILIES))}")
     builder = FAMILIES[family]
     unknown, valid = _unknown_arguments(builder, kwargs)
@@ -60,8 +64,104 @@ def build_from_spec(family: str, kwargs: dict[str, Any]) -> nn.Module:
                          f"valid arguments: {', '.join(valid)}")
     try:
         return builder(**kwargs)
-    except TypeError as e:  # e.g. a missing required argument: callers catch ValueError for any bad argument
+    except Exception as e:
+        # Whatever a builder trips over (a missing argument's TypeError, a negative size's RuntimeError, a
+        # range's ValueError) is a bad argument: callers catch ValueError for all of them.
         raise ValueError(f"bad arguments for model family {family!r}: {e}") from None
+
+
+# Limits on a model rebuilt from a description someone else may have written (a run's model.json): generous
+# beside the registry's largest (wrn16_4: 2.7 million parameters in 70 tensors, 50,176 values per image in
+# its largest layer output), and checked without memory, so refusing costs next to nothing.
+MAX_PARAMS = 100_000_000
+MAX_PARAM_TENSORS = 4096  # bounds the time a builder's loops can take before the parameter count is known
+MAX_LAYER_VALUES = 16_000_000  # one layer's output for one image: 64 MB in float32
+IMAGE_SHAPE = (1, 28, 28)  # what every model takes per image
+
+
+def meta_model(family: str, kwargs: dict[str, Any]) -> tuple[nn.Module, int]:
+    """Build a description on torch's meta device (shapes and dtypes only: no memory, no initialisation)
+    and run an empty batch of images through a copy of it. Returns the meta model and its number of
+    outputs (classes); ValueError when it cannot be built or run, or exceeds the limits above, with the
+    figure that does."""
+    with _tensor_budget(MAX_PARAM_TENSORS), torch.device("meta"):
+        model = build_from_spec(family, kwargs)
+    params = count_params(model)
+    if params > MAX_PARAMS:
+        raise ValueError(f"{params:,} parameters; the limit is {MAX_PARAMS:,}")
+    (values, layer), out = _probe(_hollow_copy(model))
+    if values > MAX_LAYER_VALUES:
+        raise ValueError(f"layer {layer or 'output'} gives {values:,} values per image; the limit is "
+                         f"{MAX_LAYER_VALUES:,}")
+    if not isinstance(out, torch.Tensor) or out.dim() != 2:
+        shape = ["N", *out.shape[1:]] if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"gives {shape} for images of shape [N, {', '.join(map(str, IMAGE_SHAPE))}]; "
+                         f"expected logits of shape [N, classes]")
+    return model, int(out.shape[1])
+
+
+def _hollow_copy(model: nn.Module) -> nn.Module:
+    """A CPU copy of a meta model with uninitialised weights (memory reserved, never written).
+
+    torch's own Module.to_empty would do, but it loads torch's Python meta kernels (about 500 modules,
+    a second or more), which would slow every command that loads a run."""
+    twin = copy.deepcopy(model)
+    for module in twin.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:  # setattr, so that modules keeping their own lists (LSTM) see the new tensor
+                setattr(module, name, nn.Parameter(torch.empty(p.shape, dtype=p.dtype), p.requires_grad))
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = torch.empty(b.shape, dtype=b.dtype)
+    return twin
+
+
+def _probe(model: nn.Module) -> tuple[tuple[int, str], Any]:
+    """An empty batch through the model: every layer's output shape without computing anything. Returns
+    the largest layer output per image (values, layer name) and the model's output."""
+    largest = [(0, "")]
+
+    def record(name):
+        def hook(module, inputs, output):
+            values = math.prod(output.shape[1:]) if isinstance(output, torch.Tensor) else 0
+            if values > largest[0][0]:
+                largest[0] = (values, name)
+        return hook
+
+    handles = [m.register_forward_hook(record(name)) for name, m in model.named_modules()]
+    try:
+        with torch.no_grad():
+            out = model.eval()(torch.zeros((0, *IMAGE_SHAPE)))
+    except Exception as e:  # e.g. a kernel larger than what is left of the image
+        raise ValueError(f"cannot classify images of shape [N, {', '.join(map(str, IMAGE_SHAPE))}]: {e}") from None
+    finally:
+        for h in handles:
+            h.remove()
+    return largest[0], out
+
+
+_budget = threading.local()
+
+
+@contextmanager
+def _tensor_budget(limit: int):
+    """Stop building (ValueError) once this thread's builder has created `limit` parameter tensors:
+    a description asking for millions of layers is refused in a fraction of a second."""
+    def count(module, name, param):
+        if getattr(_budget, "left", None) is None:
+            return None  # another thread's build
+        _budget.left -= 1
+        if _budget.left < 0:
+            raise ValueError(f"more than {limit:,} parameter tensors")
+        return None
+
+    _budget.left = limit
+    handle = torch.nn.modules.module.register_module_parameter_registration_hook(count)
+    try:
+        yield
+    finally:
+        handle.remove()
+        _budget.left = None
 
 
 def _unknown_arguments(builder: Callable[..., nn.Module], kwargs: dict[str, Any]) -> tuple[list[str], list[str]]:
