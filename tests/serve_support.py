@@ -1,4 +1,5 @@
-"""Support for the service tests: a small model trained once on real data, real server processes.
+"""Support for the service tests: a small model trained once on real data, real server processes,
+and hostile images built small (blank_png, float_tiff: megapixels decoded from a few KB).
 
 The model is trained once per test session (cached here, so every test module shares it):
 cnn_small on a stratified subset of the real training set for one epoch, a few seconds.
@@ -7,12 +8,15 @@ Missing data fails under CI (CI=true) and skips elsewhere, like conftest's `real
 
 from __future__ import annotations
 
+import functools
 import os
 import socket
+import struct
 import subprocess
 import sys
 import tempfile
 import time
+import zlib
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -107,3 +111,41 @@ def server_process(*args: str, env: dict[str, str] | None = None, port: int | No
             proc.kill()
             proc.wait()
         log_path.unlink(missing_ok=True)
+
+
+# --------------------------------------------------------------------------- hostile images, built small
+
+def _deflate_zeros(nbytes: int) -> bytes:
+    """zlib stream of `nbytes` zero bytes, compressed a megabyte at a time (never held whole)."""
+    compressor, zero, out = zlib.compressobj(9), bytes(1 << 20), []
+    while nbytes > 0:
+        out.append(compressor.compress(zero[: min(nbytes, len(zero))]))
+        nbytes -= len(zero)
+    return b"".join(out) + compressor.flush()
+
+
+def _png_chunk(kind: bytes, payload: bytes) -> bytes:
+    return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
+
+
+@functools.lru_cache(maxsize=None)
+def blank_png(width: int, height: int | None = None) -> bytes:
+    """A valid 8-bit grey PNG, all black: a few KB on the wire for millions of decoded pixels."""
+    height = height or width
+    header = struct.pack(">IIBBBBB", width, height, 8, 0, 0, 0, 0)
+    return (b"\x89PNG\r\n\x1a\n" + _png_chunk(b"IHDR", header) + _png_chunk(b"IDAT", _deflate_zeros((width + 1) * height))
+            + _png_chunk(b"IEND", b""))
+
+
+@functools.lru_cache(maxsize=None)
+def float_tiff(side: int = 6320) -> bytes:
+    """A valid single-strip, deflate-compressed 32-bit float grey TIFF of side x side zeros: 155 KB for
+    6320 x 6320, which Pillow holds as 160 MB once decoded (and the code before issue 18 as 1.3 GB)."""
+    data = _deflate_zeros(side * side * 4)
+    # tag, type (3 SHORT, 4 LONG), value: width, height, 32 bits, deflate, black is zero, strip offset,
+    # 1 sample, rows per strip, strip bytes, chunky, IEEE float
+    tags = [(256, 4, side), (257, 4, side), (258, 3, 32), (259, 3, 8), (262, 3, 1), (273, 4, 8 + 2 + 12 * 11 + 4),
+            (277, 3, 1), (278, 4, side), (279, 4, len(data)), (284, 3, 1), (339, 3, 3)]
+    entries = b"".join(struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3
+                                                            else struct.pack("<I", value)) for tag, kind, value in tags)
+    return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + struct.pack("<I", 0) + data

@@ -84,3 +84,144 @@ def test_arrays():
     np.save(buf, np.array([{"a": 1}], dtype=object))
     with pytest.raises(images.ImageError):
         images.decode_npy(buf.getvalue())  # pickled objects are refused, never loaded
+
+
+# --------------------------------------------------------------------------- hostile files (issue 18)
+
+def encoded(img: Image.Image, fmt: str, **options) -> bytes:
+    buf = io.BytesIO()
+    img.save(buf, format=fmt, **options)
+    return buf.getvalue()
+
+
+def shapes_image(size=(60, 40)) -> Image.Image:
+    """A dark rectangle (grey 40) on a light background (grey 220), as RGB."""
+    img = Image.new("RGB", size, (220, 220, 220))
+    img.paste((40, 40, 40), (size[0] // 4, size[1] // 4, 3 * size[0] // 4, 3 * size[1] // 4))
+    return img
+
+
+def in_mode(img: Image.Image, mode: str) -> Image.Image:
+    """`img` in `mode`, with the same greys (16-bit grey scaled to 0-65535, 32-bit and float as 0-255)."""
+    grey = np.asarray(img.convert("L"))
+    if mode.startswith("I;16"):
+        return Image.fromarray(grey.astype(np.uint16) * 257)  # numpy uint16 arrays become mode I;16
+    if mode in ("I", "F"):
+        return Image.fromarray(grey.astype(np.int32 if mode == "I" else np.float32)).convert(mode)
+    if mode == "1":
+        return img.convert("1", dither=Image.Dither.NONE)
+    if mode in ("P", "PA"):  # an adaptive palette holds both greys exactly (the default web palette dithers)
+        img = img.convert("P", palette=Image.Palette.ADAPTIVE)
+    if mode in ("LA", "PA", "RGBA"):  # opaque: the alpha band must not change the greys
+        return img.convert("RGBA" if mode == "RGBA" else mode)
+    return img.convert(mode)
+
+
+MODES = ["1", "L", "LA", "P", "PA", "RGB", "RGBA", "CMYK", "YCbCr", "LAB", "I;16", "I", "F"]
+
+
+@pytest.mark.parametrize("mode", MODES)
+@pytest.mark.parametrize("size", [(60, 40), (2100, 1100)], ids=["small", "larger than WORKING_SIDE"])
+def test_every_tiff_mode_decodes_to_the_right_greys(mode, size):
+    """LAB, CMYK, YCbCr, 16-bit, 32-bit, float...: converted correctly, never 'truncated or corrupt'."""
+    blob = encoded(in_mode(shapes_image(size), mode), "TIFF")
+    assert Image.open(io.BytesIO(blob)).mode.startswith(mode[:4])
+    gray = images.decode_image(blob, "scan.tif")
+    h, w = gray.shape
+    background, rectangle = int(gray[1, 1]), int(gray[h // 2, w // 2])
+    if mode == "1":  # bilevel: black and white
+        assert (background, rectangle) == (255, 0)
+    else:
+        assert abs(background - 220) <= 3 and abs(rectangle - 40) <= 3, (background, rectangle)
+
+
+def test_transparent_palette_and_grey_alpha_are_composited_on_white():
+    for mode in ("LA", "PA", "P"):
+        img = Image.new("RGBA", (2100, 60), (0, 0, 0, 0))  # transparent, larger than WORKING_SIDE
+        img.paste((0, 0, 0, 255), (700, 15, 1400, 45))
+        if mode == "P":
+            img = img.convert("P", palette=Image.Palette.ADAPTIVE)
+            img.info["transparency"] = img.getpixel((0, 0))
+        else:
+            img = img.convert(mode)
+        gray = images.decode_image(encoded(img, "TIFF" if mode == "PA" else "PNG"))  # PNG cannot hold PA
+        assert gray[0, 0] == 255 and gray[gray.shape[0] // 2, gray.shape[1] // 2] == 0, mode
+
+
+def test_an_unconvertible_mode_is_refused_naming_it():
+    with pytest.raises(images.ImageError, match="mode 'La'"):
+        images.as_images(Image.new("La", (30, 30)))
+
+
+def test_float_image_with_nan_is_refused():
+    img = Image.fromarray(np.full((30, 30), np.nan, np.float32))
+    with pytest.raises(images.ImageError, match="NaN or infinite"):
+        images.decode_image(encoded(img, "TIFF"))
+
+
+def test_exif_orientation_is_applied_after_shrinking():
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored sideways: rotate 270 to stand it upright
+    for size in ((60, 20), (2100, 700)):
+        img = Image.new("L", size, 200)
+        for fmt in ("JPEG", "PNG"):
+            gray = images.decode_image(encoded(img, fmt, exif=exif.tobytes()))
+            assert gray.shape[0] > gray.shape[1], (size, fmt, gray.shape)
+
+
+ACCEPTED = {"PNG": ("PNG", "L"), "JPEG": ("JPEG", "RGB"), "GIF": ("GIF", "P"), "WEBP": ("WEBP", "RGB"),
+            "BMP": ("BMP", "RGB"), "TIFF": ("TIFF", "RGB")}
+
+
+@pytest.mark.parametrize("fmt", sorted(ACCEPTED))
+def test_accepted_formats_are_opened_by_their_own_reader_only(fmt, monkeypatch):
+    opened = []
+    real_open = Image.open
+    monkeypatch.setattr(images.Image, "open", lambda fp, *a, **k: opened.append(k.get("formats")) or real_open(fp, *a, **k))
+    save_as, mode = ACCEPTED[fmt]
+    blob = encoded(shapes_image().convert(mode), save_as)
+    assert images.sniff_format(blob) == fmt
+    assert images.decode_image(blob).shape == (40, 60)
+    assert opened == [[fmt]]
+
+
+@pytest.mark.parametrize("fmt,mode,name", [("EPS", "L", "EPS"), ("ICO", "L", "ICO"), ("PPM", "L", "PNM"),
+                                           ("QOI", "RGB", "QOI"), ("PCX", "L", "PCX"), ("SGI", "L", "SGI"),
+                                           ("DDS", "L", "DDS"), ("XBM", "1", "XBM"), ("JPEG2000", "L", "JPEG 2000")])
+def test_other_formats_never_reach_pillow(fmt, mode, name, monkeypatch):
+    monkeypatch.setattr(images.Image, "open", lambda *a, **k: pytest.fail("Image.open was called"))
+    with pytest.raises(images.UnsupportedFormatError, match=f"{name}.* not accepted; send a PNG, JPEG"):
+        images.decode_image(encoded(Image.new(mode, (16, 16)), fmt), "upload")
+
+
+def test_unknown_bytes_name_no_format():
+    assert images.sniff_format(b"hello, world") is None
+    assert images.sniff_format(b'<svg xmlns="http://www.w3.org/2000/svg"/>') == "SVG"
+    assert images.sniff_format(b"%PDF-1.7") == "PDF"
+
+
+def test_large_jpeg_decodes_in_draft_mode_to_small_grey():
+    blob = encoded(shapes_image((4096, 3072)), "JPEG", quality=80)
+    img = images.open_image(blob, "photo.jpg")
+    assert img.mode == "L" and img.size == (1024, 768)  # scaled by 4 in the decoder, luminance only
+    budget = images.DecodeBudget(10**9, 10**9)
+    images.open_image(blob, "photo.jpg", budget=budget)
+    assert (budget.pixels, budget.bytes) == (1024 * 768, 1024 * 768)  # charged as decoded, not as stored
+    gray = images.pil_to_gray(img, "photo.jpg")
+    assert gray.shape == (768, 1024) and abs(int(gray[0, 0]) - 220) <= 3
+
+
+def test_budget_refuses_from_headers_naming_the_limit():
+    budget = images.DecodeBudget(max_pixels=1_000_000, max_bytes=10**9)
+    blob = encoded(Image.new("L", (800, 800)), "PNG")
+    images.open_image(blob, "a.png", budget=budget)
+    with pytest.raises(images.ImageTooLargeError, match="b.png: .*1,280,000 pixels in all .* limit of 1,000,000 pixels"):
+        images.open_image(blob, "b.png", budget=budget)
+    budget = images.DecodeBudget(max_pixels=10**9, max_bytes=1_000_000)
+    with pytest.raises(images.ImageTooLargeError, match="2,560,000 bytes once decoded.* limit of 1,000,000 bytes"):
+        images.open_image(encoded(Image.new("RGB", (800, 800)), "PNG"), "c.png", budget=budget)
+
+
+def test_boolean_arrays_are_not_pixels():
+    with pytest.raises(images.ImageError, match="dtype bool is not numeric"):
+        images.array_to_images(np.ones((28, 28), bool))

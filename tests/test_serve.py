@@ -10,9 +10,7 @@ import base64
 import io
 import json
 import re
-import struct
 import time
-import zlib
 
 import httpx
 import numpy as np
@@ -23,7 +21,7 @@ from fashionlab import images
 from fashionlab.predict import Predictor
 from fashionlab.serve import Settings
 
-from serve_support import real_dataset, server_process, trained_run
+from serve_support import blank_png, real_dataset, server_process, trained_run
 
 
 @pytest.fixture(scope="module")
@@ -162,15 +160,6 @@ def test_one_log_line_per_request(server, test_images):
 
 # --------------------------------------------------------------------------- bad requests
 
-def _png_bomb(side: int = 8000) -> bytes:
-    """A valid PNG of side x side grey pixels, all zero: ~64 KB on the wire, 64 megapixels decoded."""
-    def chunk(kind: bytes, payload: bytes) -> bytes:
-        return struct.pack(">I", len(payload)) + kind + payload + struct.pack(">I", zlib.crc32(kind + payload))
-    raw = zlib.compress(b"\x00" * ((side + 1) * side), 9)
-    header = struct.pack(">IIBBBBB", side, side, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", raw) + chunk(b"IEND", b"")
-
-
 def _bad_cases():
     good_png = png_bytes(np.full((60, 40), 200, np.uint8))
     npy = lambda a: npy_bytes(a)  # noqa: E731
@@ -189,7 +178,7 @@ def _bad_cases():
         ("empty multipart file", "/v1/predict", dict(files={"file": ("e.png", b"", "image/png")}), 400, "empty file"),
         ("multipart without file", "/v1/predict", dict(files={"other": ("e.png", good_png, "image/png")}), 400, "field named 'file'"),
         ("body over 10 MB", "/v1/predict", dict(content=b"\x00" * (10 * 1024 * 1024 + 1), headers={"content-type": "image/png"}), 413, "over the limit"),
-        ("decompression bomb", "/invocations", dict(content=_png_bomb(), headers={"content-type": "image/png"}), 413, "pixels"),
+        ("decompression bomb", "/invocations", dict(content=blank_png(8000), headers={"content-type": "image/png"}), 413, "pixels"),
         ("wrong content type", "/invocations", dict(content=b"some text", headers={"content-type": "text/plain"}), 415, "not accepted"),
         ("wrong array shape", "/v1/predict", dict(content=npy(np.zeros((3, 32, 32), np.uint8)), headers=header), 400, "array shape"),
         ("wrong array dtype", "/invocations", dict(content=npy(np.array([["a"] * 28] * 28)), headers=header), 400, "dtype"),

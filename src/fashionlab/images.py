@@ -1,4 +1,5 @@
-"""Turning user images into model input: PNG/JPEG files of any size and colour, or .npy arrays.
+"""Turning user images into model input: PNG, JPEG, GIF, WebP, BMP or TIFF files of any size and
+colour, or .npy arrays.
 
 Fashion-MNIST images are light garments on a black background, trimmed to the object, with the
 longest edge scaled to 28 pixels and centred. Product photos are the opposite (dark garment on
@@ -9,10 +10,11 @@ to the object, pads to a square and resizes: a photo then looks like the dataset
 from __future__ import annotations
 
 import io
+import math
 from pathlib import Path
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, UnidentifiedImageError
 
 from .errors import UserError
 
@@ -27,6 +29,20 @@ class ImageError(UserError):
 
 class ImageTooLargeError(ImageError):
     """An image whose decoded size is over the pixel limit (a service answers 413, not 400)."""
+
+
+class UnsupportedFormatError(ImageError):
+    """A file of a format that is not accepted (a service answers 415)."""
+
+
+def brief(value, limit: int = 80) -> str:
+    """repr(value), shortened: error messages quote what was sent, never all of it."""
+    if isinstance(value, int) and not isinstance(value, bool):
+        if value.bit_length() > 64:  # Python refuses to print integers of over 4,300 digits
+            return f"{'-' if value < 0 else ''}over 10^{int((value.bit_length() - 1) * 0.30103)}"
+        return f"{value:,}"
+    text = repr(value)
+    return text if len(text) <= limit else text[: limit - 4] + " ..."
 
 
 def _border(a: np.ndarray) -> np.ndarray:
@@ -75,57 +91,210 @@ def to_dataset_style(gray: np.ndarray) -> np.ndarray:
     return np.clip(np.rint(small), 0, 255).astype(np.uint8)
 
 
-def decode_image(blob: bytes, name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """PNG/JPEG/... bytes -> 2-D uint8 grayscale (alpha composited over white)."""
+# --------------------------------------------------------------------------- decoding image files
+
+# The formats clients send. Which one a file is gets decided from its first bytes before anything
+# is decoded, and Image.open is told to use that one reader only (formats=): Pillow's other readers
+# never see an upload (the EPS reader runs Ghostscript, a PostScript interpreter, where installed).
+ACCEPTED_FORMATS = {"PNG": "PNG", "JPEG": "JPEG", "GIF": "GIF", "WEBP": "WebP", "BMP": "BMP", "TIFF": "TIFF"}
+ACCEPTED_TEXT = "a PNG, JPEG, GIF, WebP, BMP or TIFF image (or a .npy array)"
+
+# First bytes -> format: the accepted ones (Pillow's names), then others, only to name them in the refusal.
+_PREFIXES = (
+    (b"\x89PNG\r\n\x1a\n", "PNG"), (b"\xff\xd8\xff", "JPEG"), (b"GIF87a", "GIF"), (b"GIF89a", "GIF"), (b"BM", "BMP"),
+    (b"II*\x00", "TIFF"), (b"MM\x00*", "TIFF"), (b"II+\x00", "TIFF"), (b"MM\x00+", "TIFF"),  # classic and BigTIFF
+    (b"%PDF", "PDF"), (b"%!PS", "EPS (PostScript)"), (b"\xc5\xd0\xd3\xc6", "EPS (PostScript)"),
+    (b"\x00\x00\x01\x00", "ICO (Windows icon)"), (b"\x00\x00\x02\x00", "CUR (Windows cursor)"),
+    (b"8BPS", "PSD (Photoshop)"), (b"icns", "ICNS (macOS icon)"), (b"qoif", "QOI"), (b"DDS ", "DDS"),
+    (b"\x00\x00\x00\x0cjP  \r\n\x87\n", "JPEG 2000"), (b"\xff\x4f\xff\x51", "JPEG 2000"), (b"#define", "XBM"),
+    (b"/* XPM */", "XPM"), (b"\x01\xda", "SGI"), (b"Image type:", "IM"), (b"DanM", "MSP"), (b"LinS", "MSP"),
+    (b"BLP1", "BLP"), (b"BLP2", "BLP"), (b"SIMPLE  =", "FITS"), (b"\x59\xa6\x6a\x95", "Sun raster"),
+    (b"\x89HDF\r\n\x1a\n", "HDF5"), (b"GRIB", "GRIB"), (b"BUFR", "BUFR"), (b"FTEX", "FTEX"), (b"gimp xcf", "XCF"),
+    (b"\xd7\xcd\xc6\x9a", "WMF"), (b"\xb1\x68\xde\x3a", "DCX"), (b"\x76\x2f\x31\x01", "OpenEXR"),
+    (b"#?RADIANCE", "Radiance HDR"),
+)
+
+
+def sniff_format(blob: bytes) -> str | None:
+    """The format `blob` is in, from its first bytes alone: Pillow's name for an accepted one, a
+    description for another known one, None when it starts like nothing known."""
+    head = bytes(blob[:64])
+    for prefix, fmt in _PREFIXES:
+        if head.startswith(prefix):
+            return fmt
+    if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
+        return "WEBP"
+    if head[4:8] == b"ftyp" and head[8:12] in (b"avif", b"avis", b"heic", b"heix", b"mif1", b"msf1"):
+        return "AVIF" if head[8:12] in (b"avif", b"avis") else "HEIF"
+    if len(head) > 2 and head[0] == 0x0A and head[1] in (0, 2, 3, 4, 5) and head[2] == 1:
+        return "PCX"
+    if len(head) > 2 and head[0] == ord("P") and head[1] in b"1234567fF" and head[2] in b" \t\r\n":
+        return "PNM (PPM, PGM, PBM, PAM or PFM)"
+    text = head.lstrip(b"\xef\xbb\xbf \t\r\n").lower()
+    if text.startswith((b"<?xml", b"<svg", b"<!doctype svg")):
+        return "SVG" if b"<svg" in bytes(blob[:4096]).lower() else "XML"
+    return None
+
+
+class DecodeBudget:
+    """What one request may decode in all: pixels, and bytes once decoded. Each image is charged from
+    its header before any image of the request is decoded, so a refused request costs no decoding."""
+
+    def __init__(self, max_pixels: int, max_bytes: int):
+        self.max_pixels, self.max_bytes = max_pixels, max_bytes
+        self.pixels = self.bytes = 0
+
+    def charge(self, name: str, pixels: int, nbytes: int) -> None:
+        self.pixels += pixels
+        self.bytes += nbytes
+        if self.pixels > self.max_pixels:
+            raise ImageTooLargeError(f"{name}: the request's images decode to {self.pixels:,} pixels in all "
+                                     f"(this one {pixels:,}), over the limit of {self.max_pixels:,} pixels per request")
+        if self.bytes > self.max_bytes:
+            raise ImageTooLargeError(f"{name}: the request's images take {self.bytes:,} bytes once decoded "
+                                     f"(this one {nbytes:,}), over the limit of {self.max_bytes:,} bytes per request")
+
+
+def decoded_bytes(mode: str, pixels: int) -> int:
+    """Bytes Pillow holds for `pixels` pixels of `mode`: one for bilevel, grey and palette, two for
+    16-bit grey, four for everything else (colour is stored padded to four bands)."""
+    return pixels * (1 if mode in ("1", "L", "P") else 2 if mode.startswith("I;16") else 4)
+
+
+# How each mode becomes grey (pil_to_gray); a mode not listed is refused, naming it, before decoding.
+ALPHA_MODES = ("LA", "PA", "RGBA", "RGBa")
+DEEP_MODES = ("I", "I;16", "I;16L", "I;16B", "I;16N", "F")  # 16/32-bit integer or float grey: scaled, not clipped
+DIRECT_MODES = ("1", "L", "P", "RGB", "RGBX", "CMYK", "YCbCr", "HSV", "LAB")
+GRAY_MODES = ALPHA_MODES + DEEP_MODES + DIRECT_MODES
+
+
+def open_image(blob: bytes, name: str = "image", max_pixels: int = MAX_PIXELS,
+               budget: DecodeBudget | None = None) -> "Image.Image":
+    """Image bytes -> the opened, not yet decoded image, set to decode small where the format allows
+    (JPEG: grey, scaled down in the decoder) and charged to `budget`. Only accepted formats are opened."""
     if not blob:
-        raise ImageError(f"{name}: empty file (0 bytes); expected a PNG or JPEG image")
+        raise ImageError(f"{name}: empty file (0 bytes); expected {ACCEPTED_TEXT}")
+    fmt = sniff_format(blob)
+    if fmt is None:
+        raise ImageError(f"{name}: not a recognised image format; expected {ACCEPTED_TEXT}")
+    if fmt not in ACCEPTED_FORMATS:
+        raise UnsupportedFormatError(f"{name}: {fmt} files are not accepted; send {ACCEPTED_TEXT}")
+    label = ACCEPTED_FORMATS[fmt]
     try:
-        img = Image.open(io.BytesIO(blob))
+        img = Image.open(io.BytesIO(blob), formats=[fmt])
     except Image.DecompressionBombError as e:  # Pillow's own, larger limit: still a too-large image
         raise ImageTooLargeError(f"{name}: {e}") from None
     except UnidentifiedImageError:
-        raise ImageError(f"{name}: not a recognised image format; expected PNG, JPEG, BMP, GIF or WebP") from None
+        raise ImageError(f"{name}: not a recognised image format: starts like a {label} file but its header "
+                         "cannot be read (truncated or corrupt)") from None
     except Exception as e:  # a damaged header can raise almost anything inside a format plugin
-        raise ImageError(f"{name}: corrupt image header ({type(e).__name__}: {e})") from None
-    return pil_to_gray(img, name, max_pixels)
+        raise ImageError(f"{name}: corrupt {label} header ({type(e).__name__}: {e})") from None
+    check_header(img, name, max_pixels)
+    if img.format in ("JPEG", "MPO"):  # DCT-domain downscale, straight to grey from the luminance channel
+        w, h = img.size
+        longest = max(w, h)
+        img.draft("L" if img.mode in ("RGB", "YCbCr") else img.mode,
+                  (max(1, w * WORKING_SIDE // longest), max(1, h * WORKING_SIDE // longest)))
+    if budget is not None:
+        pixels = img.size[0] * img.size[1]
+        budget.charge(name, pixels, decoded_bytes(img.mode, pixels))
+    return img
 
 
-def pil_to_gray(img: "Image.Image", name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
-    """An opened (not yet decoded) or in-memory PIL image -> 2-D uint8 grayscale (alpha over white)."""
+def decode_image(blob: bytes, name: str = "image", max_pixels: int = MAX_PIXELS,
+                 budget: DecodeBudget | None = None) -> np.ndarray:
+    """PNG/JPEG/GIF/WebP/BMP/TIFF bytes -> 2-D uint8 grayscale (alpha composited over white)."""
+    return pil_to_gray(open_image(blob, name, max_pixels, budget), name, max_pixels)
+
+
+def check_header(img: "Image.Image", name: str, max_pixels: int) -> None:
+    """Refuses, from what the header says, an image too large or in a mode that has no grey."""
     w, h = img.size
     if w * h > max_pixels:
         raise ImageTooLargeError(f"{name}: image is {w}x{h} = {w * h:,} pixels, over the limit of {max_pixels:,}")
     if w < 1 or h < 1:
         raise ImageError(f"{name}: image is {w}x{h} pixels; expected at least 1x1")
+    if img.mode not in GRAY_MODES:
+        raise ImageError(f"{name}: image mode {img.mode!r} cannot be converted to grey; "
+                         f"expected one of {', '.join(GRAY_MODES)}")
+
+
+def pil_to_gray(img: "Image.Image", name: str = "image", max_pixels: int = MAX_PIXELS) -> np.ndarray:
+    """An opened (not yet decoded) or in-memory PIL image -> 2-D uint8 grayscale (alpha over white).
+
+    A large image is box-reduced to about WORKING_SIDE in its own mode before anything else, so the
+    conversions after it cost little: the answer is 28x28 anyway."""
+    check_header(img, name, max_pixels)
     try:
-        if img.format == "JPEG" and max(w, h) > 2 * WORKING_SIDE:
-            img.draft("RGB" if img.mode == "RGB" else img.mode, (WORKING_SIDE, WORKING_SIDE))  # DCT-domain downscale
-        img = ImageOps.exif_transpose(img)
-        if img.mode in ("RGBA", "LA", "PA") or (img.mode == "P" and "transparency" in img.info):
-            rgba = img.convert("RGBA")
-            white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
-            img = Image.alpha_composite(white, rgba)
-        if img.mode.startswith("I") or img.mode == "F":  # 16-bit or integer/float grey: Pillow's "L" would clip
-            deep = np.asarray(img, dtype=np.float64)
-            img = Image.fromarray(np.clip(deep / (257.0 if deep.max() > 255 else 1.0), 0, 255).astype(np.uint8), "L")
-        img = img.convert("L")
-        if max(img.size) > WORKING_SIDE:
-            # The answer is 28x28: a large photo is box-reduced first, so preprocessing costs little.
-            img = img.reduce(-(-max(img.size) // WORKING_SIDE))
-        gray = np.asarray(img, dtype=np.uint8)
+        img.load()
+        turn = _ORIENTATIONS.get(img.getexif().get(ExifTags.Base.Orientation, 1))
+        img, premultiplied = _shrink(img)
+        if turn is not None:
+            img = img.transpose(turn)
+        gray = _to_gray(img, premultiplied)
+    except ImageError:
+        raise
     except Image.DecompressionBombError as e:
         raise ImageTooLargeError(f"{name}: {e}") from None
     except Exception as e:  # OSError for truncation; plugins raise others (SyntaxError, ValueError, struct.error)
         raise ImageError(f"{name}: truncated or corrupt image ({type(e).__name__}: {e})") from None
+    if gray is None:
+        raise ImageError(f"{name}: a float image holding NaN or infinite values; expected finite pixel values")
     if gray.ndim != 2 or min(gray.shape) < 1:
         raise ImageError(f"{name}: decoded to shape {gray.shape}; expected a 2-D image")
     return gray
 
 
+# EXIF orientation -> the transpose that makes the image upright (as ImageOps.exif_transpose does; it is
+# applied after shrinking, to the small image, which no longer carries the EXIF data).
+_ORIENTATIONS = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+                 5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+                 8: Image.Transpose.ROTATE_90}
+
+
+def _has_alpha(img: "Image.Image") -> bool:
+    return img.mode in ALPHA_MODES or (img.mode == "P" and "transparency" in img.info)
+
+
+def _shrink(img: "Image.Image") -> tuple["Image.Image", bool]:
+    """(image reduced to about WORKING_SIDE, whether its grey is premultiplied by alpha), in a mode
+    Image.reduce handles and whose averages mean what they should."""
+    if _has_alpha(img):
+        img = img.convert("LA")
+    elif img.mode in ("1", "P"):
+        img = img.convert("L")
+    elif img.mode.startswith("I;16"):
+        img = img.convert("I")
+    elif img.mode == "HSV":  # hue is an angle: averaging it is meaningless
+        img = img.convert("RGB")
+    if max(img.size) <= WORKING_SIDE:
+        return img, False
+    premultiplied = img.mode == "LA"
+    if premultiplied:  # average colour weighted by opacity, so transparent pixels do not bleed in
+        img = img.convert("La")
+    return img.reduce(-(-max(img.size) // WORKING_SIDE)), premultiplied
+
+
+def _to_gray(img: "Image.Image", premultiplied: bool) -> np.ndarray | None:
+    """A _shrink-ed image -> 2-D uint8 grey; None for a float image with non-finite values."""
+    if img.mode in ("LA", "La"):  # composite over white
+        grey, alpha = (np.asarray(band, dtype=np.float32) for band in img.split())
+        over = grey if premultiplied else grey * alpha / 255.0
+        return np.clip(np.rint(over + (255.0 - alpha)), 0, 255).astype(np.uint8)
+    if img.mode in ("I", "F"):  # 16-bit or integer/float grey: Pillow's "L" would clip
+        deep = np.asarray(img, dtype=np.float64)
+        if not np.isfinite(deep).all():
+            return None
+        return np.clip(deep / (257.0 if deep.max() > 255 else 1.0), 0, 255).astype(np.uint8)
+    if img.mode == "LAB":  # Pillow converts LAB to RGB but not to L
+        img = img.convert("RGB")
+    return np.asarray(img.convert("L"), dtype=np.uint8)
+
+
 def array_to_images(arr: np.ndarray, name: str = "array") -> np.ndarray:
     """A (28, 28) or (N, 28, 28) array (uint8, or floats in [0, 1] or [0, 255]) -> (N, 28, 28) uint8."""
-    if arr.dtype == object or not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)
-                                   or arr.dtype == bool):
+    if not (np.issubdtype(arr.dtype, np.integer) or np.issubdtype(arr.dtype, np.floating)):
+        # booleans too: a mask of true/false is not pixel values, and taking it as 0/1 gives a black image
         raise ImageError(f"{name}: array dtype {arr.dtype} is not numeric; expected uint8 or float pixels")
     given = arr.shape
     if arr.ndim == 2:
@@ -159,17 +328,20 @@ def _npy_header(blob: bytes, name: str) -> tuple[tuple[int, ...], np.dtype]:
         raise ImageError(f"{name}: not a valid .npy array ({e})") from None
     if dtype.hasobject:
         raise ImageError(f"{name}: array dtype {dtype} holds Python objects; expected uint8 or float pixels")
-    needed = int(np.prod(shape, dtype=np.float64)) * dtype.itemsize
+    needed = math.prod(shape) * dtype.itemsize  # exact: a header may claim dimensions of any size
     if needed > len(blob) - stream.tell():
-        raise ImageError(f"{name}: .npy header claims shape {shape} of {dtype} ({needed:,} bytes) but only "
-                         f"{len(blob) - stream.tell():,} bytes of data follow; truncated or corrupt")
+        raise ImageError(f"{name}: .npy header claims shape {brief(shape)} of {dtype} ({brief(needed)} bytes) but "
+                         f"only {len(blob) - stream.tell():,} bytes of data follow; truncated or corrupt")
     return shape, dtype
 
 
-def decode_npy(blob: bytes, name: str = "array") -> np.ndarray:
+def decode_npy(blob: bytes, name: str = "array", budget: DecodeBudget | None = None) -> np.ndarray:
     if not blob:
         raise ImageError(f"{name}: empty file (0 bytes); expected a .npy array")
-    _npy_header(blob, name)
+    shape, dtype = _npy_header(blob, name)
+    if budget is not None:
+        pixels = math.prod(shape)
+        budget.charge(name, pixels, pixels * dtype.itemsize)
     try:
         arr = np.load(io.BytesIO(blob), allow_pickle=False)
     except Exception as e:  # ValueError, OSError, EOFError; never let a bad file escape as a crash

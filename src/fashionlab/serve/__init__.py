@@ -2,13 +2,14 @@
 
 A thin shell over the library: images.py turns bodies into (N, 28, 28) uint8 batches, a
 predictor (predict.Predictor on PyTorch, export.OnnxPredictor on ONNX Runtime) classifies them,
-loaded once when the app is created. Settings come from one place (Settings: arguments, then
-environment, then defaults). Every client mistake is a 4xx JSON error {"error": "..."}.
+loaded once when the app is created and checked on known images before it is served. Settings
+come from one place (Settings: arguments, then environment, then defaults). Every client mistake
+is a 4xx JSON error {"error": "..."}; what a request may cost is bounded before it is spent.
 
 Modules
     settings      Settings: every setting once, from arguments and environment variables
-    service       ModelService: the loaded model, shared by every router
-    decoding      request bodies -> uint8 images; ClientError
+    service       ModelService: the loaded, self-tested model, shared by every router; its work slots
+    decoding      request bodies -> uint8 images within the request's budget; strict JSON; ClientError
     routing       bind(): a plain route function with its service and settings, as an endpoint
     json_api      POST /v1/predict (image body, multipart `file`, JSON base64 or arrays, .npy; ?top_k=),
                   POST /v1/explain (one image -> preprocessed input, all probabilities, saliency), GET /v1/model

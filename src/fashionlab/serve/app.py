@@ -18,7 +18,7 @@ from .. import __version__, images
 from ..errors import UserError
 from . import json_api, openinference, sagemaker, web
 from .decoding import ClientError, image_error_status
-from .service import ModelService
+from .service import ModelService, ModelUnavailable
 from .settings import Settings
 
 log = logging.getLogger("fashionlab.serve")
@@ -60,6 +60,11 @@ async def image_error(request: Request, e: images.ImageError) -> JSONResponse:
     return error(image_error_status(e), str(e))
 
 
+async def model_unavailable(request: Request, e: ModelUnavailable) -> JSONResponse:
+    log.error("model unavailable on %s %s: %s", request.method, request.url.path, e)
+    return error(503, str(e))
+
+
 async def validation_error(request: Request, e: RequestValidationError) -> JSONResponse:
     problems = "; ".join(f"{'.'.join(str(p) for p in err.get('loc', ()))}: {err.get('msg')}" for err in e.errors())
     return error(422, f"invalid request: {problems}")
@@ -75,8 +80,8 @@ async def unexpected_error(request: Request, e: Exception) -> JSONResponse:
 
 
 ERROR_HANDLERS = ((ClientError, client_error), (UserError, user_error), (images.ImageError, image_error),
-                  (RequestValidationError, validation_error), (StarletteHTTPException, http_error),
-                  (Exception, unexpected_error))
+                  (ModelUnavailable, model_unavailable), (RequestValidationError, validation_error),
+                  (StarletteHTTPException, http_error), (Exception, unexpected_error))
 
 
 # --------------------------------------------------------------------------- the request guard

@@ -1,7 +1,12 @@
 """Request bodies -> (N, 28, 28) uint8 images, and the client errors they can raise.
 
-Accepted: image bytes (PNG, JPEG, ...), .npy arrays, JSON (base64 images or nested pixel arrays)
-and multipart forms with one or more `file` fields. images.py does the decoding proper.
+Accepted: image bytes (PNG, JPEG, GIF, WebP, BMP, TIFF), .npy arrays, JSON (base64 images or nested
+pixel arrays) and multipart forms with one or more `file` fields. images.py does the decoding proper.
+
+What a request may cost is bounded before it is spent: the body's size (the request guard), the
+pixels and bytes its images decode to (a DecodeBudget charged from every image's header before any
+is decoded), and how many requests decode or run the model at once (ModelService.work). Every field
+of a wrong type is a 400 that names it; JSON of any depth or with non-finite numbers is refused cleanly.
 """
 
 from __future__ import annotations
@@ -9,14 +14,16 @@ from __future__ import annotations
 import base64
 import binascii
 import json
-from typing import Any
+import math
+from typing import Any, Callable
 
 import numpy as np
-from starlette.concurrency import run_in_threadpool
 from starlette.datastructures import UploadFile
 from starlette.requests import Request
 
 from .. import images
+from ..images import brief
+from .service import ModelService
 from .settings import Settings
 
 NPY_MAGIC = b"\x93NUMPY"
@@ -34,43 +41,118 @@ class ClientError(Exception):
 
 
 def image_error_status(e: images.ImageError) -> int:
-    return 413 if isinstance(e, images.ImageTooLargeError) else 400
+    if isinstance(e, images.ImageTooLargeError):
+        return 413
+    return 415 if isinstance(e, images.UnsupportedFormatError) else 400
 
 
 def media_type(request: Request) -> str:
     return request.headers.get("content-type", "").split(";")[0].strip().lower()
 
 
+# --------------------------------------------------------------------------- JSON, strictly
+
+JSON_TYPES = {dict: "an object", list: "a list", str: "a string", bool: "a boolean", int: "an integer",
+              float: "a number", type(None): "null"}
+
+
+def json_type(value: Any) -> str:
+    return type_name(type(value))
+
+
+def type_name(kind: type) -> str:
+    return JSON_TYPES.get(kind, kind.__name__)
+
+
+def load_json(text: bytes | bytearray, what: str) -> Any:
+    """Parsed JSON, or a 400 naming what was wrong: malformed, nested too deeply, an integer too long."""
+    try:
+        return json.loads(text)
+    except RecursionError:
+        raise ClientError(400, f"malformed JSON {what}: nested too deeply (a request needs a few levels)") from None
+    except (ValueError, UnicodeDecodeError) as e:  # JSONDecodeError, and integers of over 4,300 digits
+        raise ClientError(400, f"malformed JSON {what} ({brief(str(e), 200)})") from None
+
+
+def json_numbers(value: Any, field: str, integers: bool = False) -> np.ndarray:
+    """A JSON array of numbers (nested lists, rectangular) -> an int64 or float64 array. Booleans,
+    strings, nulls, objects and ragged rows are refused: numpy would quietly take true as 1 and "7" as 7."""
+    if not isinstance(value, list):
+        raise ClientError(400, f"{field}: expected an array of numbers; got {json_type(value)}")
+    try:
+        cells = np.array(value, dtype=object)  # stops at numpy's 64 dimensions: deeper lists stay cells
+    except (ValueError, TypeError) as e:
+        raise ClientError(400, f"{field}: not a rectangular array of numbers ({e})") from None
+    kinds = set(map(type, cells.ravel())) if cells.ndim <= 4 else {list}  # an image batch has at most 4
+    wrong = kinds - ({int} if integers else {int, float})
+    if list in wrong:
+        raise ClientError(400, f"{field}: not a rectangular array of numbers (rows of different lengths, "
+                               "or nested more deeply than an image batch)")
+    if wrong:
+        found = ", ".join(sorted("a number with a fraction" if k is float else type_name(k) for k in wrong))
+        raise ClientError(400, f"{field}: expected {'integers' if integers else 'numbers'} (pixel values); "
+                               f"found {found}")
+    try:
+        return cells.astype(np.float64 if float in kinds else np.int64)
+    except OverflowError:
+        raise ClientError(400, f"{field}: holds a number too large for a pixel value") from None
+
+
+# --------------------------------------------------------------------------- bodies
+
+async def read_body(request: Request) -> bytearray:
+    """The whole body. Grown in place (bytearray), not joined from chunks at the end, so a large body
+    is held once, not twice, while 32 connections send theirs."""
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+    return body
+
+
 def decode_blob(blob: bytes, name: str, max_pixels: int, media_type: str = "") -> np.ndarray:
     """Image or .npy bytes -> (N, 28, 28) uint8, images preprocessed to the dataset's style."""
+    return _open_blob(blob, name, max_pixels, media_type, None)()
+
+
+def decode_blobs(parts: list[tuple[bytes, str, str]], settings: Settings) -> np.ndarray:
+    """(bytes, name, media type) parts of one request -> (N, 28, 28) uint8. Every header is read and
+    charged to the request's budget first: a request over it is refused before anything is decoded."""
+    budget = images.DecodeBudget(settings.max_request_pixels, settings.max_decoded_bytes)
+    pending = [_open_blob(blob, name, settings.max_pixels, kind, budget) for blob, name, kind in parts]
+    return np.concatenate([finish() for finish in pending])
+
+
+def _open_blob(blob: bytes, name: str, max_pixels: int, media_type: str,
+               budget: images.DecodeBudget | None) -> Callable[[], np.ndarray]:
+    """Checks `blob`'s header (and charges it) now; the returned function decodes it."""
     if media_type in NPY_TYPES or blob[:6] == NPY_MAGIC or name.lower().endswith(".npy"):
-        return images.decode_npy(blob, name)
-    return images.to_dataset_style(images.decode_image(blob, name, max_pixels))[None]
+        arr = images.decode_npy(blob, name, budget)  # no larger than the body: loaded at once
+        return lambda: arr
+    img = images.open_image(blob, name, max_pixels, budget)
+    return lambda: images.to_dataset_style(images.pil_to_gray(img, name, max_pixels))[None]
 
 
-async def read_batch(request: Request, settings: Settings) -> tuple[np.ndarray, Any]:
-    """Any accepted request body -> ((N, 28, 28) uint8 images, top_k given in the body or None)."""
+async def read_batch(request: Request, service: ModelService) -> tuple[np.ndarray, Any]:
+    """Any accepted request body -> ((N, 28, 28) uint8 images, top_k given in the body or None).
+    The decoding runs in one of the service's work slots."""
+    settings = service.settings
     media = media_type(request)
     if media == "multipart/form-data":
-        return await _read_multipart(request, settings)
-    body = await request.body()
+        return await _read_multipart(request, service)
+    body = await read_body(request)
     if not body:
         raise ClientError(400, "empty request body; send an image, a .npy array or JSON "
                                f"(content types: {', '.join(ACCEPTED_TYPES[:4])}, image/png, image/jpeg)")
     if media == "application/json" or media.endswith("+json"):
-        try:
-            doc = json.loads(body)
-        except (json.JSONDecodeError, UnicodeDecodeError) as e:
-            raise ClientError(400, f"malformed JSON body ({e})") from None
-        return await run_in_threadpool(_json_images, doc, settings.max_pixels)
+        return await service.work(_json_images, body, settings)
     if media in NPY_TYPES:
-        return await run_in_threadpool(images.decode_npy, body, "request body (.npy)"), None
+        return await service.work(decode_blobs, [(body, "request body (.npy)", media)], settings), None
     if media in IMAGE_TYPES or media in ("", "application/octet-stream"):
-        return await run_in_threadpool(decode_blob, body, "request body", settings.max_pixels, media), None
+        return await service.work(decode_blobs, [(body, "request body", media)], settings), None
     raise ClientError(415, f"content type {media!r} is not accepted; use one of {', '.join(ACCEPTED_TYPES)}")
 
 
-async def _read_multipart(request: Request, settings: Settings) -> tuple[np.ndarray, Any]:
+async def _read_multipart(request: Request, service: ModelService) -> tuple[np.ndarray, Any]:
     """A multipart form: every `file` field decoded, and its `top_k` field (or None)."""
     try:
         form = await request.form(max_files=1000, max_fields=1000)
@@ -81,51 +163,55 @@ async def _read_multipart(request: Request, settings: Settings) -> tuple[np.ndar
     uploads = [(i, f) for i, f in enumerate(form.getlist("file")) if isinstance(f, UploadFile)]
     if not uploads:
         raise ClientError(400, "multipart body has no file in a field named 'file'")
+    top_k = form.get("top_k")
+    if isinstance(top_k, UploadFile):
+        raise ClientError(400, "top_k: expected a positive integer; got a file")
+    files = [(f.file, f.filename or f"file[{i}]", (f.content_type or "").lower()) for i, f in uploads]
+    return await service.work(_decode_files, files, service.settings), top_k
+
+
+def _decode_files(files: list[tuple[Any, str, str]], settings: Settings) -> np.ndarray:
+    """The form's files, read here in the work slot (large ones wait on disk until then)."""
     parts = []
-    for i, f in uploads:
-        blob = await f.read()
-        name = f.filename or f"file[{i}]"
+    for file, name, kind in files:
+        blob = file.read()
         if not blob:
-            raise ClientError(400, f"{name}: empty file (0 bytes); expected a PNG or JPEG image or a .npy array")
-        parts.append((blob, name, (f.content_type or "").lower()))
-    batch = await run_in_threadpool(_decode_parts, parts, settings.max_pixels)
-    return batch, form.get("top_k")
+            raise ClientError(400, f"{name}: empty file (0 bytes); expected {images.ACCEPTED_TEXT}")
+        parts.append((blob, name, kind))
+    return decode_blobs(parts, settings)
 
 
-def _decode_parts(parts: list[tuple[bytes, str, str]], max_pixels: int) -> np.ndarray:
-    return np.concatenate([decode_blob(blob, name, max_pixels, kind) for blob, name, kind in parts])
-
-
-def _json_images(doc: Any, max_pixels: int) -> tuple[np.ndarray, Any]:
+def _json_images(body: bytearray, settings: Settings) -> tuple[np.ndarray, Any]:
     """{"image": b64} | {"images": [b64, ...]} | {"instances": [...]} | {"array": nested list} | [...]."""
+    doc = load_json(body, "body")
     if isinstance(doc, list):
         doc = {"instances": doc}
     if not isinstance(doc, dict):
         raise ClientError(400, f"JSON body: expected an object with 'image', 'images', 'instances' or 'array'; "
-                               f"got {type(doc).__name__}")
+                               f"got {json_type(doc)}")
     top_k = doc.get("top_k")
     if "image" in doc:
-        return decode_blob(_b64(doc["image"], "image"), "image", max_pixels), top_k
+        return decode_blobs([(_b64(doc["image"], "image"), "image", "")], settings), top_k
     if "array" in doc:
-        return _nested_array(doc["array"], "array"), top_k
+        return _pixel_arrays(doc["array"], "array"), top_k
     key = "images" if "images" in doc else "instances" if "instances" in doc else None
     if key is None:
         raise ClientError(400, "JSON body: no 'image' (base64), 'images' (list of base64), 'instances' or "
-                               f"'array' (pixel arrays) field; got fields {sorted(doc)[:10]}")
+                               f"'array' (pixel arrays) field; got fields {[brief(k, 40) for k in sorted(doc)[:10]]}")
     items = doc[key]
     if not isinstance(items, list) or not items:
-        raise ClientError(400, f"JSON field {key}: expected a non-empty list")
+        raise ClientError(400, f"JSON field {key}: expected a non-empty list; got {json_type(items)}")
     if all(isinstance(x, (str, dict)) for x in items):
-        batches = [decode_blob(_b64(x, f"{key}[{i}]"), f"{key}[{i}]", max_pixels) for i, x in enumerate(items)]
-        return np.concatenate(batches), top_k
-    return _nested_array(items, key), top_k
+        parts = [(_b64(x, f"{key}[{i}]"), f"{key}[{i}]", "") for i, x in enumerate(items)]
+        return decode_blobs(parts, settings), top_k
+    return _pixel_arrays(items, key), top_k
 
 
 def _b64(text: Any, field: str) -> bytes:
     if isinstance(text, dict) and "b64" in text:  # TensorFlow Serving's convention {"b64": "..."}
         text = text["b64"]
     if not isinstance(text, str):
-        raise ClientError(400, f"JSON field {field}: expected a base64 string; got {type(text).__name__}")
+        raise ClientError(400, f"JSON field {field}: expected a base64 string; got {json_type(text)}")
     if text.startswith("data:") and "," in text:  # a data URL from a browser
         text = text.split(",", 1)[1]
     try:
@@ -137,15 +223,8 @@ def _b64(text: Any, field: str) -> bytes:
     return blob
 
 
-def _nested_array(value: Any, field: str) -> np.ndarray:
-    try:
-        arr = np.asarray(value)
-    except (ValueError, TypeError) as e:
-        raise ClientError(400, f"JSON field {field}: not a rectangular array of numbers ({e})") from None
-    if arr.dtype.kind not in "biuf":
-        raise ClientError(400, f"JSON field {field}: expected numbers (pixels) in a (28, 28) or (N, 28, 28) array; "
-                               f"got array of {arr.dtype} with shape {arr.shape}")
-    return images.array_to_images(arr, f"JSON field {field}")
+def _pixel_arrays(value: Any, field: str) -> np.ndarray:
+    return images.array_to_images(json_numbers(value, f"JSON field {field}"), f"JSON field {field}")
 
 
 def parse_top_k(query: int | None, body: Any, settings: Settings, classes: int) -> int:
@@ -153,12 +232,22 @@ def parse_top_k(query: int | None, body: Any, settings: Settings, classes: int) 
     value = query if query is not None else body
     if value is None:
         return min(settings.default_top_k, classes)
-    try:
-        k = int(value)
-        if isinstance(value, float) and value != k or isinstance(value, bool):
-            raise ValueError
-    except (TypeError, ValueError):
-        raise ClientError(400, f"top_k: expected a positive integer; got {value!r}") from None
-    if k < 1:
-        raise ClientError(400, f"top_k: expected a positive integer; got {k}")
+    k = _positive_int(value)
+    if k is None:
+        raise ClientError(400, f"top_k: expected a positive integer; got {brief(value)}")
     return min(k, classes)
+
+
+def _positive_int(value: Any) -> int | None:
+    """An integer >= 1 from JSON (3, 3.0) or a form field ("3"); None for anything else, booleans,
+    NaN and infinity included."""
+    if isinstance(value, str):
+        try:
+            value = int(value)
+        except ValueError:  # not digits, or over 4,300 of them
+            return None
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if isinstance(value, int) and not isinstance(value, bool) and value >= 1:
+        return value
+    return None

@@ -10,7 +10,6 @@ from __future__ import annotations
 from typing import Any
 
 from fastapi import APIRouter, Query, Request
-from starlette.concurrency import run_in_threadpool
 
 from .decoding import ClientError, parse_top_k, read_batch
 from .routing import bind
@@ -42,9 +41,9 @@ PREDICT_BODY: dict[str, Any] = {
 async def ranked(service: ModelService, settings: Settings, request: Request, top_k: int | None
                  ) -> list[list[dict[str, Any]]]:
     """The body's images, each with its top_k classes sorted by score (/v1/predict, /invocations)."""
-    batch, body_k = await read_batch(request, settings)
+    batch, body_k = await read_batch(request, service)
     k = parse_top_k(top_k, body_k, settings, len(service.class_names))
-    return await run_in_threadpool(service.predict, batch, k)
+    return await service.work(service.predict, batch, k)
 
 
 async def v1_predict(service: ModelService, settings: Settings, request: Request, top_k: int | None = TOP_K):
@@ -52,16 +51,17 @@ async def v1_predict(service: ModelService, settings: Settings, request: Request
 
 
 async def v1_explain(service: ModelService, settings: Settings, request: Request):
-    batch, _ = await read_batch(request, settings)
+    batch, _ = await read_batch(request, service)
     if len(batch) != 1:
         raise ClientError(400, f"/v1/explain takes exactly one image; got {len(batch)}")
-    return await run_in_threadpool(service.explain, batch[0])
+    return await service.work(service.explain, batch[0])
 
 
 async def v1_model(service: ModelService, settings: Settings):
     return {"name": settings.model_name, "backend": settings.backend, "platform": service.platform,
             "class_names": service.class_names, "max_body_bytes": settings.max_body_bytes,
-            "max_pixels": settings.max_pixels, "saliency": service.saliency_model is not None}
+            "max_pixels": settings.max_pixels, "max_request_pixels": settings.max_request_pixels,
+            "max_decoded_bytes": settings.max_decoded_bytes, "saliency": service.saliency_model is not None}
 
 
 def router(service: ModelService, settings: Settings) -> APIRouter:

@@ -11,7 +11,8 @@ from .service import ModelService
 from .settings import Settings
 
 
-async def ping(settings: Settings):
+async def ping(service: ModelService, settings: Settings):
+    await service.require_ready()
     return {"status": "ok", "model": settings.model_name}
 
 
@@ -26,8 +27,8 @@ async def execution_parameters(settings: Settings):
 
 def router(service: ModelService, settings: Settings) -> APIRouter:
     r = APIRouter()
-    r.add_api_route("/ping", bind(ping, settings), methods=["GET"],
-                    summary="SageMaker health check: 200 once the model is loaded")
+    r.add_api_route("/ping", bind(ping, service, settings), methods=["GET"],
+                    summary="SageMaker health check: 200 while the model's predictions work, else 503")
     r.add_api_route("/invocations", bind(invocations, service, settings), methods=["POST"],
                     openapi_extra=PREDICT_BODY, summary="SageMaker inference: same bodies as /v1/predict")
     r.add_api_route("/execution-parameters", bind(execution_parameters, settings), methods=["GET"],

@@ -1,14 +1,31 @@
-"""ModelService: the model loaded once (PyTorch or ONNX Runtime), what every router asks of it."""
+"""ModelService: the model loaded once (PyTorch or ONNX Runtime), what every router asks of it.
+
+The model is checked on known inputs before it is served (self_test): a run whose weights are NaN,
+or whose class names do not match its outputs, does not start. Every answer is checked the same way,
+and the health routes run the self-test again: they answer 200 only while predictions work.
+"""
 
 from __future__ import annotations
 
+import functools
 import threading
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
+import anyio
 import numpy as np
 
 from .settings import Settings
+
+
+# Images per forward pass. A request may hold thousands of images (a 10 MB .npy holds 12,700); the
+# activations of a pass grow with its batch (cnn_small: about 150 MB more peak at 1,000, 25 MB at 256),
+# and each work slot runs one pass at a time.
+INFERENCE_BATCH = 256
+
+
+class ModelUnavailable(Exception):
+    """The model cannot answer now (its outputs are not usable): answered 503 with the reason."""
 
 
 class ModelService:
@@ -30,9 +47,45 @@ class ModelService:
         self._samples: tuple[np.ndarray, np.ndarray] | None = None
         self.samples_note = ""
         self._lock = threading.Lock()
+        # Decoding and model calls hold memory in proportion to their input: bounding how many run at
+        # once bounds the server's memory whatever number of connections arrive. Waiting requests hold
+        # no thread, only their body.
+        self._slots = anyio.CapacityLimiter(settings.max_concurrent_decodes)
+        failure = self.self_test()
+        if failure:
+            raise checkpoint.RunError(f"{path}: {failure}; not serving it")
+
+    async def work(self, fn: Callable[..., Any], *args: Any) -> Any:
+        """fn(*args) in a worker thread, once one of the work slots is free."""
+        return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._slots)
+
+    # ----------------------------------------------------------------------- is the model usable?
+
+    def self_test(self) -> str | None:
+        """None when the model gives a probability per class name for each of a few known images
+        (blank, white, a bright shape, noise), else what is wrong with it."""
+        probes = probe_images()
+        try:
+            probs = self.predictor.probabilities(probes)
+        except Exception as e:
+            return (f"the model fails on {len(probes)} test images ({type(e).__name__}: "
+                    f"{(str(e).splitlines() or [''])[0]})")
+        return output_problem(probs, len(probes), self.class_names)
+
+    async def require_ready(self) -> None:
+        """Returns if the self-test passes now, else raises ModelUnavailable (the health routes: 503).
+        Four tiny images: it takes no work slot, so a busy server still answers its health checks."""
+        failure = await anyio.to_thread.run_sync(self.self_test)
+        if failure:
+            raise ModelUnavailable(f"the model is not ready: {failure}")
 
     def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        return self.predictor.probabilities(batch)
+        """(N, 28, 28) uint8 -> (N, classes) probabilities, checked: unusable outputs are never returned."""
+        probs = self.predictor.probabilities(batch, INFERENCE_BATCH)
+        failure = output_problem(probs, len(batch), self.class_names)
+        if failure:
+            raise ModelUnavailable(f"{failure}; nothing was returned")
+        return probs
 
     def predict(self, batch: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
         return self.predictor.rank(self.probabilities(batch), top_k)
@@ -93,3 +146,26 @@ def _load(path: Path, settings: Settings) -> tuple[Any, Any, str]:
     from ..predict import Predictor
     predictor = Predictor.from_run(path, device=settings.device)
     return predictor, predictor.model, "pytorch"
+
+
+def probe_images() -> np.ndarray:
+    """Known (28, 28) inputs for the self-test: blank, white, a bright centred shape, seeded noise."""
+    shape = np.zeros((28, 28), np.uint8)
+    shape[6:22, 9:19] = 220
+    noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
+    return np.stack([np.zeros((28, 28), np.uint8), np.full((28, 28), 255, np.uint8), shape, noise])
+
+
+def output_problem(probs: Any, n: int, class_names: list[str]) -> str | None:
+    """What is wrong with a model's probabilities for n images (None when nothing is)."""
+    shape = getattr(probs, "shape", None)
+    if shape is None or len(shape) != 2 or shape[0] != n:
+        return f"the model's output for {n} images has shape {shape}; expected ({n}, {len(class_names)})"
+    if shape[1] != len(class_names):
+        return (f"the model gives {shape[1]} outputs per image but has {len(class_names)} class names; "
+                "model.json's class_names must list one name per output")
+    if not np.isfinite(probs).all():
+        return "the model's outputs are not finite (NaN or infinity): its weights are damaged"
+    if (probs < 0).any() or np.abs(probs.sum(1) - 1).max() > 1e-3:
+        return "the model's outputs are not probabilities (each row must be >= 0 and sum to 1)"
+    return None

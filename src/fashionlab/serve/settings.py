@@ -26,7 +26,12 @@ class Settings:
     port: int = 8080
     workers: int = 1
     max_body_bytes: int = 10 * 1024 * 1024
-    max_pixels: int = images.MAX_PIXELS
+    max_pixels: int = images.MAX_PIXELS  # one image, from its header
+    # One request's images in all, charged from their headers before any is decoded (see docs/deploy.md:
+    # with the work slots they keep the server under 1 GB at 32 connections).
+    max_request_pixels: int = 64_000_000
+    max_decoded_bytes: int = 64 * 1024 * 1024  # as Pillow holds them: 1 byte a pixel for grey, 4 for colour
+    max_concurrent_decodes: int = 2  # requests decoding images or running the model at once
     model_name: str = "fashionlab"  # the Open Inference model name
     default_top_k: int = 3
     samples: int = 20  # test images offered on the web page (0: none)
@@ -39,6 +44,8 @@ class Settings:
         "FASHIONLAB_PORT": "port", "SAGEMAKER_BIND_TO_PORT": "port",
         "FASHIONLAB_WORKERS": "workers", "SAGEMAKER_MODEL_SERVER_WORKERS": "workers",
         "FASHIONLAB_MAX_BODY_BYTES": "max_body_bytes", "FASHIONLAB_MAX_PIXELS": "max_pixels",
+        "FASHIONLAB_MAX_REQUEST_PIXELS": "max_request_pixels", "FASHIONLAB_MAX_DECODED_BYTES": "max_decoded_bytes",
+        "FASHIONLAB_MAX_CONCURRENT_DECODES": "max_concurrent_decodes",
         "FASHIONLAB_MODEL_NAME": "model_name", "FASHIONLAB_SAMPLES": "samples", "FASHIONLAB_DATA": "data_dir",
     }
 
@@ -60,7 +67,8 @@ class Settings:
     def checked(self) -> "Settings":
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
-        for name in ("port", "workers", "max_body_bytes", "max_pixels", "default_top_k"):
+        for name in ("port", "workers", "max_body_bytes", "max_pixels", "max_request_pixels", "max_decoded_bytes",
+                     "max_concurrent_decodes", "default_top_k"):
             if getattr(self, name) < (0 if name == "port" else 1):
                 raise ValueError(f"setting {name} must be a positive integer; got {getattr(self, name)}")
         for name in ("samples", "threads"):
