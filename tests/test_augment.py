@@ -59,3 +59,27 @@ def test_erase_only_removes():
 def test_unknown_augmentation_is_named():
     with pytest.raises(ValueError, match="unknown augmentation blur; known: crop, erase, flip, rotate, scale"):
         Augment.from_dict({"blur": 1})
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"flip": "yes"}, "flip='yes': expected a probability from 0 to 1"),
+    ({"flip": 2}, "flip=2: expected a probability from 0 to 1"),
+    ({"flip": True}, "flip=True: expected a probability from 0 to 1"),  # a JSON `true` is not a probability
+    ({"crop": "abc"}, "crop='abc': expected an integer from 0 to 14 (pixels)"),
+    ({"crop": 2.0}, "crop=2.0: expected an integer from 0 to 14 (pixels)"),
+    ({"crop": 15}, "crop=15: expected an integer from 0 to 14 (pixels)"),
+    ({"rotate": float("inf")}, "rotate=inf: expected degrees from 0 to 180"),
+    ({"scale": -0.1}, "scale=-0.1: expected a fraction in [0, 1)"),
+    ({"scale": 1.0}, "scale=1.0: expected a fraction in [0, 1)"),  # a zoom of 1 - scale = 0 divides by zero
+    ({"erase": float("nan")}, "erase=nan: expected a probability from 0 to 1"),
+])
+def test_bad_augmentation_values_are_named_with_what_they_accept(values, message):
+    with pytest.raises(ValueError) as e:
+        Augment.from_dict(values)
+    assert str(e.value) == message
+
+
+def test_augmentation_values_at_the_ends_of_their_ranges_work():
+    aug = Augment.from_dict({"flip": 1, "crop": 14, "rotate": 180, "scale": 0.99, "erase": 1})
+    assert aug(batch(), torch.Generator().manual_seed(0)).shape == (16, 1, 28, 28)
+    assert Augment.from_dict({"flip": 0, "crop": 0}) == Augment()

@@ -59,8 +59,21 @@ def test_flags_reach_the_settings():
     ({"model": "resnet9000"}, r"model='resnet9000': unknown model; registered: mlp, cnn"),
     ({"device": "tpu"}, r"device='tpu': expected one of auto, cpu, cuda, mps"),
     ({"class_names": "abc"}, r"class_names='abc': expected a list of strings"),
-    ({"class_names": ["one"]}, r"expected a list of at least 2 names"),
-    ({"augment": {"blur": 1}}, r"unknown augmentation blur"),
+    ({"class_names": ["one"]}, r"expected a list of at least 2 distinct, non-blank names"),
+    ({"class_names": ["a", "b", "a"]}, r"class_names=\['a', 'b', 'a'\]: expected a list of at least 2 distinct"),
+    ({"class_names": ["a", " "]}, r"expected a list of at least 2 distinct, non-blank names"),
+    ({"seed": 2**64}, r"seed=18446744073709551616: expected an integer from 0 to 4294967295"),
+    ({"warmup_epochs": float("inf")}, r"warmup_epochs=inf: expected a finite number >= 0"),
+    ({"sam_rho": float("inf")}, r"sam_rho=inf: expected a finite radius >= 0"),
+    ({"augment": {"blur": 1}}, r"augment: unknown augmentation blur"),
+    ({"augment": {"flip": "yes"}}, r"augment: flip='yes': expected a probability from 0 to 1"),
+    ({"augment": {"crop": -2}}, r"augment: crop=-2: expected an integer from 0 to 14 \(pixels\)"),
+    ({"model_args": {"dropout": "abc"}}, r"model_args dropout='abc': expected a number, like its default 0.0; "
+                                         r"model 'cnn' takes channels=\[32, 64\]"),
+    ({"model_args": {"chanels": [16]}}, r"model_args chanels=\[16\]: model 'cnn' has no such argument \(did you "
+                                        r"mean 'channels'\?\)"),
+    ({"model_args": {"num_classes": 3}, "class_names": ["a", "b"]}, r"model_args num_classes=3: the model gives 3 "
+                                                                     r"outputs; the dataset has 2 classes"),
     ({"recipe": "fastest"}, r"unknown recipe 'fastest'"),
 ])
 def test_bad_values_name_the_setting(settings, message):
@@ -78,3 +91,10 @@ def test_recipe_first_then_explicit_settings_and_defaults_for_old_runs():
 
 def test_setting_groups_are_known():
     assert {f.metadata["group"] for f in dataclasses.fields(config.TrainConfig)} <= set(config.GROUPS)
+
+
+def test_check_setting_checks_what_a_structured_value_holds():
+    """Sweep specs check each level with check_setting: an augmentation's values are checked there too."""
+    config.check_setting("augment", {"flip": 0.5, "crop": 2})
+    with pytest.raises(config.ConfigError, match=r"^augment: flip=2: expected a probability from 0 to 1$"):
+        config.check_setting("augment", {"flip": 2})

@@ -107,7 +107,7 @@ def test_sam_starts_where_configured(tmp_path):
     assert plain["test_loss"] != late["test_loss"]
     with pytest.raises(ValueError, match=r"sam_start=1.0: expected a fraction of the run in \[0, 1\)"):
         config.make_config(sam_rho=0.05, sam_start=1.0)
-    with pytest.raises(ValueError, match=r"sam_rho=-0.1: expected a radius >= 0"):
+    with pytest.raises(ValueError, match=r"sam_rho=-0.1: expected a finite radius >= 0"):
         config.make_config(sam_rho=-0.1)
 
 

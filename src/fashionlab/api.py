@@ -13,11 +13,13 @@ can also resume, evaluate, predict, export, report and draw itself.
 from __future__ import annotations
 
 import html
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
 from . import config, data as data_mod, models, recipes, run as run_mod
+from .atomic import check_writable
 from .run import RunFolder
 from .training import Callback
 
@@ -40,6 +42,8 @@ def explore(dataset: data_mod.Dataset | None = None, out: str | Path | None = No
     """The dataset at a glance: class counts, samples per class, mean images, pixel histograms and
     which classes look alike, as figures (and as an HTML page when out is given)."""
     from . import exploration as explore_mod
+    if out:
+        check_writable(out)  # before loading anything: the page and its PNGs go there
     ds = dataset or load_data()
     if out:
         explore_mod.write_exploration(ds, out)
@@ -71,6 +75,8 @@ class Run(RunFolder):
     def resume(self, quiet: bool = False, dataset: data_mod.Dataset | None = None,
                callbacks: Sequence[Callback] = (), data_dir=None, offline: bool | None = None) -> "Run":
         """Continue an interrupted run from its checkpoint (identical to a run never interrupted)."""
+        if self.path.is_dir():
+            check_writable(self.path, folder=True)  # checkpoints, the model and metrics go there
         run_mod.resume_run(self.path, dataset, callbacks, quiet, data_dir, offline)
         return self
 
@@ -83,7 +89,8 @@ class Run(RunFolder):
     def predict(self, images, top_k: int | None = 3, device: str = "auto") -> list[list[dict[str, Any]]]:
         """Ranked labels with probabilities for each image. images: a file path (PNG, JPEG, .npy, ...),
         a PIL image, a uint8 array (28, 28) or (N, 28, 28), or a list of these. Photos are converted to
-        the dataset's style (light garment on black, centred) first."""
+        the dataset's style (light garment on black, centred) first. top_k: classes per image, an integer
+        >= 1 (at most every class is listed), or None for every class."""
         from .images import as_images
         return self.predictor(device).predict(as_images(images), top_k)
 
@@ -102,13 +109,20 @@ class Run(RunFolder):
         from . import export
         if format != "onnx":
             raise ValueError(f"format={format!r}: only 'onnx' is supported")
-        ds = dataset or self.require_finished().dataset(data_dir, offline)
+        if isinstance(parity_images, bool) or not isinstance(parity_images, int) or parity_images < 1:
+            raise ValueError(f"parity_images={parity_images!r}: expected an integer >= 1 (test images compared)")
+        if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
+            raise ValueError(f"tolerance={tolerance!r}: expected a finite number >= 0 (the largest allowed "
+                             f"probability difference)")
+        self._check_output(path)
+        ds = dataset or self.dataset(data_dir, offline)
         n = min(parity_images, len(ds.test_images))
         return export.export_onnx(self.path, ds.test_images[:n], path, tolerance)
 
     def package(self, out: str | Path | None = None) -> dict[str, Any]:
         """The model.tar.gz SageMaker expects (default RUN/model.tar.gz)."""
         from . import export
+        self._check_output(out)
         return export.package(self.path, out)
 
     def report(self, out: str | Path | None = None, with_explain: bool = True,
@@ -116,6 +130,7 @@ class Run(RunFolder):
                offline: bool | None = None) -> Path:
         """Write report.html (figures embedded, PNGs beside it); returns its path."""
         from . import report
+        self._check_output(out)
         return report.write_run_report(self.path, dataset, out, with_explain, data_dir, offline, device)
 
     def figures(self, which: Sequence[str] | None = None, dataset: data_mod.Dataset | None = None,
@@ -126,6 +141,14 @@ class Run(RunFolder):
         from . import report
         view = report.RunView(self.require_finished(), dataset or self.dataset(), device)
         return Figures(report.run_figures(view, which), {k: v[0] for k, v in report.FIGURES.items()})
+
+    def _check_output(self, out: str | Path | None) -> None:
+        """Before any work: the run is finished, and `out` (default: a file in the run folder) can be written."""
+        self.require_finished()
+        if out:
+            check_writable(out)
+        else:
+            check_writable(self.path, folder=True)
 
     def _repr_html_(self) -> str:
         return run_summary_html(self)
@@ -169,10 +192,13 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
     reuse=True makes re-running cheap: a finished run in `out` trained with exactly these settings is
     returned as it is, an interrupted one is resumed, and one with other settings is an error."""
     cfg = config.make_config(recipe=recipe, model=model, **settings)
+    if reuse and out is None:
+        raise ValueError("reuse=True needs out: the run folder to reuse")
+    out = out or run_mod.default_run_dir(cfg.model)
+    if not (reuse and RunFolder(out).finished):  # reusing a finished run writes nothing
+        check_writable(out, folder=True)  # before loading data or training: a bad --out fails at once
     if not reuse:
         return Run(run_mod.train_run(cfg, out, dataset, callbacks, quiet, data_dir, offline).path)
-    if out is None:
-        raise ValueError("reuse=True needs out: the run folder to reuse")
     return Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline)[0].path)
 
 
@@ -218,7 +244,8 @@ def study(name: str, seeds: int = 3, out: str | Path | None = None, *, run_repor
     """A reference study (`dense-vs-conv`, `cnn-vs-rnn`, `zoo`) over several seeds, resumable: finished
     runs in `out` (default studies/<name>) are reused. settings override the recipe (epochs, subset, ...)."""
     from . import studies
-    result = studies.run_study(name, out or Path("studies") / name, seeds=seeds, dataset=dataset, overrides=settings,
+    out = check_writable(out or Path("studies") / name, folder=True)  # before any training
+    result = studies.run_study(name, out, seeds=seeds, dataset=dataset, overrides=settings,
                                log=log, run_reports=run_reports, data_dir=data_dir, offline=offline)
     return StudyResult(name, [Run(d) for d in result["runs"]], [Run(d) for d in result["trained"]],
                        [Run(d) for d in result["reused"]], Path(result["report"]), result["summary"])
@@ -228,6 +255,7 @@ def compare(runs: Sequence[str | Path | RunFolder], out: str | Path = "compare.h
             title: str = "Comparison of runs") -> Comparison:
     """Finished runs side by side (grouped by model: mean and spread over seeds) on one page."""
     from . import studies
+    check_writable(out)  # the page, its PNGs and summary.json go there
     paths = [Path(r) for r in runs]
     page, summary = studies.write_comparison(paths, out, title=title)
     return Comparison([Run(p) for p in paths], Path(page), summary)
@@ -241,6 +269,7 @@ def sweep(spec: str | Path, storage: str | None = None, workers: int = 1, out: s
     options: heartbeat_interval, grace_period, max_retry, threads, worker_only."""
     from . import sweeps
     loaded = sweeps.load_spec(spec, folder=out)
+    check_writable(loaded.folder, folder=True)  # its storage, runs and report go there
     tally = sweeps.run_sweep(loaded, storage, workers=workers, quiet=quiet, **options)
     if not (report and tally.finished) or options.get("worker_only"):
         return SweepResult(loaded, tally)

@@ -1,26 +1,95 @@
-"""Write a file so that a reader sees the old file or the new one, never half of one."""
+"""Write a file so that a reader sees the old file or the new one, never half of one; and check,
+before any work, that an output place can be written at all."""
 
 from __future__ import annotations
 
+import errno
 import os
 import tempfile
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import Iterator
+
+from .errors import UserError
+
+
+class OutputError(UserError, OSError):
+    """An output place that cannot be written: the message names the path and why. It is an OSError
+    too, so a caller that tolerates a failed write (a read-only cache costs only speed) still can."""
+
+
+def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
+    """Raise OutputError unless `path` (a file, or with folder=True a folder) can be created and written.
+
+    Called before any work, so a long job fails at its start with the reason, not at its end. It tries
+    for real (creates the missing folders and a probe file), because permission bits do not tell: root
+    passes every access check, yet /proc or a read-only mount refuse. Everything it made is removed.
+    """
+    path = Path(path)
+    reason = why_not_writable(path, folder)
+    if reason:
+        raise OutputError(f"cannot write {path}: {reason}")
+    return path
+
+
+def why_not_writable(path: Path, folder: bool = False) -> str | None:
+    """Why `path` cannot be written (see check_writable), or None when it can; leaves nothing behind."""
+    made: list[Path] = []
+    try:
+        if path.exists() and path.is_dir() != folder:
+            return "it is a folder; expected a file name" if path.is_dir() else "it is a file; expected a folder"
+        target = path if folder else path.parent
+        for d in [*reversed(target.parents), target]:
+            if d.exists() and not d.is_dir():
+                return f"{d} is a file, not a folder"
+            if not d.exists():
+                try:
+                    d.mkdir()
+                except OSError as e:
+                    return f"cannot create the folder {d} ({e.strerror or e})"
+                made.append(d)
+        try:
+            fd, probe = tempfile.mkstemp(dir=target, prefix=".fashionlab-probe.")
+        except OSError as e:  # the probe's name would mean nothing to the user: name the folder
+            return f"cannot create a file in {target} ({e.strerror or e})"
+        os.close(fd)
+        os.unlink(probe)
+        return None
+    except OSError as e:  # looking at the path failed: a name too long, a loop of links, no permission
+        return e.strerror or str(e)
+    finally:
+        for d in reversed(made):
+            with suppress(OSError):  # something else wrote into it meanwhile: it is no longer only ours
+                d.rmdir()
+
+
+def _names(e: OSError, tmp: Path) -> bool:
+    return str(tmp) in {os.fspath(f) for f in (e.filename, e.filename2) if f is not None}
 
 
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of path to write; rename it onto path if the block succeeds,
-    delete it if it fails."""
+    delete it if it fails. Errors name path, never the temporary file the user has not heard of."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    try:
+        if path.is_dir():  # os.replace would refuse only after the whole file was written
+            raise OutputError(f"cannot write {path}: it is a folder; expected a file name")
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+    except OutputError:
+        raise
+    except OSError as e:
+        raise OutputError(f"cannot write {path}: {why_not_writable(path) or e.strerror or e}") from None
     os.close(fd)
     tmp_path = Path(tmp)
     try:
         yield tmp_path
         os.replace(tmp_path, path)
+    except OSError as e:
+        if isinstance(e, OutputError) or not (_names(e, tmp_path) or e.errno in (errno.ENOSPC, errno.EDQUOT)):
+            raise
+        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -8,27 +8,54 @@ run continues it exactly. One batched op per transform, no per-image Python.
 from __future__ import annotations
 
 import math
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass, field, fields
 
 import torch
 import torch.nn.functional as F
 
+MAX_CROP = 14  # half the image side
+
+
+def _number(v) -> bool:
+    return isinstance(v, (int, float)) and not isinstance(v, bool)  # a JSON `true` is never meant as a number
+
+
+def _integer(v) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
+def _allowed(default, check, expected: str):
+    """A field with what a value must satisfy and the words that say so in an error."""
+    return field(default=default, metadata=dict(check=check, expected=expected))
+
 
 @dataclass(frozen=True)
 class Augment:
-    flip: float = 0.0  # probability of a horizontal flip
-    crop: int = 0  # random translation of up to this many pixels (pad with background, crop back)
-    rotate: float = 0.0  # random rotation in [-rotate, rotate] degrees
-    scale: float = 0.0  # random zoom in [1 - scale, 1 + scale]
-    erase: float = 0.0  # probability of random erasing (one rectangle, 2% to 25% of the image)
+    # Ranges are the meaningful ones: a probability above 1 means nothing, a zoom of 1 - scale <= 0
+    # divides by zero, and a shift beyond half the image (28 pixels) only pads the batch with
+    # background, at a memory cost that grows with the square of the shift.
+    flip: float = _allowed(0.0, lambda v: _number(v) and 0 <= v <= 1, "a probability from 0 to 1")  # horizontal flip
+    crop: int = _allowed(0, lambda v: _integer(v) and 0 <= v <= MAX_CROP,
+                         f"an integer from 0 to {MAX_CROP} (pixels)")  # random translation of up to this many pixels
+    rotate: float = _allowed(0.0, lambda v: _number(v) and 0 <= v <= 180,
+                             "degrees from 0 to 180")  # random rotation in [-rotate, rotate] degrees
+    scale: float = _allowed(0.0, lambda v: _number(v) and 0 <= v < 1,
+                            "a fraction in [0, 1)")  # random zoom in [1 - scale, 1 + scale]
+    erase: float = _allowed(0.0, lambda v: _number(v) and 0 <= v <= 1,
+                            "a probability from 0 to 1")  # random erasing: one rectangle, 2% to 25% of the image
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Augment":
+        """The augmentation a settings dict describes; ValueError names the first unknown or bad value."""
         d = dict(d or {})
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(d) - known)
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(d) - set(known))
         if unknown:
             raise ValueError(f"unknown augmentation {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+        for name, value in d.items():
+            meta = known[name].metadata
+            if not meta["check"](value):
+                raise ValueError(f"{name}={value!r}: expected {meta['expected']}")
         return cls(**d)
 
     def to_dict(self) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -160,7 +161,8 @@ def _metrics_text(m: dict) -> str:
 def args_predict(p):
     p.add_argument("run")
     p.add_argument("images", nargs="+")
-    p.add_argument("--top-k", type=int, default=3, help="classes listed per image, 1 to the number of classes")
+    p.add_argument("--top-k", type=int, default=3, help="classes listed per image: 1 to the run's number of classes "
+                   "(default 3)")
     _device_option(p)
     p.add_argument("--out", metavar="CSV", help="write one CSV row per image (folders are searched for images)")
     p.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -168,7 +170,13 @@ def args_predict(p):
 
 def cmd_predict(args) -> int:
     from . import api
-    run = api.Run(args.run)
+    from .atomic import check_writable
+    if args.out:
+        check_writable(args.out)  # before classifying anything
+    run = api.Run(args.run).require_finished()
+    classes = len(run.class_names)
+    if not 1 <= args.top_k <= classes:
+        raise ValueError(f"--top-k {args.top_k}: expected an integer from 1 to {classes} (the run's number of classes)")
     if args.out or any(Path(p).is_dir() for p in args.images):
         return _predict_many(run.predictor(args.device), args)
     for path in args.images:
@@ -212,6 +220,12 @@ def args_serve(p):
                                                "concurrent requests faster; $FASHIONLAB_THREADS)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 10 MB)")
     p.add_argument("--max-pixels", type=int, help="largest decoded image (default 40 megapixels)")
+    p.add_argument("--max-request-pixels", type=int, help="pixels of all a request's images, from their headers "
+                                                          "before decoding (default 64 million)")
+    p.add_argument("--max-decoded-bytes", type=int, help="bytes of all a request's images once decoded "
+                                                         "(default 64 MiB)")
+    p.add_argument("--max-concurrent-decodes", type=int, help="requests decoding images or running the model at "
+                                                              "once (default 2)")
     p.add_argument("--model-name", help="model name in the Open Inference API (default fashionlab)")
     p.add_argument("--samples", type=int, help="test images offered on the web page (default 20; 0 for none)")
     p.add_argument("--data-dir", help="dataset folder for the web page's sample images")
@@ -305,6 +319,9 @@ def args_sweep_report(p):
 
 def cmd_sweep_report(args) -> int:
     from . import sweeps
+    from .atomic import check_writable
+    if args.html:
+        check_writable(args.html)
     res, path = sweeps.write_report(sweeps.load_spec(args.spec, folder=args.out), args.storage, args.html)
     print(sweeps.text_table(res) + ("\n\n" + sweeps.markdown_table(res) if args.markdown else ""))
     print(f"\nreport: {path}")
@@ -333,7 +350,12 @@ def args_explain(p):
 
 def cmd_explain(args) -> int:
     from . import api, explain
+    from .atomic import check_writable
     run = api.Run(args.run).require_finished()
+    if args.out:  # checked before loading anything; the default goes into the run folder
+        check_writable(args.out)
+    else:
+        check_writable(run.path, folder=True)
     out = explain.write_explanation(run.path, run.dataset(args.data_dir, args.offline), out=args.out,
                                     device=args.device)
     print(f"explanation: {out}")
@@ -347,6 +369,8 @@ def args_explore(p):
 
 def cmd_explore(args) -> int:
     from . import api
+    from .atomic import check_writable
+    check_writable(args.out)  # before loading the dataset
     api.explore(load_data(args), args.out)
     print(f"exploration: {args.out}")
     return 0
@@ -441,16 +465,29 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _discard_stdout() -> None:
+    """Point stdout at /dev/null, so that what is still buffered for a closed pipe does not fail again (a
+    BrokenPipeError message and exit status 120) when Python flushes it at exit."""
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(devnull, sys.stdout.fileno())
+    os.close(devnull)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     from .training import TrainingInterrupted
     try:
-        return args.func(args) or 0
+        status = args.func(args) or 0
+        try:
+            sys.stdout.flush()  # output still buffered meets a reader that left here, not at exit
+        except BrokenPipeError:
+            _discard_stdout()  # the command finished: its status stands
+        return status
     except TrainingInterrupted as e:
         print(f"\nfashionlab {args.command}: {e}; continue with: fashionlab train --resume {e.run_dir}", file=sys.stderr)
         return 128 + e.signum
     except BrokenPipeError:  # `fashionlab evaluate RUN --json | head`: the reader left; not an error
-        sys.stdout = open("/dev/null", "w")  # nothing more reaches the closed pipe at exit
+        _discard_stdout()
         return 0
     except _user_errors() as e:
         print(f"fashionlab {args.command}: error: {_message(e)}", file=sys.stderr)

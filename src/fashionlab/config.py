@@ -11,6 +11,8 @@ import copy
 import difflib
 import json
 import math
+import reprlib
+import warnings
 from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
@@ -33,16 +35,18 @@ class ConfigError(UserError, ValueError):
 
 
 def setting(default: Any = None, help: str = "", *, group: str, choices: tuple | Callable[[], tuple] | None = None,
-            check: Callable[[Any], bool] | None = None, expected: str = "", flag: str | None = None,
-            metavar: str | None = None, cli_type: str | None = None) -> Any:
+            check: Callable[[Any], bool] | None = None, expected: str = "",
+            validator: Callable[[Any], Any] | None = None, flag: str | None = None, metavar: str | None = None,
+            cli_type: str | None = None) -> Any:
     """A TrainConfig field with what the CLI, the README and validation need to know about it.
 
     check/expected: a predicate on a present value and the words for what it accepts.
+    validator: for a structured value, a function raising ValueError that says which part is wrong.
     choices: allowed values (or a function returning them, for registries filled at import time).
     cli_type: "keyvalues" for dict settings given as K=V,..., "names" for comma lists or a file.
     """
-    meta = dict(help=help, group=group, choices=choices, check=check, expected=expected, flag=flag,
-                metavar=metavar, cli_type=cli_type)
+    meta = dict(help=help, group=group, choices=choices, check=check, expected=expected, validator=validator,
+                flag=flag, metavar=metavar, cli_type=cli_type)
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -59,6 +63,15 @@ def _positive_int(v) -> bool:
 
 def _fraction(v) -> bool:
     return 0 <= v < 1
+
+
+def _distinct_names(v) -> bool:
+    # Two classes of one name would be one row of the per-class scores and one label for two outputs.
+    return len(v) >= 2 and len(set(v)) == len(v) and all(n.strip() for n in v)
+
+
+# Per-epoch generators are seeded with seed * 1_000_003 + epoch, which must fit torch's 64 bits.
+MAX_SEED = 2**32 - 1
 
 
 @dataclass
@@ -90,7 +103,7 @@ class TrainConfig:
     # ---- schedule
     schedule: str = setting("constant", "learning-rate schedule after warm-up", group="schedule", choices=SCHEDULES)
     warmup_epochs: float = setting(0.0, "epochs of linear warm-up (onecycle: a quarter of the run when 0)",
-                                   group="schedule", check=lambda v: v >= 0, expected="a number >= 0")
+                                   group="schedule", check=lambda v: 0 <= v < math.inf, expected="a finite number >= 0")
     # ---- validation and early stopping
     val_split: float = setting(0.1, "fraction of training images held out for validation (stratified)",
                                group="validation", check=_fraction, expected="a fraction in [0, 1)")
@@ -103,14 +116,17 @@ class TrainConfig:
     # ---- regularisation
     label_smoothing: float = setting(0.0, "label smoothing of the cross-entropy", group="regularisation",
                                      check=_fraction, expected="a fraction in [0, 1)")
-    augment: dict[str, Any] = setting({}, "batch augmentation, e.g. flip=0.5,crop=2,rotate=10,scale=0.1,erase=0.25",
-                                      group="regularisation", metavar="K=V,...", cli_type="keyvalues")
+    augment: dict[str, Any] = setting({}, "batch augmentation, e.g. flip=0.5,crop=2,rotate=10,scale=0.1,erase=0.25 "
+                                      "(flip and erase: probabilities; crop: pixels, 0 to 14; rotate: degrees, 0 to "
+                                      "180; scale: a fraction in [0, 1))", group="regularisation", metavar="K=V,...",
+                                      cli_type="keyvalues", validator=Augment.from_dict)
     ema: float | None = setting(None, "evaluate an exponential moving average of the weights with this decay",
                                 group="regularisation", check=lambda v: 0 < v < 1, expected="a decay in (0, 1)",
                                 metavar="DECAY")
     sam_rho: float = setting(0.0, "sharpness-aware minimisation: gradients at the steepest point within RHO "
                              "(0.05-0.1; a second forward and backward per step; 0 = off)", group="regularisation",
-                             check=lambda v: v >= 0, expected="a radius >= 0 (0 turns SAM off)", metavar="RHO")
+                             check=lambda v: 0 <= v < math.inf, expected="a finite radius >= 0 (0 turns SAM off)",
+                             metavar="RHO")
     sam_start: float = setting(0.0, "turn SAM on after this fraction of the run", group="regularisation",
                                check=_fraction, expected="a fraction of the run in [0, 1)", metavar="FRACTION")
     # ---- evaluation
@@ -125,7 +141,8 @@ class TrainConfig:
                                    check=_positive_int, expected="an integer >= 1")
     # ---- data
     seed: int = setting(0, "seed of the split, initial weights, shuffling and augmentation", group="data",
-                        check=lambda v: isinstance(v, int) and v >= 0, expected="an integer >= 0")
+                        check=lambda v: isinstance(v, int) and 0 <= v <= MAX_SEED,
+                        expected=f"an integer from 0 to {MAX_SEED} (2**32 - 1)")
     subset: int | None = setting(None, "train on a stratified subset of N training images", group="data",
                                  check=lambda v: isinstance(v, int) and v >= 10, expected="an integer >= 10",
                                  metavar="N")
@@ -133,8 +150,9 @@ class TrainConfig:
                            choices=DATASETS)
     class_names: list[str] | None = setting(None, "comma-separated class names, or a file with one per line: "
                                             "use --data-dir as a custom IDX dataset (no reference checksums)",
-                                            group="data", check=lambda v: len(v) >= 2,
-                                            expected="a list of at least 2 names", cli_type="names")
+                                            group="data", check=_distinct_names,
+                                            expected="a list of at least 2 distinct, non-blank names",
+                                            cli_type="names")
     # ---- runtime (speed only: results never depend on these beyond floating-point rounding)
     device: str = setting("auto", "where to train", group="runtime", choices=device_mod.DEVICES)
     precision: str = setting("auto", "auto: bf16 autocast and channels_last where the CPU or GPU supports it",
@@ -150,10 +168,7 @@ class TrainConfig:
             _check_field(f, getattr(self, f.name))
         if self.patience is not None and self.val_split == 0:
             raise ConfigError("patience (early stopping) needs a validation split: set val_split > 0")
-        try:
-            Augment.from_dict(self.augment)
-        except (TypeError, ValueError) as e:
-            raise ConfigError(f"augment={self.augment!r}: {e}") from None
+        check_model_args(self.model, self.model_args, len(self.class_names) if self.class_names else 10)
         if self.device != "auto":
             device_mod.resolve_device(self.device)  # raises when that device is not there
         return self
@@ -207,6 +222,114 @@ def _check_field(f, value) -> None:
     check = meta.get("check")
     if check is not None and not check(value):
         raise ConfigError(f"{f.name}={value!r}: expected {meta['expected']}")
+    validator = meta.get("validator")
+    if validator is not None:
+        try:
+            validator(value)
+        except ValueError as e:
+            raise ConfigError(f"{f.name}: {e}") from None
+
+
+# --------------------------------------------------------------------------- model arguments
+
+def check_model_args(model: str, model_args: dict[str, Any], classes: int) -> None:
+    """The model with these arguments must build and classify an image into `classes` outputs: built on
+    torch's meta device (shapes only: no memory, no time), within the registry's size limits. A bad
+    argument is then a ConfigError naming it before anything is written, not a traceback at the first
+    batch or a memory blow-up."""
+    defaults = model_arguments(model)
+    margs = dict(model_args)
+    if classes != 10:
+        margs.setdefault("num_classes", classes)  # as training builds it for a dataset of other classes
+    for name, value in model_args.items():  # the first argument that is wrong on its own is named
+        problem = _argument_problem(model, name, value, defaults, classes)
+        if problem:
+            raise ConfigError(f"model_args {name}={reprlib.repr(value)}: {problem}; {_arguments_text(model, defaults)}")
+    problem = _build_problem(model, margs, classes)
+    if problem:  # only together: e.g. more pooling blocks than a resized input has room for
+        shown = ", ".join(f"{k}={reprlib.repr(v)}" for k, v in model_args.items())
+        raise ConfigError(f"model_args {shown}: {problem}; {_arguments_text(model, defaults)}")
+
+
+def model_arguments(model: str) -> dict[str, Any] | None:
+    """A registered model's arguments with the values it uses by default; None when its builder takes
+    any keyword (then only building it can judge)."""
+    import inspect
+    from . import models
+    entry = models.MODELS[model]
+    params = inspect.signature(models.FAMILIES[entry.family]).parameters.values()
+    if any(p.kind is p.VAR_KEYWORD for p in params):
+        return None
+    named = {p.name: p.default for p in params if p.kind in (p.POSITIONAL_OR_KEYWORD, p.KEYWORD_ONLY)}
+    return {**named, **entry.kwargs}
+
+
+def _argument_problem(model: str, name: str, value: Any, defaults: dict[str, Any] | None, classes: int) -> str | None:
+    if defaults is not None and name not in defaults:
+        close = difflib.get_close_matches(name, list(defaults), 1)
+        return f"model {model!r} has no such argument" + (f" (did you mean {close[0]!r}?)" if close else "")
+    expected = _kind_of(defaults.get(name)) if defaults is not None else None
+    if expected and not expected[0](value):
+        return f"expected {expected[1]}, like its default {_json(defaults[name])}"
+    margs = {name: value} if classes == 10 or name == "num_classes" else {name: value, "num_classes": classes}
+    return _build_problem(model, margs, classes)
+
+
+def _kind_of(default: Any) -> tuple[Callable[[Any], bool], str] | None:
+    """What a value must be, judged from the argument's default: a JSON `true` is never a size, a string
+    never a probability. None where the default says nothing (None)."""
+    def number(v):
+        return isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+
+    def integer(v):
+        return isinstance(v, int) and not isinstance(v, bool)
+
+    if isinstance(default, bool):
+        return (lambda v: isinstance(v, bool)), "true or false"
+    if isinstance(default, int):
+        return integer, "an integer"
+    if isinstance(default, float):
+        return number, "a number"
+    if isinstance(default, str):
+        return (lambda v: isinstance(v, str)), "a string"
+    if isinstance(default, (list, tuple)) and default:
+        item = _kind_of(default[0])
+        if item and item[1] in _PLURALS:
+            return (lambda v: isinstance(v, (list, tuple)) and all(map(item[0], v))), f"a list of {_PLURALS[item[1]]}"
+    return None
+
+
+_PLURALS = {"an integer": "integers", "a number": "numbers", "a string": "strings"}
+
+
+def _build_problem(model: str, margs: dict[str, Any], classes: int) -> str | None:
+    """Why the model with these arguments cannot be trained on `classes` classes, or None."""
+    from . import models
+    from .models._registry import meta_model
+    spec = models.model_spec(model, **margs)
+    try:
+        with warnings.catch_warnings():  # torch's notes on zero-sized meta tensors: the error below says it better
+            warnings.simplefilter("ignore")
+            _, outputs = meta_model(spec["family"], spec["kwargs"])
+    except ValueError as e:
+        return str(e)
+    if outputs != classes:
+        return f"the model gives {outputs} outputs; the dataset has {classes} classes"
+    return None
+
+
+def _arguments_text(model: str, defaults: dict[str, Any] | None) -> str:
+    if defaults is None:
+        return f"see the arguments of model {model!r} in `fashionlab models`"
+    return f"model {model!r} takes " + ", ".join(f"{k}={_json(v)}" for k, v in defaults.items())
+
+
+def _json(value: Any) -> str:
+    """A default as the command line writes it (--model-arg values are JSON)."""
+    try:
+        return json.dumps(value)
+    except (TypeError, ValueError):
+        return repr(value)
 
 
 def check_setting(name: str, value: Any) -> None:

@@ -297,7 +297,7 @@ class Trainer:
             sharpness_aware_gradients(self.opt_params, lambda: logits_and_loss()[1], cfg.sam_rho)
         self.optimizer.step()
         if self.ema:
-            self.ema.update(self.model)
+            self.ema.update(self.model, self.state.step)
         self.state.step += 1
         stats.loss_sum += loss.detach() * len(idx)
         stats.correct += (logits.detach().argmax(1) == yb).sum()
@@ -509,7 +509,13 @@ def sharpness_aware_gradients(params: list[torch.Tensor], loss_at: Callable[[], 
 
 
 class EMA:
-    """Exponential moving average of the weights; buffers (BatchNorm statistics) are copied."""
+    """Exponential moving average of the weights; buffers (BatchNorm statistics) are copied.
+
+    The average warms up: update t (from 0) uses the decay min(decay, (1 + t) / (10 + t)), as TensorFlow's
+    ExponentialMovingAverage(num_updates) and timm do. A plain average starts from the initial weights and
+    forgets them only after a few times 1 / (1 - decay) steps: with 0.99, 37% of it is still the random
+    initial weights after 100 steps, so a short run evaluated at 10% test accuracy without a word.
+    """
 
     def __init__(self, model: torch.nn.Module, decay: float):
         self.decay = decay
@@ -517,10 +523,15 @@ class EMA:
         for p in self.model.parameters():
             p.requires_grad_(False)
 
+    def decay_at(self, step: int) -> float:
+        return min(self.decay, (1 + step) / (10 + step))
+
     @torch.no_grad()
-    def update(self, model: torch.nn.Module) -> None:
+    def update(self, model: torch.nn.Module, step: int) -> None:
+        """Average in the weights after optimiser step `step` (counted from 0 over the whole run, so a
+        resumed run warms up exactly as the uninterrupted one did)."""
         ema_p = list(self.model.parameters())
-        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - self.decay)
+        torch._foreach_lerp_(ema_p, [p.detach() for p in model.parameters()], 1 - self.decay_at(step))
         for b_ema, b in zip(self.model.buffers(), model.buffers()):
             b_ema.copy_(b)
 
