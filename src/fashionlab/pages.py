@@ -48,11 +48,6 @@ def figure_png(fig: Figure) -> bytes:
     return buf.getvalue()
 
 
-def figure_to_base64(fig: Figure) -> str:
-    """The figure as a base64 PNG string (what an <img src="data:image/png;base64,..."> needs)."""
-    return base64.b64encode(figure_png(fig)).decode("ascii")
-
-
 def grid_shape(n: int, cols: int) -> tuple[int, int]:
     """(rows, cols) for n panels at most cols wide."""
     cols = min(cols, n)

@@ -133,14 +133,16 @@ class RunFolder:
     def settings_differ(self, cfg: TrainConfig) -> list[str]:
         """The settings in which this run differs from cfg; [] when it was trained with exactly cfg.
         Settings added since the run was made count at their defaults."""
-        saved, wanted = settings_of(self.record), cfg.to_dict()
-        return [k for k in wanted if saved.get(k) != wanted[k]]
+        return list(self._differences(cfg))
+
+    def _differences(self, cfg: TrainConfig) -> dict[str, tuple[Any, Any]]:
+        saved, wanted = settings_of(self.record), cfg.to_dict()  # config.json read and checked once
+        return {k: (saved.get(k), v) for k, v in wanted.items() if saved.get(k) != v}
 
     def check_same_settings(self, cfg: TrainConfig) -> None:
-        diff = self.settings_differ(cfg)
+        diff = self._differences(cfg)
         if diff:
-            saved, wanted = settings_of(self.record), cfg.to_dict()
-            shown = ", ".join(f"{k}: saved {saved.get(k)!r}, asked {wanted[k]!r}" for k in diff)
+            shown = ", ".join(f"{k}: saved {old!r}, asked {new!r}" for k, (old, new) in diff.items())
             raise RunError(f"{self.path} holds a run trained with other settings ({shown}); "
                            f"use another folder or remove that one")
 

@@ -49,7 +49,7 @@ class Row:
 
     @property
     def mean(self) -> float:
-        return sum(self.values) / len(self.values) if self.values else math.nan
+        return _mean(self.values)
 
     @property
     def std(self) -> float:
@@ -57,11 +57,11 @@ class Row:
 
     @property
     def test_mean(self) -> float:
-        return sum(self.test_values) / len(self.test_values) if self.test_values else math.nan
+        return _mean(self.test_values)
 
-    @property
-    def test_std(self) -> float:
-        return _std(self.test_values)
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan
 
 
 def _std(values: list[float]) -> float:
