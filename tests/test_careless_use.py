@@ -147,6 +147,36 @@ def test_failed_train_without_out_leaves_no_run_folder(argv, made, tmp_path, cap
     assert not list(tmp_path.glob("runs/*")), list(tmp_path.glob("runs/*"))
 
 
+@pytest.mark.parametrize("val_split, message", [
+    ("0.999", "val_split=0.999 leaves none of the 300 training images to train on"),
+    ("0.001", "val_split=0.001 gives no validation images from the 300 training images"),
+])
+def test_a_split_with_an_empty_part_is_refused_and_leaves_no_run_folder(val_split, message, made, tmp_path, capsys,
+                                                                        monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    line = cli_error(capsys, "train", "--model", "mlp", "--epochs", "1", "--quiet", "--no-report", "--data-dir",
+                     made[1], "--class-names", NAMES, "--val-split", val_split)
+    assert line.startswith(f"fashionlab train: error: {message}"), line
+    assert not list(tmp_path.glob("runs/*"))
+
+
+class FailsInTraining(training.Callback):
+    def on_step(self, trainer, step, stats):
+        raise RuntimeError("the disk filled up")
+
+
+def test_a_run_failing_after_config_json_leaves_no_run_files_and_no_folder_it_made(tmp_path):
+    ds = synthetic_dataset()
+    with pytest.raises(RuntimeError, match="the disk filled up"):
+        api.train(model="mlp", epochs=1, dataset=ds, out=tmp_path / "new", quiet=True, callbacks=[FailsInTraining()])
+    assert not (tmp_path / "new").exists()
+    (tmp_path / "given").mkdir()
+    (tmp_path / "given" / "notes.txt").write_text("mine")
+    with pytest.raises(RuntimeError):
+        api.train(model="mlp", epochs=1, dataset=ds, out=tmp_path / "given", quiet=True, callbacks=[FailsInTraining()])
+    assert [p.name for p in (tmp_path / "given").iterdir()] == ["notes.txt"]
+
+
 # --------------------------------------------------------------------------- predict --top-k
 
 @pytest.mark.parametrize("k", ["-3", "0", "11"])

@@ -359,3 +359,16 @@ def test_report_finds_real_differences_and_not_noise(tmp_path):
 def test_holm_adjustment_is_monotone_and_capped():
     assert sweeps.holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
     assert sweeps.holm([0.5, 0.9]) == pytest.approx([1.0, 1.0])
+
+
+@pytest.mark.parametrize("name", ["a{b}", "a?b", "a#b", "a%20b", "a b"])
+def test_sqlite_storage_lives_in_any_folder_name(tmp_path, name):
+    import optuna
+    from fashionlab.sweeps.storage import sqlite_url
+    folder = tmp_path / name
+    folder.mkdir()
+    url = sqlite_url(folder / "sweep.db")
+    optuna.create_study(storage=sweeps.open_storage(url), study_name="s").enqueue_trial({"x": 1})
+    assert [p.name for p in tmp_path.iterdir()] == [name]  # the database is in the folder, not beside it
+    assert (folder / "sweep.db").is_file()
+    assert len(optuna.load_study(storage=sweeps.open_storage(url), study_name="s").trials) == 1

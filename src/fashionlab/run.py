@@ -176,6 +176,17 @@ class RunFolder:
     def save_model(self, model: torch.nn.Module, info: dict[str, Any]) -> None:
         checkpoint.write_model(self.weights_path, self.model_json_path, model, info)
 
+    def discard_unusable(self, remove_folder: bool) -> None:
+        """After a failed new run: with no checkpoint to resume and no metrics, its run files describe
+        nothing usable, so they go (other files stay), and the folder too when asked and left empty."""
+        if self.status != NEW:
+            return
+        self.discard_model()
+        for path in (self.config_path, self.history_path):
+            path.unlink(missing_ok=True)
+        if remove_folder and self.path.is_dir() and not any(self.path.iterdir()):
+            self.path.rmdir()
+
     def discard_model(self) -> None:
         """A run killed between writing its model and its metrics is not finished: its model goes."""
         for path in (self.weights_path, self.model_json_path):
@@ -269,8 +280,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, dataset: DatasetArg, callbacks: 
         cbs = list(callbacks) + ([] if quiet else [ProgressBar()])
         Trainer.set_up(cfg, folder, ds, cbs, log, resume=resume).run(resume=resume)
     except BaseException:
-        if created and not any(folder.path.iterdir()):
-            folder.path.rmdir()  # a run that failed before writing anything leaves no empty folder behind
+        if not resume:
+            folder.discard_unusable(remove_folder=created)
         raise
     return folder
 

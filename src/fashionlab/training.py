@@ -33,7 +33,7 @@ import torch.nn.functional as F
 
 from . import __version__, checkpoint, data as data_mod, device as device_mod, evaluate, models
 from .augment import Augment
-from .config import TrainConfig
+from .config import ConfigError, TrainConfig
 from .stem_cache import StemCache
 
 INIT_IMAGES = 5000  # training images a model's data-dependent initialisation sees
@@ -120,9 +120,22 @@ def split_data(cfg: TrainConfig, ds: data_mod.Dataset, device: torch.device) -> 
         pool = data_mod.stratified_subset(ds.train_labels, min(cfg.subset, len(pool)), cfg.seed)
     tr_rel, va_rel = data_mod.stratified_split(ds.train_labels[pool], cfg.val_split, cfg.seed)
     tr_idx, va_idx = pool[tr_rel], pool[va_rel]
+    check_split(cfg, len(pool), len(tr_idx), len(va_idx))
     return Split(torch.from_numpy(ds.train_images[tr_idx]).unsqueeze(1).to(device),
                  torch.from_numpy(ds.train_labels[tr_idx]).to(device),
                  torch.from_numpy(ds.train_images[va_idx]), torch.from_numpy(ds.train_labels[va_idx]))
+
+
+def check_split(cfg: TrainConfig, pool: int, n_train: int, n_val: int) -> None:
+    """Both parts of the split hold images: on a small dataset or subset, a val_split near 1 leaves
+    nothing to train on, and one near 0 leaves a validation set of no images (rounded per class)."""
+    where = f"{pool:,} training images" + (f" (subset={cfg.subset})" if cfg.subset else "")
+    if n_train == 0:
+        raise ConfigError(f"val_split={cfg.val_split} leaves none of the {where} to train on; "
+                          "lower val_split")
+    if cfg.val_split > 0 and n_val == 0:
+        raise ConfigError(f"val_split={cfg.val_split} gives no validation images from the {where} "
+                          "(rounded per class); raise val_split, or set 0 for no validation")
 
 
 def epoch_generator(seed: int, epoch: int) -> torch.Generator:

@@ -105,7 +105,8 @@ class Spec:
                 "class_names": list(self.class_names) if self.class_names else None}
 
     def default_storage(self) -> str:
-        return f"sqlite:///{(self.folder / 'sweep.db').resolve()}"
+        from .storage import sqlite_url
+        return sqlite_url(self.folder / "sweep.db")
 
     @property
     def total_trials(self) -> int:

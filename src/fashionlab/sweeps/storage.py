@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import time
 import warnings
+from pathlib import Path
 from typing import Any
 
 from .design import design_points, make_sampler, trial_attrs, trial_key
@@ -30,12 +31,29 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
     retry_cls = getattr(optuna.storages, "RetryHeartbeatStaleTrialCallback", None)
     retry = {"heartbeat_stale_trial_callback": retry_cls(max_retry=max_retry)} if retry_cls else \
         {"failed_trial_callback": optuna.storages.RetryFailedTrialCallback(max_retry=max_retry)}
+    # RDBStorage fills the URL in as a str.format template: braces in a path or password are kept
+    # as they are by doubling them.
+    template = url.replace("{", "{{").replace("}", "}}")
     with _sqlite_schema_lock(url):
-        storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
+        storage = optuna.storages.RDBStorage(template, engine_kwargs=engine_kwargs, heartbeat_interval=heartbeat_interval,
                                              grace_period=grace_period, **retry)
     if url.startswith("sqlite"):
         _serialise_sqlite(storage.engine)
     return storage
+
+
+def sqlite_url(path: Path) -> str:
+    """The SQLAlchemy URL of a SQLite file. The path is percent-encoded: SQLAlchemy decodes it, and a
+    raw '?' or '#' would otherwise start a query or fragment (a folder named 'a?b' would put the
+    database in 'a')."""
+    from urllib.parse import quote
+    return "sqlite:///" + quote(str(path.resolve()), safe="/")
+
+
+def url_path(url: str) -> str:
+    """The file of a sqlite:/// URL, decoded; '' for other URLs and in-memory SQLite."""
+    from urllib.parse import unquote
+    return unquote(url.split(":///", 1)[1].split("?", 1)[0]) if url.startswith("sqlite:///") else ""
 
 
 @contextlib.contextmanager
@@ -44,7 +62,7 @@ def _sqlite_schema_lock(url: str):
     # new SQLite file at once both try CREATE TABLE and one fails ("table ... already exists"). An
     # exclusive lock on a file beside the database makes the openings take turns. PostgreSQL and
     # in-memory SQLite need none.
-    path = url.split(":///", 1)[1] if url.startswith("sqlite:///") else ""
+    path = url_path(url)
     if not path:
         yield
         return
