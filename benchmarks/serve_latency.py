@@ -1,112 +1,147 @@
-"""Service latency and throughput on loopback, and batch throughput of PyTorch against ONNX Runtime.
+"""Service throughput and latency under wrk, and in-process batch throughput of PyTorch against ONNX Runtime.
 
-1. Starts `fashionlab serve RUN` as a real process (PyTorch backend, then ONNX Runtime) on
-   127.0.0.1 and sends single-image requests (a 28x28 PNG test image, POST /v1/predict) from 1,
-   8 and 32 concurrent clients: latency p50/p99 and requests/s per level.
-2. Batch throughput, images/s, of the same model in this process: predict.Predictor (PyTorch,
-   fp32 on CPU) against export.OnnxPredictor, on the same test images, in the same run.
+One run prints, on this machine (its description first):
 
-The load generator runs on the same machine as the server: on a small machine it competes with
-the server for cores, so the figures are a floor, and comparable only within one run.
+1. `fashionlab serve RUN` as a real process on 127.0.0.1, loaded by wrk (a compiled load generator: one
+   thread, so it takes one core's share at most, not a Python client's), every request a 28x28 PNG test
+   image to POST /v1/predict (benchmarks/serve_post.lua): requests/s, p50, p99, errors and the server's
+   peak RSS, for batching off (--max-batch 1) and on, PyTorch and ONNX Runtime, at 1/8/32/64 connections;
+   GET /ping at the most connections, the HTTP stack's own ceiling.
+2. The same with --workers 2 against one worker (batching on).
+3. Batch throughput, images/s, of the same model in this process at batch 1, 64 and 1000: predict.Predictor
+   (PyTorch, fp32 on CPU) against export.OnnxPredictor, on the same test images.
 
-    PYTHONPATH=src python benchmarks/serve_latency.py RUN [--requests 300]
+Each server is a fresh process, warmed up before it is measured; every cell runs --duration seconds. The
+load generator shares the machine with the server: on a small machine it takes CPU the server could use,
+so the figures are a floor, comparable within one run. Run it on a quiet machine:
+
+    sudo apt-get install wrk      # or: bash scripts/setup --all
+    PYTHONPATH=src python benchmarks/serve_latency.py RUN --duration 10
 """
 
 from __future__ import annotations
 
 import argparse
-import asyncio
 import io
+import json
 import os
-import platform
-import socket
+import re
+import shlex
 import subprocess
 import sys
 import tempfile
 import time
+import urllib.request
 from pathlib import Path
 
 import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+sys.path.insert(0, str(ROOT / "benchmarks"))
 
-import httpx  # noqa: E402
 import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 
+from common import machine, table  # noqa: E402
 from fashionlab import data, export  # noqa: E402
 from fashionlab.predict import Predictor  # noqa: E402
 
+LUA = ROOT / "benchmarks" / "serve_post.lua"
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
+# --------------------------------------------------------------------------- a server process
 
 class ServerProcess:
-    def __init__(self, run: str, backend: str, threads: int):
-        self.port = free_port()
+    """`fashionlab serve RUN ARGS` on a free port of 127.0.0.1, until the `with` block ends."""
+
+    def __init__(self, run: str, args: list[str]):
+        import socket
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            self.port = s.getsockname()[1]
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = tempfile.TemporaryFile()
         env = {**os.environ, "PYTHONPATH": str(ROOT / "src") + os.pathsep + os.environ.get("PYTHONPATH", "")}
-        self.proc = subprocess.Popen([sys.executable, "-m", "fashionlab", "serve", run, "--port", str(self.port),
-                                      "--backend", backend, "--samples", "0", "--device", "cpu",
-                                      "--threads", str(threads)],
-                                     stdout=self.log, stderr=subprocess.STDOUT, env=env)
+        self.command = [sys.executable, "-m", "fashionlab", "serve", run, "--port", str(self.port), "--samples", "0",
+                        "--device", "cpu", *args]
+        self.proc = subprocess.Popen(self.command, stdout=self.log, stderr=subprocess.STDOUT, env=env)
 
-    def __enter__(self):
-        deadline = time.monotonic() + 180
+    def __enter__(self) -> "ServerProcess":
+        deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 self.log.seek(0)
                 raise SystemExit(f"server exited:\n{self.log.read().decode(errors='replace')}")
             try:
-                if httpx.get(self.url + "/ping", timeout=2).status_code == 200:
-                    return self
-            except httpx.TransportError:
+                with urllib.request.urlopen(self.url + "/ping", timeout=2) as r:
+                    if r.status == 200:
+                        return self
+            except OSError:
                 pass
             time.sleep(0.2)
-        raise SystemExit("server did not start within 180 s")
+        raise SystemExit("server did not start within 300 s")
 
-    def __exit__(self, *exc):
+    def __exit__(self, *exc) -> None:
         self.proc.terminate()
-        self.proc.wait(timeout=30)
+        self.proc.wait(timeout=60)
+
+    def peak_rss_mib(self) -> float:
+        """The peak resident memory (VmHWM) of the server and its worker processes, summed."""
+        pids = [self.proc.pid]
+        children = Path(f"/proc/{self.proc.pid}/task/{self.proc.pid}/children")
+        if children.exists():
+            pids += [int(p) for p in children.read_text().split()]
+        total = 0
+        for pid in pids:
+            try:
+                status = Path(f"/proc/{pid}/status").read_text()
+            except OSError:
+                continue
+            match = re.search(r"VmHWM:\s+(\d+) kB", status)
+            total += int(match.group(1)) if match else 0
+        return total / 1024
 
 
-async def load_test(url: str, bodies: list[bytes], clients: int, total: int) -> dict:
-    """`clients` concurrent clients send `total` single-image requests between them."""
-    latencies: list[float] = []
-    errors = 0
-    limits = httpx.Limits(max_connections=clients, max_keepalive_connections=clients)
-    async with httpx.AsyncClient(base_url=url, limits=limits, timeout=60) as client:
-        for body in bodies[:10]:  # warm-up: connections, first-call allocations
-            await client.post("/v1/predict", content=body, headers={"content-type": "image/png"})
-        counter = iter(range(total))
+# --------------------------------------------------------------------------- wrk
 
-        async def worker():
-            nonlocal errors
-            for i in counter:
-                start = time.perf_counter()
-                r = await client.post("/v1/predict", content=bodies[i % len(bodies)],
-                                      headers={"content-type": "image/png"})
-                latencies.append(time.perf_counter() - start)
-                errors += r.status_code != 200
+def wrk(url: str, connections: int, seconds: float, body: Path | None) -> dict:
+    """One wrk run: requests/s, p50 and p99 in ms, errors (socket errors, timeouts and non-2xx answers)."""
+    cmd = ["wrk", "-t1", f"-c{connections}", f"-d{max(1, round(seconds))}s", "--timeout", "10s", "-s", str(LUA), url]
+    if body is not None:
+        cmd += ["--", str(body), "image/png"]
+    out = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    line = next(line for line in out.splitlines() if line.startswith("SUMMARY "))
+    r = json.loads(line[len("SUMMARY "):])
+    errors = r["connect_errors"] + r["read_errors"] + r["write_errors"] + r["timeouts"] + r["non_2xx"]
+    return {"req_per_s": r["requests"] / (r["duration_us"] / 1e6), "p50_ms": r["p50_us"] / 1000,
+            "p99_ms": r["p99_us"] / 1000, "errors": errors, "requests": r["requests"]}
 
-        start = time.perf_counter()
-        await asyncio.gather(*(worker() for _ in range(clients)))
-        wall = time.perf_counter() - start
-    ms = np.array(latencies) * 1000
-    return {"clients": clients, "requests": total, "errors": errors, "p50_ms": float(np.percentile(ms, 50)),
-            "p99_ms": float(np.percentile(ms, 99)), "req_per_s": total / wall}
 
+def load_rows(run: str, label: dict, args: list[str], connections: list[int], seconds: float, body: Path,
+              ping: bool) -> list[list]:
+    """Table rows for one server configuration: each connection count, then GET /ping at the most."""
+    rows = []
+    with ServerProcess(run, args) as server:
+        wrk(server.url + "/v1/predict", 8, min(3.0, seconds), body)  # warm-up: connections, first passes
+        cells = [("POST /v1/predict", c, server.url + "/v1/predict", body) for c in connections]
+        if ping:
+            cells.append(("GET /ping", max(connections), server.url + "/ping", None))
+        for route, c, url, payload in cells:
+            r = wrk(url, c, seconds, payload)
+            rows.append([*label.values(), route, c, f"{r['req_per_s']:,.0f}", f"{r['p50_ms']:.2f}",
+                         f"{r['p99_ms']:.2f}", r["errors"]])
+            print(f"  {' '.join(map(str, label.values()))} {route} c={c}: {r['req_per_s']:,.0f} req/s, "
+                  f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {r['errors']} errors", flush=True)
+        rss = f"{server.peak_rss_mib():,.0f}"
+    return [row + [rss] for row in rows]
+
+
+# --------------------------------------------------------------------------- in-process batch throughput
 
 def batch_throughput(predict_fns: dict, x: np.ndarray, batch: int, repeats: int) -> dict[str, float]:
-    """Median images/s over `repeats` passes over x in batches of `batch`, per predictor.
-
-    The predictors take turns pass by pass, so a change in machine load hits them alike.
-    """
+    """Median images/s over `repeats` passes over x in batches of `batch`, per predictor. The predictors
+    take turns pass by pass, so a change in machine load hits them alike."""
     rates: dict[str, list[float]] = {name: [] for name in predict_fns}
     for fn in predict_fns.values():
         fn(x[:batch])  # warm-up
@@ -119,58 +154,90 @@ def batch_throughput(predict_fns: dict, x: np.ndarray, batch: int, repeats: int)
     return {name: float(np.median(r)) for name, r in rates.items()}
 
 
+# --------------------------------------------------------------------------- the run
+
+def describe_machine() -> str:
+    wrk_version = subprocess.run(["wrk", "-v"], capture_output=True, text=True).stdout.splitlines()[0]
+    try:
+        import uvloop  # noqa: F401
+        loop = "uvloop"
+    except ImportError:
+        loop = "asyncio"
+    try:
+        import httptools  # noqa: F401
+        http = "httptools"
+    except ImportError:
+        http = "h11"
+    import onnxruntime
+    return (f"{machine()}; onnxruntime {onnxruntime.__version__}; server event loop {loop}, HTTP parser {http}; "
+            f"load generator {wrk_version.split(' [')[0]}, 1 thread")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run")
-    ap.add_argument("--requests", type=int, default=300, help="single-image requests per concurrency level")
-    ap.add_argument("--clients", default="1,8,32")
+    ap.add_argument("run", help="run folder (exported to ONNX first if it has no model.onnx)")
+    ap.add_argument("--duration", type=float, default=10.0, help="seconds per measured cell (default 10)")
+    ap.add_argument("--connections", default="1,8,32,64")
+    ap.add_argument("--backends", default="torch,onnx")
+    ap.add_argument("--max-wait-ms", default="0", help="--max-wait-ms values for the batching-on servers")
+    ap.add_argument("--no-workers", action="store_true", help="skip the --workers 2 table")
     ap.add_argument("--batches", default="1,64,1000", help="batch sizes for the in-process throughput")
     ap.add_argument("--images", type=int, default=5000, help="test images per throughput pass")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--backends", default="torch,onnx", help="server backends to load-test")
-    ap.add_argument("--threads", default="0,1", help="server --threads settings to load-test (0: all cores)")
     args = ap.parse_args(argv)
+    if subprocess.run(["which", "wrk"], capture_output=True).returncode:
+        raise SystemExit("wrk is not installed: sudo apt-get install wrk (or bash scripts/setup --all)")
 
     ds = data.load(data.FASHION_MNIST, offline=True)
     run = Path(args.run)
     if not (run / export.ONNX_FILE).is_file():
         r = export.export_onnx(run, ds.test_images[:1000])
-        print(f"exported {r['path']} (parity: max |dp| {r['max_abs_prob_diff']:.1e}, {r['top1_mismatches']} top-1 differ)")
+        print(f"exported {r['path']} (parity: max |dp| {r['max_abs_prob_diff']:.1e}, "
+              f"{r['top1_mismatches']} top-1 differ)")
+    print("reproduce: PYTHONPATH=src python benchmarks/serve_latency.py " + shlex.join(sys.argv[1:] or [str(run)]))
+    print(f"machine: {describe_machine()}\nmodel: {run}; one run\n", flush=True)
 
-    print(f"model {run}; {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__} "
-          f"({torch.get_num_threads()} threads), python {platform.python_version()}; one run\n")
+    body = Path(tempfile.mkdtemp(prefix="fashionlab-bench-")) / "image.png"
+    buf = io.BytesIO()
+    Image.fromarray(ds.test_images[0]).save(buf, format="PNG")
+    body.write_bytes(buf.getvalue())
+    connections = [int(c) for c in args.connections.split(",")]
+    backends = args.backends.split(",")
+    headers = ["backend", "batching", "workers", "request", "connections", "req/s", "p50 ms", "p99 ms", "errors",
+               "server peak RSS MiB"]
 
-    bodies = []
-    for img in ds.test_images[:100]:
-        buf = io.BytesIO()
-        Image.fromarray(img).save(buf, format="PNG")
-        bodies.append(buf.getvalue())
-    print("single-image requests (28x28 PNG, POST /v1/predict) on loopback, client on the same machine")
-    print(f"{'backend':<8} {'threads':>7} {'clients':>7} {'requests':>8} {'errors':>6} {'p50 ms':>8} {'p99 ms':>8} "
-          f"{'req/s':>8}")
-    for backend in args.backends.split(","):
-        for threads in map(int, args.threads.split(",")):
-            with ServerProcess(str(run), backend, threads) as server:
-                for clients in map(int, args.clients.split(",")):
-                    r = asyncio.run(load_test(server.url, bodies, clients, args.requests))
-                    print(f"{backend:<8} {threads or 'all':>7} {r['clients']:>7} {r['requests']:>8} {r['errors']:>6} "
-                          f"{r['p50_ms']:>8.1f} {r['p99_ms']:>8.1f} {r['req_per_s']:>8.1f}", flush=True)
+    print(f"1. batching off (--max-batch 1) and on: one worker, {body.stat().st_size}-byte 28x28 PNG per request, "
+          f"{args.duration:g} s per cell")
+    rows = []
+    for backend in backends:
+        rows += load_rows(str(run), {"backend": backend, "batching": "off", "workers": 1},
+                          ["--backend", backend, "--max-batch", "1"], connections, args.duration, body, False)
+        for wait in args.max_wait_ms.split(","):
+            rows += load_rows(str(run), {"backend": backend, "batching": f"on, wait {wait} ms", "workers": 1},
+                              ["--backend", backend, "--max-wait-ms", wait], connections, args.duration, body, True)
+    print(table(headers, rows, title=f"load average {os.getloadavg()[0]:.2f} after this table"), flush=True)
+
+    if not args.no_workers:
+        print("\n2. --workers 2 against one worker (batching on; one worker's rows are those of table 1)")
+        rows = []
+        for backend in backends:
+            rows += load_rows(str(run), {"backend": backend, "batching": "on", "workers": 2},
+                              ["--backend", backend, "--workers", "2"], connections, args.duration, body, True)
+        print(table(headers, rows, title=f"load average {os.getloadavg()[0]:.2f} after this table"), flush=True)
 
     x = ds.test_images[: args.images]
     torch_model = Predictor.from_run(run, device="cpu", precision="fp32")
-    default_threads = torch.get_num_threads()
-    print(f"\nbatch throughput in this process, {len(x)} test images per pass (500 at batch 1), "
-          f"median of {args.repeats} alternating passes")
-    print(f"{'threads':>7} {'batch':>6} {'PyTorch img/s':>14} {'ONNX Runtime img/s':>19} {'ONNX / PyTorch':>15}")
-    for threads in map(int, args.threads.split(",")):
-        torch.set_num_threads(threads or default_threads)
-        onnx_model = export.OnnxPredictor.from_run(run, threads=threads or None)
-        for batch in map(int, args.batches.split(",")):
-            n = x if batch >= 64 else x[:500]  # batch 1 is slow: fewer images keep the run short
-            r = batch_throughput({"torch": lambda b: torch_model.probabilities(b, batch),
-                                  "onnx": lambda b: onnx_model.probabilities(b, batch)}, n, batch, args.repeats)
-            t, o = r["torch"], r["onnx"]
-            print(f"{threads or 'all':>7} {batch:>6} {t:>14.0f} {o:>19.0f} {o / t:>15.2f}", flush=True)
+    onnx_model = export.OnnxPredictor.from_run(run)
+    print(f"\n3. batch throughput in this process, images/s, {len(x)} test images per pass (500 at batch 1), "
+          f"median of {args.repeats} alternating passes, {torch.get_num_threads()} threads")
+    rows = []
+    for batch in map(int, args.batches.split(",")):
+        n = x if batch >= 64 else x[:500]  # batch 1 is slow: fewer images keep the run short
+        r = batch_throughput({"torch": lambda b: torch_model.probabilities(b, batch),
+                              "onnx": lambda b: onnx_model.probabilities(b, batch)}, n, batch, args.repeats)
+        rows.append([batch, f"{r['torch']:,.0f}", f"{r['onnx']:,.0f}", f"{r['onnx'] / r['torch']:.2f}"])
+    print(table(["batch", "PyTorch img/s", "ONNX Runtime img/s", "ONNX / PyTorch"], rows))
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 

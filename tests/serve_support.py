@@ -149,3 +149,16 @@ def float_tiff(side: int = 6320) -> bytes:
     entries = b"".join(struct.pack("<HHI", tag, kind, 1) + (struct.pack("<HH", value, 0) if kind == 3
                                                             else struct.pack("<I", value)) for tag, kind, value in tags)
     return b"II*\x00" + struct.pack("<IH", 8, len(tags)) + entries + struct.pack("<I", 0) + data
+
+
+# --------------------------------------------------------------------------- /metrics
+
+def metric_samples(text: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """A Prometheus text exposition, parsed by prometheus_client's own parser: sample name -> {sorted
+    (label, value) pairs: value}."""
+    from prometheus_client.parser import text_string_to_metric_families
+    out: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            out.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return out

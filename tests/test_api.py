@@ -29,6 +29,7 @@ def test_five_lines_train_evaluate_predict_and_draw(run, tmp_path):
     Image.fromarray(DS.test_images[0]).save(png)
     ranked = run.predict(png)
     assert len(ranked) == 1 and len(ranked[0]) == 3 and ranked[0][0]["label"] in DS.class_names
+    assert ranked[0].ood_score >= 0 and isinstance(ranked[0].unsure, bool)  # is it a garment at all?
     assert sum(r["score"] for r in run.predict(png, top_k=None)[0]) == pytest.approx(1, abs=1e-5)
     figs = run.figures(dataset=DS)
     assert list(figs) == ["curves", "confusion", "per_class", "probabilities", "filters", "feature_maps", "gradcam",

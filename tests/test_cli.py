@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shutil
 
 import numpy as np
@@ -96,6 +97,9 @@ def test_train_prints_progress_and_accuracy(trained_run):
     out, _, _, _, proc = trained_run
     assert "epoch 3/3: loss" in proc.stdout and "img/s" in proc.stdout
     assert "test accuracy" in proc.stdout and str(out) in proc.stdout
+    # then the out-of-distribution detector, calibrated on the validation images
+    assert "out-of-distribution threshold" in proc.stdout and "validation images" in proc.stdout
+    assert (out / "ood.safetensors").is_file()
 
 
 def test_evaluate_reproduces_metrics(trained_run, tmp_path):
@@ -126,6 +130,38 @@ def test_predict_images_and_arrays(trained_run, tmp_path):
     assert len(lines) == 3 and lines[0].startswith(f"{tmp_path / 'two.npy'}[0]: ")
     first = f"class{ds.test_labels[0]}"
     assert lines[0].split(": ")[1].startswith(first) and lines[2].split(": ")[1].startswith(first)
+    assert all(re.search(r"  ood \d+\.\d\d", line) for line in lines), lines  # every prediction has its score
+    blank = tmp_path / "blank.npy"
+    np.save(blank, np.zeros((28, 28), np.uint8))
+    res = run_cli("predict", str(out), str(blank), check=True)
+    assert res.stdout.rstrip().endswith("unsure: not a garment?"), res.stdout
+
+
+def test_calibrate_and_predict_with_and_without_a_detector(trained_run, tmp_path):
+    """A run without ood.safetensors (made before it) whose dataset is not at hand: predictions carry no
+    score, the reason is said once; `calibrate` makes the file, and the scores come back, in the CSV too."""
+    out, folder, _, ds, _ = trained_run
+    old = tmp_path / "old-run"
+    shutil.copytree(out, old)
+    (old / "ood.safetensors").unlink()
+    np.save(tmp_path / "x.npy", ds.test_images[:3])
+    csv_path = tmp_path / "p.csv"
+    res = run_cli("predict", str(old), str(tmp_path / "x.npy"), "--out", str(csv_path), "--quiet", check=True)
+    assert res.stderr.count("ood.safetensors: not found") == 1 and "fashionlab calibrate" in res.stderr, res.stderr
+    import csv
+    rows = list(csv.DictReader(csv_path.open()))
+    assert list(rows[0])[-3:] == ["ood_score", "unsure", "error"]
+    assert [(r["ood_score"], r["unsure"]) for r in rows] == [("", "")] * 3
+    assert_clean_error(run_cli("calibrate", str(old), "--false-alarm-rate", "1.5"),
+                       "--false-alarm-rate=1.5: expected a number between 0 and 1")
+    assert_clean_error(run_cli("calibrate", str(old), "--offline"), "calibrate: error: ")  # its dataset is elsewhere
+    res = run_cli("calibrate", str(old), "--false-alarm-rate", "0.1", "--data-dir", str(folder), "--offline",
+                  check=True)
+    assert "out-of-distribution threshold" in res.stdout and "10.0% false alarms" in res.stdout
+    assert f"wrote {old / 'ood.safetensors'}" in res.stdout
+    run_cli("predict", str(old), str(tmp_path / "x.npy"), "--out", str(csv_path), "--quiet", check=True)
+    rows = list(csv.DictReader(csv_path.open()))
+    assert all(float(r["ood_score"]) >= 0 and r["unsure"] in ("true", "false") for r in rows), rows
 
 
 def test_predict_bad_files(trained_run, tmp_path):

@@ -60,7 +60,8 @@ def png_bytes(arr: np.ndarray) -> bytes:
 
 
 def labels_of(answer) -> list[str]:
-    return [ranked[0]["label"] for ranked in answer]
+    """The top label per image, of a service answer (objects with "classes") or of Predictor.predict."""
+    return [(ranked["classes"] if isinstance(ranked, dict) else ranked)[0]["label"] for ranked in answer]
 
 
 def still_serving(server, image: np.ndarray) -> None:
@@ -105,14 +106,51 @@ def test_answers_are_sorted_top_k_lists(server, reference, test_images):
     body = npy_bytes(x[:2])
     r = httpx.post(server.url + "/v1/predict?top_k=4", content=body, headers={"content-type": "application/x-npy"})
     answer = r.json()
-    assert [len(a) for a in answer] == [4, 4]
-    for ranked, probs in zip(answer, reference.probabilities(x[:2])):
+    assert [len(a["classes"]) for a in answer] == [4, 4]
+    probs, scores = reference.infer(x[:2])
+    for image, p, score in zip(answer, probs, scores):
+        assert set(image) == {"classes", "ood_score", "unsure"}
+        ranked = image["classes"]
         assert [e["score"] for e in ranked] == sorted((e["score"] for e in ranked), reverse=True)
         assert set(ranked[0]) == {"label", "index", "score"}
-        assert ranked[0]["index"] == int(probs.argmax())
-        assert abs(ranked[0]["score"] - float(probs.max())) < 1e-4
+        assert ranked[0]["index"] == int(p.argmax())
+        assert abs(ranked[0]["score"] - float(p.max())) < 1e-4
+        assert image["ood_score"] == pytest.approx(score, rel=1e-4)
+        assert image["unsure"] is bool(score > reference.ood.threshold)
     r = httpx.post(server.url + "/invocations", json={"array": x[0].tolist(), "top_k": 100})
-    assert len(r.json()[0]) == len(reference.class_names)  # capped at the number of classes
+    assert len(r.json()[0]["classes"]) == len(reference.class_names)  # capped at the number of classes
+
+
+def test_every_route_carries_the_out_of_distribution_score_and_flag(server, reference, test_images):
+    """/v1/predict, /invocations, /v1/explain and Open Inference answer the same score and flag, and a
+    garment and an image that is not one get different flags."""
+    x, _ = test_images
+    candidates = np.concatenate([x, np.random.default_rng(0).integers(0, 256, (8, 28, 28), dtype=np.uint8)])
+    probs, scores = reference.infer(candidates)
+    flags = reference.ood.unsure(scores)
+    pick = [int(np.flatnonzero(~flags)[0]), int(np.flatnonzero(flags)[-1])]  # a garment, then noise flagged unsure
+    batch = candidates[pick]
+    for path in ("/v1/predict", "/invocations"):
+        answer = httpx.post(server.url + path, content=npy_bytes(batch), headers={"content-type": "application/x-npy"}).json()
+        assert [a["unsure"] for a in answer] == [False, True], (path, answer)
+        assert [a["ood_score"] for a in answer] == pytest.approx(list(scores[pick]), rel=1e-4)
+    for i, want in zip(pick, (False, True)):
+        e = httpx.post(server.url + "/v1/explain", content=npy_bytes(candidates[i]),  # arrays are taken as they are
+                       headers={"content-type": "application/x-npy"}).json()
+        assert e["unsure"] is want and e["ood_score"] == pytest.approx(float(scores[i]), rel=1e-4)
+    v2 = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [2, 28, 28], "data": batch.ravel().tolist()}]}
+    outputs = {o["name"]: o for o in httpx.post(server.url + "/v2/models/fashionlab/infer", json=v2).json()["outputs"]}
+    assert list(outputs) == ["probabilities", "class_index", "label", "ood_score", "unsure"]
+    assert outputs["unsure"]["datatype"] == "BOOL" and outputs["unsure"]["data"] == [False, True]
+    assert outputs["ood_score"]["data"] == pytest.approx(list(scores[pick]), rel=1e-4)
+    only = {**v2, "outputs": [{"name": "unsure"}]}  # the request's selection is honoured
+    assert [o["name"] for o in httpx.post(server.url + "/v2/models/fashionlab/infer", json=only).json()["outputs"]] \
+        == ["unsure"]
+    model = httpx.get(server.url + "/v1/model").json()["ood"]
+    assert model["available"] and model["threshold"] == pytest.approx(reference.ood.threshold)
+    assert model["false_alarm_rate"] == 0.05 and model["calibrated_on"] == "test images (one half)"
+    meta = httpx.get(server.url + "/v2/models/fashionlab").json()
+    assert [o["name"] for o in meta["outputs"]][-2:] == ["ood_score", "unsure"]
 
 
 def test_sagemaker_ping_and_model_description(server, reference):
@@ -126,6 +164,7 @@ def test_explain_gives_input_probabilities_and_saliency(server, reference, test_
     r = httpx.post(server.url + "/v1/explain", files={"file": ("x.png", png_bytes(x[3]), "image/png")})
     assert r.status_code == 200, r.text
     e = r.json()
+    assert {"ood_score", "unsure"} <= set(e) and isinstance(e["unsure"], bool)
     assert np.array_equal(np.array(e["input"], dtype=np.uint8), x[3])
     probs = np.array([p["score"] for p in e["probabilities"]])
     assert len(probs) == 10 and abs(probs.sum() - 1) < 1e-4
@@ -327,6 +366,16 @@ def test_web_page_in_chromium_classifies_an_uploaded_photo_and_a_sample(server, 
         samples = httpx.get(server.url + "/v1/samples").json()["samples"]
         sample_png = httpx.get(server.url + samples[1]["url"]).content
         assert page.inner_text("#prediction") == labels_of(reference.predict(images.preprocess_blob(sample_png)[None]))[0]
+        assert page.is_hidden("#ood-mark") and "looks like a garment" in page.inner_text("#ood-line")
+        # a blank page (a uniform photo preprocesses to one): the visible "not a garment / unsure" mark
+        assert reference.predict(np.zeros((1, 28, 28), np.uint8))[0].unsure
+        blank = tmp_path / "blank.png"
+        Image.new("L", (120, 90), 230).save(blank)
+        page.evaluate("document.querySelector('#status').textContent = ''")
+        page.set_input_files("#file", str(blank))
+        page.wait_for_function("document.querySelector('#status').textContent === 'Done.'", timeout=30_000)
+        assert page.is_visible("#ood-mark") and "Not a garment?" in page.inner_text("#ood-mark")
+        assert "out-of-distribution score" in page.inner_text("#ood-detail")
         # an unreadable file gets the server's message on the page, not a broken page
         bad = tmp_path / "notes.png"
         bad.write_bytes(b"not really a png")

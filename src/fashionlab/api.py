@@ -18,7 +18,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Sequence
 
-from . import config, data as data_mod, models, recipes, run as run_mod
+from . import config, data as data_mod, models, recipes, run as run_mod, tracking
 from .atomic import check_writable
 from .run import RunFolder
 from .training import Callback
@@ -73,11 +73,15 @@ class Run(RunFolder):
     the things to do with it. In Jupyter a Run shows a short summary when it ends a cell."""
 
     def resume(self, quiet: bool = False, dataset: data_mod.Dataset | None = None,
-               callbacks: Sequence[Callback] = (), data_dir=None, offline: bool | None = None) -> "Run":
-        """Continue an interrupted run from its checkpoint (identical to a run never interrupted)."""
+               callbacks: Sequence[Callback] = (), data_dir=None, offline: bool | None = None,
+               track: str | Sequence[str] | None = None) -> "Run":
+        """Continue an interrupted run from its checkpoint (identical to a run never interrupted).
+        track: as for `train`; the tracker gets the whole run, the epochs before the interruption too."""
         if self.path.is_dir():
             check_writable(self.path, folder=True)  # checkpoints, the model and metrics go there
-        run_mod.resume_run(self.path, dataset, callbacks, quiet, data_dir, offline)
+        tracks = tracking.open_tracking(track, tracking.Group.single(self.path))  # before any training
+        with tracks.run(self.path) as trackers:
+            run_mod.resume_run(self.path, dataset, [*callbacks, *trackers], quiet, data_dir, offline)
         return self
 
     def evaluate(self, dataset: data_mod.Dataset | None = None, device: str | None = None,
@@ -86,11 +90,13 @@ class Run(RunFolder):
         calibration. On the training device and precision they equal metrics.json."""
         return run_mod.evaluate_run(self.require_finished(), dataset, device, precision, data_dir, offline)
 
-    def predict(self, images, top_k: int | None = 3, device: str = "auto") -> list[list[dict[str, Any]]]:
-        """Ranked labels with probabilities for each image. images: a file path (PNG, JPEG, .npy, ...),
-        a PIL image, a uint8 array (28, 28) or (N, 28, 28), or a list of these. Photos are converted to
-        the dataset's style (light garment on black, centred) first. top_k: classes per image, an integer
-        >= 1 (at most every class is listed), or None for every class."""
+    def predict(self, images, top_k: int | None = 3, device: str = "auto") -> list:
+        """Ranked labels with probabilities for each image, each list carrying the image's
+        out-of-distribution score (`.ood_score`) and whether it is above the run's threshold (`.unsure`:
+        probably not a garment). images: a file path (PNG, JPEG, .npy, ...), a PIL image, a uint8 array
+        (28, 28) or (N, 28, 28), or a list of these. Photos are converted to the dataset's style (light
+        garment on black, centred) first. top_k: classes per image, an integer >= 1 (at most every class
+        is listed), or None for every class."""
         from .images import as_images
         return self.predictor(device).predict(as_images(images), top_k)
 
@@ -101,6 +107,19 @@ class Run(RunFolder):
         if device not in cache:
             cache[device] = Predictor.from_run(self.require_finished().path, device=device)
         return cache[device]
+
+    def calibrate_ood(self, false_alarm_rate: float = 0.05, dataset: data_mod.Dataset | None = None,
+                      device: str = "auto", data_dir=None, offline: bool | None = None) -> dict[str, Any]:
+        """Fit the run's out-of-distribution detector and calibrate its threshold for `false_alarm_rate`
+        (the share of in-distribution images flagged unsure) on held-out images; writes RUN/ood.safetensors
+        (training does this itself; this is for runs made before, or another rate). Returns the threshold
+        and how it was calibrated."""
+        from . import ood
+        ood.check_rate(false_alarm_rate)
+        self._check_output(None)
+        detector = run_mod.calibrate_ood(self, dataset, false_alarm_rate, device, data_dir, offline)
+        self.__dict__.pop("_predictors", None)  # loaded predictors hold the old detector
+        return detector.describe()
 
     def export(self, path: str | Path | None = None, format: str = "onnx", parity_images: int = 1000,
                tolerance: float = 1e-4, dataset: data_mod.Dataset | None = None, data_dir=None,
@@ -183,23 +202,31 @@ class Figures(dict):
 
 def train(recipe: str | None = None, model: str | None = None, out: str | Path | None = None, *,
           reuse: bool = False, dataset: data_mod.Dataset | None = None, callbacks: Sequence[Callback] = (),
-          quiet: bool = False, data_dir=None, offline: bool | None = None, **settings) -> Run:
+          quiet: bool = False, data_dir=None, offline: bool | None = None,
+          track: str | Sequence[str] | None = None, **settings) -> Run:
     """Train and evaluate on the test set; returns the finished Run (folder `out`, default
     runs/<time>-<model>). Any training setting is a keyword (epochs=3, lr=0.01, augment={"flip": 0.5},
     ...); recipe values come first and explicit settings override them. Unknown settings raise with
     the valid names (`fashionlab.TrainConfig` lists them with their help).
 
     reuse=True makes re-running cheap: a finished run in `out` trained with exactly these settings is
-    returned as it is, an interrupted one is resumed, and one with other settings is an error."""
+    returned as it is, an interrupted one is resumed, and one with other settings is an error.
+
+    track logs the run to experiment trackers as it trains: "tensorboard[=DIR]", "mlflow[=URI]", a
+    list of them or a comma-separated string (fashionlab.tracking). Tracking is not a training setting:
+    it changes nothing in the run and is not recorded in config.json."""
     cfg = config.make_config(recipe=recipe, model=model, **settings)
     if reuse and out is None:
         raise ValueError("reuse=True needs out: the run folder to reuse")
     out = out or run_mod.default_run_dir(cfg.model)
     if not (reuse and RunFolder(out).finished):  # reusing a finished run writes nothing
         check_writable(out, folder=True)  # before loading data or training: a bad --out fails at once
-    if not reuse:
-        return Run(run_mod.train_run(cfg, out, dataset, callbacks, quiet, data_dir, offline).path)
-    return Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline)[0].path)
+    tracks = tracking.open_tracking(track, tracking.Group.single(out))  # so is a tracker that cannot be used
+    with tracks.run(out) as trackers:
+        callbacks = [*callbacks, *trackers]
+        if not reuse:
+            return Run(run_mod.train_run(cfg, out, dataset, callbacks, quiet, data_dir, offline).path)
+        return Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline)[0].path)
 
 
 # --------------------------------------------------------------------------- many runs
@@ -240,13 +267,14 @@ def _summary_table_html(title: str, summary: dict[str, Any], page: Path) -> str:
 
 def study(name: str, seeds: int = 3, out: str | Path | None = None, *, run_reports: bool = True,
           dataset: data_mod.Dataset | None = None, data_dir=None, offline: bool | None = None,
-          log=None, **settings) -> StudyResult:
+          log=None, track: str | Sequence[str] | None = None, **settings) -> StudyResult:
     """A reference study (`dense-vs-conv`, `cnn-vs-rnn`, `zoo`) over several seeds, resumable: finished
-    runs in `out` (default studies/<name>) are reused. settings override the recipe (epochs, subset, ...)."""
+    runs in `out` (default studies/<name>) are reused. settings override the recipe (epochs, subset, ...).
+    track: as for `train`; every run is logged, reused ones from their files, grouped by study."""
     from . import studies
     out = check_writable(out or Path("studies") / name, folder=True)  # before any training
     result = studies.run_study(name, out, seeds=seeds, dataset=dataset, overrides=settings,
-                               log=log, run_reports=run_reports, data_dir=data_dir, offline=offline)
+                               log=log, run_reports=run_reports, data_dir=data_dir, offline=offline, track=track)
     return StudyResult(name, [Run(d) for d in result["runs"]], [Run(d) for d in result["trained"]],
                        [Run(d) for d in result["reused"]], Path(result["report"]), result["summary"])
 
@@ -262,15 +290,17 @@ def compare(runs: Sequence[str | Path | RunFolder], out: str | Path = "compare.h
 
 
 def sweep(spec: str | Path, storage: str | None = None, workers: int = 1, out: str | Path | None = None,
-          report: bool = True, quiet: bool = False, **options) -> "SweepResult":
+          report: bool = True, quiet: bool = False, track: str | Sequence[str] | None = None,
+          **options) -> "SweepResult":
     """Run a controlled experiment (a TOML spec) on Optuna storage (default: a SQLite file in the
     experiment folder) with `workers` local processes; resumable. When every training is done and
     report is true, the results (per-level table, effects, tests) and report.html come with it.
-    options: heartbeat_interval, grace_period, max_retry, threads, worker_only."""
+    options: heartbeat_interval, grace_period, max_retry, threads, worker_only. track: as for `train`;
+    every trial's run is logged, grouped by sweep."""
     from . import sweeps
     loaded = sweeps.load_spec(spec, folder=out)
     check_writable(loaded.folder, folder=True)  # its storage, runs and report go there
-    tally = sweeps.run_sweep(loaded, storage, workers=workers, quiet=quiet, **options)
+    tally = sweeps.run_sweep(loaded, storage, workers=workers, quiet=quiet, track=track, **options)
     if not (report and tally.finished) or options.get("worker_only"):
         return SweepResult(loaded, tally)
     results, page = sweeps.write_report(loaded, storage)

@@ -44,6 +44,13 @@ def _device_option(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", choices=DEVICES, default="auto")
 
 
+def _track_option(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--track", action="append", metavar="TRACKER[=WHERE]",
+                   help="log every run to an experiment tracker: tensorboard[=DIR] (default DIR: a tensorboard "
+                        "folder beside the runs) or mlflow[=URI] (default: $MLFLOW_TRACKING_URI, else mlflow.db "
+                        "beside the runs); repeat the flag or separate with commas for both")
+
+
 def load_data(args):
     from . import api
     return api.load_data(args.data_dir, args.offline, getattr(args, "class_names", None),
@@ -105,16 +112,17 @@ def args_train(p):
     p.add_argument("--resume", metavar="RUN", help="continue an interrupted run (its settings are recorded)")
     p.add_argument("--quiet", action="store_true", help="no progress bars or epoch lines")
     p.add_argument("--no-report", action="store_true", help="do not write report.html after training")
+    _track_option(p)
     _data_options(p, class_names=False)  # --class-names is a training setting
 
 
 def cmd_train(args) -> int:
     from . import api, config
     if args.resume:
-        run = api.Run(args.resume).resume(args.quiet, data_dir=args.data_dir, offline=args.offline)
+        run = api.Run(args.resume).resume(args.quiet, data_dir=args.data_dir, offline=args.offline, track=args.track)
     else:
         run = api.train(out=args.out, quiet=args.quiet, data_dir=args.data_dir, offline=args.offline,
-                        **config.settings_from_flags(args))
+                        track=args.track, **config.settings_from_flags(args))
     if not args.no_report:
         path = run.report(data_dir=args.data_dir, offline=args.offline)
         if not args.quiet:
@@ -169,6 +177,8 @@ def args_predict(p):
 
 
 def cmd_predict(args) -> int:
+    """Classes per image, each with its out-of-distribution score and, above the run's threshold, the
+    mark `unsure: not a garment?`; a run without a detector says why once (a warning on stderr)."""
     from . import api
     from .atomic import check_writable
     if args.out:
@@ -183,8 +193,13 @@ def cmd_predict(args) -> int:
         ranked_all = run.predict(path, args.top_k, args.device)
         for i, ranked in enumerate(ranked_all):
             label = f"{path}[{i}]" if len(ranked_all) > 1 else str(path)
-            print(label + ": " + ", ".join(f"{r['label']} {r['score']:.3f}" for r in ranked))
+            print(label + ": " + _classes_text(ranked))
     return 0
+
+
+def _classes_text(ranked) -> str:
+    from .predict import ood_text
+    return ", ".join(f"{r['label']} {r['score']:.3f}" for r in ranked) + ood_text(ranked)
 
 
 def _predict_many(predictor, args) -> int:
@@ -205,8 +220,25 @@ def _predict_many(predictor, args) -> int:
             errors += 1
             print(f"{path}: error: {err}", file=sys.stderr)
         else:
-            print(f"{path}[{item}]: " + ", ".join(f"{r['label']} {r['score']:.3f}" for r in ranked))
+            print(f"{path}[{item}]: " + _classes_text(ranked))
     return 1 if errors else 0
+
+
+def args_calibrate(p):
+    p.add_argument("run")
+    p.add_argument("--false-alarm-rate", type=float, default=0.05, metavar="RATE",
+                   help="share of in-distribution images flagged unsure, between 0 and 1 (default 0.05)")
+    _device_option(p)
+    _data_options(p, class_names=False)  # the run knows its dataset
+
+
+def cmd_calibrate(args) -> int:
+    from . import api, ood, run as run_mod
+    ood.check_rate(args.false_alarm_rate, "--false-alarm-rate")  # before loading anything
+    run = api.Run(args.run)
+    run.calibrate_ood(args.false_alarm_rate, device=args.device, data_dir=args.data_dir, offline=args.offline)
+    print(run_mod.describe_ood(run.read_ood()) + f"\nwrote {run.ood_path}")
+    return 0
 
 
 def args_serve(p):
@@ -214,18 +246,29 @@ def args_serve(p):
     p.add_argument("--host", help="address to bind (default 127.0.0.1; $FASHIONLAB_HOST)")
     p.add_argument("--port", type=int, help="port (default 8080; $SAGEMAKER_BIND_TO_PORT, $FASHIONLAB_PORT)")
     p.add_argument("--backend", choices=["torch", "onnx"], help="PyTorch, or ONNX Runtime on RUN/model.onnx")
-    p.add_argument("--workers", type=int, help="processes (default 1; $SAGEMAKER_MODEL_SERVER_WORKERS)")
+    p.add_argument("--workers", type=int, help="processes, each with its share of the cores (default 1; "
+                                               "$SAGEMAKER_MODEL_SERVER_WORKERS)")
     p.add_argument("--device", choices=DEVICES, default=None)
-    p.add_argument("--threads", type=int, help="threads per inference call (default: all cores; 1 often serves "
-                                               "concurrent requests faster; $FASHIONLAB_THREADS)")
+    p.add_argument("--threads", type=int, help="threads per forward pass (default: the cores divided between the "
+                                               "workers; $FASHIONLAB_THREADS)")
+    p.add_argument("--max-batch", type=int, help="images per forward pass: concurrent requests share passes up to "
+                                                 "this (default 64; 1 turns batching off)")
+    p.add_argument("--max-wait-ms", type=float, help="how long a request arriving at an idle model waits for "
+                                                     "others to share its pass, in milliseconds (default 0: passes "
+                                                     "fill with what queues while the previous one runs)")
+    p.add_argument("--keep-alive-timeout", type=float, help="seconds an idle connection stays open (default 5)")
+    p.add_argument("--read-timeout", type=float, help="seconds a client may take to send a request head, or "
+                                                      "between pieces of its body (default 30)")
+    p.add_argument("--shutdown-timeout", type=float, help="seconds in-flight requests get to finish after SIGTERM "
+                                                          "(default 30)")
     p.add_argument("--max-body-bytes", type=int, help="largest request body (default 10 MB)")
     p.add_argument("--max-pixels", type=int, help="largest decoded image (default 40 megapixels)")
     p.add_argument("--max-request-pixels", type=int, help="pixels of all a request's images, from their headers "
                                                           "before decoding (default 64 million)")
     p.add_argument("--max-decoded-bytes", type=int, help="bytes of all a request's images once decoded "
                                                          "(default 64 MiB)")
-    p.add_argument("--max-concurrent-decodes", type=int, help="requests decoding images or running the model at "
-                                                              "once (default 2)")
+    p.add_argument("--max-concurrent-decodes", type=int, help="requests decoding images at once, in threads "
+                                                              "(default 2)")
     p.add_argument("--model-name", help="model name in the Open Inference API (default fashionlab)")
     p.add_argument("--samples", type=int, help="test images offered on the web page (default 20; 0 for none)")
     p.add_argument("--data-dir", help="dataset folder for the web page's sample images")
@@ -282,6 +325,7 @@ def args_sweep(p):
     p.add_argument("--threads", type=int, help="CPU threads per worker (default: cores / workers when workers > 1)")
     p.add_argument("--no-report", action="store_true", help="do not write the report when the sweep is done")
     p.add_argument("--quiet", action="store_true", help="no progress line")
+    _track_option(p)
     p.add_argument("--worker-only", action="store_true", help=argparse.SUPPRESS)  # a child of --workers N
 
 
@@ -292,7 +336,7 @@ def cmd_sweep(args) -> int:
         result = api.sweep(args.spec, args.storage, args.workers, args.out, report=not args.no_report,
                            quiet=args.quiet, heartbeat_interval=args.heartbeat_interval,
                            grace_period=args.grace_period, max_retry=args.max_retry, threads=args.threads,
-                           worker_only=args.worker_only)
+                           worker_only=args.worker_only, track=args.track)
     except (TrainingInterrupted, KeyboardInterrupt) as e:
         again = "the trial is queued again: " if isinstance(e, TrainingInterrupted) else ""
         print(f"\nfashionlab sweep: {e or 'interrupted'}; {again}run the same command to continue", file=sys.stderr)
@@ -385,6 +429,7 @@ def args_study(p):
     p.add_argument("--no-run-reports", action="store_true", help="skip each run's report.html (faster)")
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"))
+    _track_option(p)
     _data_options(p, class_names=False)
 
 
@@ -394,7 +439,7 @@ def cmd_study(args) -> int:
     try:
         result = api.study(args.name, args.seeds, args.out, run_reports=not args.no_run_reports,
                            data_dir=args.data_dir, offline=args.offline, epochs=args.epochs, subset=args.subset,
-                           device=args.device, precision=args.precision)
+                           device=args.device, precision=args.precision, track=args.track)
     except TrainingInterrupted as e:
         print(f"\nfashionlab study: {e}; finished runs are kept: run `fashionlab {' '.join(sys.argv[1:])}` again "
               f"to continue", file=sys.stderr)
@@ -433,6 +478,8 @@ COMMANDS = [
     Command("evaluate", "evaluate a run on the test set (exit 1 if it differs from metrics.json)", cmd_evaluate,
             args_evaluate),
     Command("predict", "classify PNG/JPEG images or .npy arrays with a trained run", cmd_predict, args_predict),
+    Command("calibrate", "fit a run's out-of-distribution detector and calibrate its unsure threshold "
+            "(ood.safetensors)", cmd_calibrate, args_calibrate),
     Command("serve", "HTTP service: web page, JSON API, SageMaker and Open Inference contracts", cmd_serve, args_serve),
     Command("export", "export a run to ONNX after a parity check against PyTorch", cmd_export, args_export),
     Command("package", "write the model.tar.gz SageMaker expects", cmd_package, args_package),

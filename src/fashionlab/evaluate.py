@@ -3,7 +3,8 @@ confusion matrix (rows = true class), most-confused pairs, calibration (ECE, rel
 
 from __future__ import annotations
 
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -59,24 +60,71 @@ def tta_logits(model: torch.nn.Module, x: torch.Tensor, flip: bool = False, shif
     return sum(view(shifted(x, dy, dx)) for dy, dx in views) / len(views)
 
 
+def feature_layer(model: torch.nn.Module) -> torch.nn.Linear:
+    """The model's last nn.Linear: its input is the penultimate features (ood.py scores them)."""
+    last = None
+    for module in model.modules():  # every family registers its layers in the order they run
+        if isinstance(module, torch.nn.Linear):
+            last = module
+    if last is None:
+        raise ValueError(f"{type(model).__name__} has no nn.Linear layer whose input could serve as its features")
+    return last
+
+
+@contextmanager
+def captured_features(model: torch.nn.Module) -> Iterator[list[torch.Tensor]]:
+    """A list that collects the input of the model's last nn.Linear at each forward pass in the block.
+    Reading the input changes nothing the model computes."""
+    seen: list[torch.Tensor] = []
+    handle = feature_layer(model).register_forward_hook(lambda module, args, output: seen.append(args[0]))
+    try:
+        yield seen
+    finally:
+        handle.remove()
+
+
+def tta_outputs(model: torch.nn.Module, x: torch.Tensor, flip: bool = False, shift: int = 0
+                ) -> tuple[torch.Tensor, torch.Tensor]:
+    """tta_logits and, from the same passes, the penultimate features averaged as the logits are: every
+    pass has the same weight in both (each view's two mirror passes average, then the views)."""
+    with captured_features(model) as seen:
+        logits = tta_logits(model, x, flip, shift)
+    return logits, torch.stack([f.float() for f in seen]).mean(0)
+
+
 @torch.no_grad()
-def predict_logits(model: torch.nn.Module, images: torch.Tensor | np.ndarray, runtime: Runtime,
-                   batch_size: int = 1000, tta_flip: bool = False, tta_shift: int = 0) -> torch.Tensor:
-    """Logits (float32, on CPU) for uint8 images, in batches, in eval mode, under the run's precision,
-    averaged over the run's test-time augmentation (tta_logits)."""
+def predict_outputs(model: torch.nn.Module, images: torch.Tensor | np.ndarray, runtime: Runtime,
+                    batch_size: int = 1000, tta_flip: bool = False, tta_shift: int = 0, features: bool = False
+                    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(logits, features or None), float32 on CPU, for uint8 images, in batches, in eval mode, under the
+    run's precision, averaged over the run's test-time augmentation (tta_logits; tta_outputs for the
+    features, with features=True). The logits are the same with or without the features."""
     if isinstance(images, np.ndarray):
         images = torch.from_numpy(images)
     was_training = model.training
     model.eval()
-    out = []
+    out, feats = [], []
     try:
         for i in range(0, len(images), batch_size):
             x = to_input(images[i: i + batch_size].to(runtime.device), runtime)
             with runtime.autocast():
-                out.append(tta_logits(model, x, tta_flip, tta_shift).cpu())
+                if features:
+                    logits, f = tta_outputs(model, x, tta_flip, tta_shift)
+                    feats.append(f.cpu())
+                else:
+                    logits = tta_logits(model, x, tta_flip, tta_shift)
+                out.append(logits.cpu())
     finally:
         model.train(was_training)
-    return torch.cat(out) if out else torch.empty(0, 0)
+    logits = torch.cat(out) if out else torch.empty(0, 0)
+    return logits, ((torch.cat(feats) if feats else torch.empty(0, 0)) if features else None)
+
+
+def predict_logits(model: torch.nn.Module, images: torch.Tensor | np.ndarray, runtime: Runtime,
+                   batch_size: int = 1000, tta_flip: bool = False, tta_shift: int = 0) -> torch.Tensor:
+    """Logits (float32, on CPU) for uint8 images, in batches, in eval mode, under the run's precision,
+    averaged over the run's test-time augmentation (tta_logits)."""
+    return predict_outputs(model, images, runtime, batch_size, tta_flip, tta_shift)[0]
 
 
 def confusion_matrix(y_true: np.ndarray, y_pred: np.ndarray, num_classes: int) -> np.ndarray:

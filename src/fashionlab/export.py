@@ -2,8 +2,11 @@
 
 The ONNX graph takes what every fashionlab model takes, float pixels in [0, 1] of shape
 (batch, 1, 28, 28), with a dynamic batch dimension; normalisation (and any resize) is inside
-the graph, and recorded in the metadata with the class names. It returns logits and
-probabilities. A file is only written after it matched PyTorch on real test images.
+the graph, and recorded in the metadata with the class names. It returns logits, probabilities
+and the penultimate features (the input of the model's last linear layer, averaged over the run's
+test-time augmentation as the logits are), from which the run's out-of-distribution detector
+(RUN/ood.safetensors, ood.py) scores each image as PyTorch does. A file is only written after it
+matched PyTorch on real test images.
 """
 
 from __future__ import annotations
@@ -20,15 +23,19 @@ import torch
 from . import __version__, run, schema
 from .run import RunFolder
 from .device import resolve
+from .ood import OodDetector
 from .predict import Predictor
 from .atomic import atomic_write, write_bytes
-from .evaluate import tta_logits
+from .evaluate import feature_layer, tta_outputs
 from .errors import UserError
 
 ONNX_FILE = "model.onnx"
-INPUT_NAME, OUTPUT_NAMES = "pixels", ("logits", "probabilities")
+INPUT_NAME, OUTPUT_NAMES = "pixels", ("logits", "probabilities", "features")
 OPSET = 17
 PARITY_IMAGES, PARITY_TOLERANCE = 1000, 1e-4
+# Largest difference of the features allowed, relative to their largest magnitude: a few float32
+# roundings, not another computation (measured around 1e-6).
+FEATURE_TOLERANCE = 1e-4
 
 
 class ExportError(UserError):
@@ -36,15 +43,16 @@ class ExportError(UserError):
 
 
 class _Exported(torch.nn.Module):
-    """The model as served: logits averaged over the run's test-time augmentation, and softmax."""
+    """The model as served: logits averaged over the run's test-time augmentation, softmax, and the
+    penultimate features averaged the same way (tta_outputs)."""
 
     def __init__(self, model: torch.nn.Module, tta_flip: bool, tta_shift: int):
         super().__init__()
         self.model, self.tta_flip, self.tta_shift = model, tta_flip, tta_shift
 
     def forward(self, pixels: torch.Tensor):
-        logits = tta_logits(self.model, pixels, self.tta_flip, self.tta_shift)
-        return logits, torch.softmax(logits, 1)
+        logits, features = tta_outputs(self.model, pixels, self.tta_flip, self.tta_shift)
+        return logits, torch.softmax(logits, 1), features
 
 
 def _to_onnx_bytes(module: torch.nn.Module) -> bytes:
@@ -77,12 +85,21 @@ def _with_metadata(blob: bytes, props: dict[str, str]) -> bytes:
 
 
 def parity(reference: Predictor, onnx_blob: bytes, images: np.ndarray) -> dict[str, Any]:
-    """Compare ONNX Runtime with PyTorch (fp32, CPU) on uint8 images: max |dp| and top-1 agreement."""
-    torch_probs = reference.probabilities(images)
-    onnx_probs = OnnxPredictor(onnx_blob, reference.class_names, reference.info).probabilities(images)
+    """Compare ONNX Runtime with PyTorch (fp32, CPU) on uint8 images: max |dp| and top-1 agreement, the
+    features' largest difference relative to their largest magnitude, and with the run's
+    out-of-distribution detector, the largest score difference and how many unsure flags differ."""
+    torch_probs, torch_features = reference.outputs(images)
+    onnx_probs, onnx_features = OnnxPredictor(onnx_blob, reference.class_names, reference.info).outputs(images)
     same = torch_probs.argmax(1) == onnx_probs.argmax(1)
-    return {"images": int(len(images)), "max_abs_prob_diff": float(np.abs(torch_probs - onnx_probs).max()),
-            "top1_mismatches": int((~same).sum())}
+    result = {"images": int(len(images)), "max_abs_prob_diff": float(np.abs(torch_probs - onnx_probs).max()),
+              "top1_mismatches": int((~same).sum()),
+              "max_rel_feature_diff": float(np.abs(torch_features - onnx_features).max()
+                                            / max(float(np.abs(torch_features).max()), 1e-12))}
+    if reference.ood is not None:
+        a, b = reference.ood.scores(torch_features), reference.ood.scores(onnx_features)
+        result.update(max_abs_ood_score_diff=float(np.abs(a - b).max()),
+                      unsure_mismatches=int((reference.ood.unsure(a) != reference.ood.unsure(b)).sum()))
+    return result
 
 
 def export_onnx(run_dir: str | Path, images: np.ndarray, out: str | Path | None = None,
@@ -94,8 +111,11 @@ def export_onnx(run_dir: str | Path, images: np.ndarray, out: str | Path | None 
     """
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / ONNX_FILE
-    model, info = RunFolder(run_dir).load_model()  # fp32 on CPU: the reference the file must match
-    reference = Predictor(model, info, resolve("cpu", "fp32", conv_model=False))
+    folder = RunFolder(run_dir)
+    model, info = folder.load_model()  # fp32 on CPU: the reference the file must match
+    detector = folder.read_ood(feature_layer(model).in_features, len(info["class_names"])) \
+        if folder.ood_path.exists() else None
+    reference = Predictor(model, info, resolve("cpu", "fp32", conv_model=False), detector)
     if len(images) == 0:
         raise ExportError("parity check needs at least one test image")
     try:
@@ -103,18 +123,23 @@ def export_onnx(run_dir: str | Path, images: np.ndarray, out: str | Path | None 
     except Exception as e:
         raise ExportError(f"{run_dir}: {info['architecture'].get('name')} could not be exported to ONNX ({e})") from None
     result = parity(reference, blob, images)
-    result["tolerance"] = tolerance
-    if result["top1_mismatches"] or not result["max_abs_prob_diff"] <= tolerance:
+    result.update(tolerance=tolerance, feature_tolerance=FEATURE_TOLERANCE)
+    if result["top1_mismatches"] or not result["max_abs_prob_diff"] <= tolerance \
+            or not result["max_rel_feature_diff"] <= FEATURE_TOLERANCE:
         raise ExportError(
             f"{run_dir}: ONNX export failed its parity check on {result['images']} images "
             f"(max |dp| {result['max_abs_prob_diff']:.3g}, tolerance {tolerance:g}; "
-            f"{result['top1_mismatches']} different top-1); no file written")
+            f"{result['top1_mismatches']} different top-1; features differ by up to "
+            f"{result['max_rel_feature_diff']:.3g} of their scale, tolerance {FEATURE_TOLERANCE:g}); no file written")
     meta = {
         "class_names": json.dumps(info["class_names"]),
         "input": json.dumps({"name": INPUT_NAME, "shape": ["batch", 1, 28, 28], "dtype": "float32",
                              "scale": "uint8 pixel / 255", "layout": "object light on black, as the dataset"}),
         "normalisation": json.dumps({**info.get("input", {}).get("normalisation", {}), "applied": "inside the graph"}),
         "outputs": json.dumps(list(OUTPUT_NAMES)),
+        "features": json.dumps({"size": feature_layer(model).in_features,
+                                "what": "the input of the model's last linear layer, averaged over test-time "
+                                        "augmentation; scored by the run's ood.safetensors"}),
         "architecture": json.dumps(info["architecture"]),
         "tta_flip": json.dumps(reference.tta_flip),
         "tta_shift": json.dumps(reference.tta_shift),
@@ -126,7 +151,9 @@ def export_onnx(run_dir: str | Path, images: np.ndarray, out: str | Path | None 
 
 
 class OnnxPredictor:
-    """The same interface as Predictor (probabilities, rank, predict), on ONNX Runtime."""
+    """The same interface as Predictor (probabilities, outputs, infer, rank, predict), on ONNX Runtime.
+    Out-of-distribution scores need the file's features output and a detector (`attach_ood`; from_run
+    loads the run's)."""
 
     def __init__(self, onnx_blob_or_path: bytes | str | Path, class_names: list[str] | None = None,
                  info: dict[str, Any] | None = None, threads: int | None = None):
@@ -143,8 +170,24 @@ class OnnxPredictor:
             self.session = ort.InferenceSession(source, opts, providers=["CPUExecutionProvider"])
         except Exception as e:
             raise ExportError(f"{label}: cannot be loaded by ONNX Runtime ({e})") from None
+        self.label = label
         self.class_names: list[str] = self._class_names(class_names, label)
         self.info = info or {"class_names": self.class_names}
+        features = [o for o in self.session.get_outputs() if o.name == "features"]
+        # None: a file exported before the features output existed
+        self.feature_size: int | str | None = features[0].shape[-1] if features else None
+        self.ood: OodDetector | None = None
+        self.ood_note = (f"{label} has no features output (exported before out-of-distribution scores); export "
+                         f"it again for ood_score and unsure" if not features else "no out-of-distribution detector loaded")
+
+    def attach_ood(self, detector: OodDetector | None, note: str = "") -> None:
+        """Score images with `detector` (None: no scores, `note` says why); it must take this file's features."""
+        if detector is not None and self.feature_size is None:
+            return  # the file cannot give features: ood_note already says so
+        if detector is not None and isinstance(self.feature_size, int) and detector.feature_size != self.feature_size:
+            raise ExportError(f"{self.label}: gives {self.feature_size} features; the out-of-distribution detector "
+                              f"takes {detector.feature_size} (export the run again)")
+        self.ood, self.ood_note = detector, ("" if detector else note or self.ood_note)
 
     def _class_names(self, given: list[str] | None, label: str) -> list[str]:
         """The given names or the file's, checked as model.json's are: distinct strings, one per output."""
@@ -154,44 +197,69 @@ class OnnxPredictor:
         where = f"{label}: metadata" if given is None else label
         names = schema.check_class_names(list(given) if given is not None else
                                          schema.parse_json(meta["class_names"], f"{where} class_names"), where)
-        outputs = self.session.get_outputs()[-1].shape[-1]  # probabilities: (batch, classes)
+        probabilities = [o for o in self.session.get_outputs() if o.name == "probabilities"]
+        if not probabilities:
+            raise ExportError(f"{label}: no 'probabilities' output; not a file `fashionlab export` writes")
+        outputs = probabilities[0].shape[-1]  # (batch, classes)
         if isinstance(outputs, int) and outputs != len(names):
             raise ExportError(f"{where}: {len(names)} class names for {outputs} outputs")
         return names
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, threads: int | None = None) -> "OnnxPredictor":
+    def from_run(cls, run_dir: str | Path, threads: int | None = None, data_dir=None) -> "OnnxPredictor":
         run_dir = Path(run_dir)
         path = run_dir / ONNX_FILE if run_dir.is_dir() else run_dir
         if not path.is_file():
             raise ExportError(f"{path}: file not found; create it with `fashionlab export {run_dir} --format onnx`")
         folder = RunFolder(path.parent)
         info = folder.model_info if folder.model_json_path.is_file() else None
-        return cls(path, None, info, threads)
+        predictor = cls(path, None, info, threads)
+        if predictor.feature_size is not None:
+            size = predictor.feature_size if isinstance(predictor.feature_size, int) else None
+            predictor.attach_ood(*run.load_ood(folder, size, len(predictor.class_names), data_dir=data_dir))
+        return predictor
 
     def probabilities(self, batch: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """(N, 28, 28) uint8 -> (N, classes) float32 probabilities."""
-        out = []
+        return self._run(batch, batch_size, ["probabilities"])[0]
+
+    def outputs(self, batch: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 28, 28) uint8 -> (probabilities (N, classes), features (N, D)), float32, from the same pass."""
+        if self.feature_size is None:
+            raise ExportError(self.ood_note)
+        probs, features = self._run(batch, batch_size, ["probabilities", "features"])
+        return probs, features
+
+    def _run(self, batch: np.ndarray, batch_size: int, names: list[str]) -> list[np.ndarray]:
+        """The named outputs for uint8 images, batch_size at a time."""
+        if len(batch) == 0:
+            widths = {"probabilities": len(self.class_names), "features": self.feature_size}
+            return [np.zeros((0, widths[n] if isinstance(widths[n], int) else 0), np.float32) for n in names]
+        parts = []
         for i in range(0, len(batch), batch_size):
             x = np.ascontiguousarray(batch[i: i + batch_size], dtype=np.float32)[:, None] / np.float32(255.0)
-            out.append(self.session.run(["probabilities"], {INPUT_NAME: x})[0])
-        return np.concatenate(out) if out else np.zeros((0, len(self.class_names)), np.float32)
+            parts.append(self.session.run(names, {INPUT_NAME: x}))
+        return [np.concatenate(values) for values in zip(*parts)]
 
-    # Ranking only needs class names: share the PyTorch predictor's, so both backends answer alike.
+    # Scoring and ranking need only these outputs, the detector and the class names: share the PyTorch
+    # predictor's, so both backends answer alike.
+    infer = Predictor.infer
     rank = Predictor.rank
     predict = Predictor.predict
+    ood_status = Predictor.ood_status
 
 
 # --------------------------------------------------------------------------- SageMaker model archive
 
-PACKAGE_FILES = (run.MODEL_JSON, run.MODEL_WEIGHTS, ONNX_FILE, run.CONFIG, run.METRICS)
+PACKAGE_FILES = (run.MODEL_JSON, run.MODEL_WEIGHTS, ONNX_FILE, run.OOD, run.CONFIG, run.METRICS)
 
 
 def package(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
     """Write the model.tar.gz SageMaker unpacks into /opt/ml/model: the model files at the archive's root.
 
     model.json and model.safetensors are required (the service and its saliency need them);
-    model.onnx is included when the run has been exported, so `serve --backend onnx` works too.
+    model.onnx is included when the run has been exported, so `serve --backend onnx` works too, and
+    ood.safetensors when it exists, so predictions carry their out-of-distribution scores.
     """
     import tarfile
     run_dir = Path(run_dir)

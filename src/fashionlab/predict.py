@@ -1,7 +1,12 @@
-"""A trained run ready to classify uint8 images: load once, predict many times."""
+"""A trained run ready to classify uint8 images: load once, predict many times.
+
+Every prediction carries, beside its ranked classes, the out-of-distribution score of its image and
+whether that score is above the run's threshold (`unsure`: probably not a garment; ood.py).
+"""
 
 from __future__ import annotations
 
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -9,27 +14,55 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import evaluate, images
+from . import evaluate, images, run as run_mod
 from .atomic import write_text
-from .device import Runtime, inference_runtime
+from .device import Runtime
+from .ood import OodDetector
 from .run import RunFolder
+
+UNSURE_MARK = "unsure: not a garment?"  # what the command line prints beside an unsure prediction
+
+
+class Ranked(list):
+    """One image's classes, best first (a list of {"label", "index", "score"}), with its out-of-distribution
+    score (`ood_score`, higher is less like the training images) and `unsure` (the score is above the
+    run's threshold); both None when the run has no detector."""
+
+    def __init__(self, classes, ood_score: float | None = None, unsure: bool | None = None):
+        super().__init__(classes)
+        self.ood_score, self.unsure = ood_score, unsure
+
+    def to_dict(self) -> dict[str, Any]:
+        """What the service answers per image: {"classes": [...], "ood_score": ..., "unsure": ...}."""
+        return {"classes": list(self), "ood_score": self.ood_score, "unsure": self.unsure}
+
+    def __repr__(self) -> str:
+        return f"Ranked({list.__repr__(self)}, ood_score={self.ood_score!r}, unsure={self.unsure!r})"
 
 
 class Predictor:
-    def __init__(self, model: torch.nn.Module, info: dict[str, Any], runtime: Runtime):
+    """A loaded model: probabilities, and out-of-distribution scores from the same forward passes."""
+
+    def __init__(self, model: torch.nn.Module, info: dict[str, Any], runtime: Runtime,
+                 ood: OodDetector | None = None, ood_note: str = ""):
         self.model, self.info, self.runtime = model.eval(), info, runtime
         self.class_names: list[str] = list(info["class_names"])
         self.tta_flip = bool(info.get("tta_flip", False))
         self.tta_shift = int(info.get("tta_shift", 0))  # runs saved before shifts existed have none
+        self.ood, self.ood_note = ood, ("" if ood else ood_note or "no out-of-distribution detector loaded")
 
     @classmethod
-    def from_run(cls, run_dir: str | Path, device: str = "auto", precision: str | None = None) -> "Predictor":
-        model, info = RunFolder(run_dir).load_model()
-        rt = inference_runtime(info, device, precision or "auto")
-        model = model.to(rt.device)
-        if rt.channels_last:
-            model = model.to(memory_format=torch.channels_last)
-        return cls(model, info, rt)
+    def from_run(cls, run_dir: str | Path, device: str = "auto", precision: str | None = None,
+                 calibrate_missing: bool = True, data_dir=None) -> "Predictor":
+        """The run's model and its out-of-distribution detector (RUN/ood.safetensors). A run made before
+        the detector existed is calibrated now when its dataset is on this machine and calibrate_missing
+        (run.load_ood); otherwise its predictions carry no score, and `ood_note` says why."""
+        folder = RunFolder(run_dir)
+        model, rt = run_mod.load_for_inference(folder, device, precision or "auto")
+        info = folder.model_info
+        detector, note = run_mod.load_ood(folder, evaluate.feature_layer(model).in_features, len(info["class_names"]),
+                                          calibrate_missing, loaded=(model, rt), data_dir=data_dir)
+        return cls(model, info, rt, detector, note)
 
     def probabilities(self, batch: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """(N, 28, 28) uint8 -> (N, classes) float32 probabilities."""
@@ -37,18 +70,47 @@ class Predictor:
                                          batch_size, self.tta_flip, self.tta_shift)
         return torch.softmax(logits, 1).numpy()
 
-    def rank(self, probs: np.ndarray, top_k: int | None = None) -> list[list[dict[str, Any]]]:
+    def outputs(self, batch: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 28, 28) uint8 -> (probabilities (N, classes), penultimate features (N, D)), float32, from the
+        same forward passes; the probabilities are those of probabilities()."""
+        logits, features = evaluate.predict_outputs(self.model, torch.from_numpy(np.ascontiguousarray(batch)),
+                                                    self.runtime, batch_size, self.tta_flip, self.tta_shift,
+                                                    features=True)
+        return torch.softmax(logits, 1).numpy(), features.numpy()
+
+    def infer(self, batch: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 28, 28) uint8 -> (probabilities (N, classes) float32, out-of-distribution scores (N,)
+        float64), row-aligned, from one pass over the batch; the scores are NaN without a detector."""
+        if self.ood is None:
+            probs = self.probabilities(batch, batch_size)
+            return probs, np.full(len(probs), np.nan)
+        probs, features = self.outputs(batch, batch_size)
+        return probs, self.ood.scores(features)
+
+    def rank(self, probs: np.ndarray, top_k: int | None = None, scores: np.ndarray | None = None) -> list[Ranked]:
+        """Each image's top_k classes (None: all), best first, with its score and flag when given."""
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
             raise ValueError(f"top_k={top_k!r}: expected an integer >= 1 (or None for every class)")
         k = len(self.class_names) if top_k is None else min(top_k, len(self.class_names))
+        flags = self.ood.unsure(scores) if self.ood is not None and scores is not None else None
         out = []
-        for p in probs:
+        for i, p in enumerate(probs):
             order = np.argsort(-p, kind="stable")[:k]
-            out.append([{"label": self.class_names[i], "index": int(i), "score": float(p[i])} for i in order])
+            score = None if scores is None or math.isnan(scores[i]) else float(scores[i])
+            out.append(Ranked([{"label": self.class_names[j], "index": int(j), "score": float(p[j])} for j in order],
+                              score, None if flags is None or score is None else bool(flags[i])))
         return out
 
-    def predict(self, batch: np.ndarray, top_k: int | None = 3) -> list[list[dict[str, Any]]]:
-        return self.rank(self.probabilities(batch), top_k)
+    def predict(self, batch: np.ndarray, top_k: int | None = 3) -> list[Ranked]:
+        """Ranked classes with out-of-distribution score and flag per image."""
+        probs, scores = self.infer(batch)
+        return self.rank(probs, top_k, scores)
+
+    def ood_status(self) -> dict[str, Any]:
+        """The detector's threshold and calibration, or why there is none (/v1/model's "ood")."""
+        if self.ood is None:
+            return {"available": False, "note": self.ood_note}
+        return {"available": True, **self.ood.describe()}
 
 
 # --------------------------------------------------------------------------- folders of images
@@ -69,7 +131,7 @@ def expand_inputs(paths: list[str | Path]) -> list[Path]:
 
 def predict_files(predictor, files: list[Path], top_k: int | None = 3, batch_size: int = 256,
                   progress: bool = False):
-    """Yield (path, item, ranked or None, error or None) per image; a bad file is reported, not fatal.
+    """Yield (path, item, Ranked or None, error or None) per image; a bad file is reported, not fatal.
 
     Files are decoded and classified in batches so a large folder is as fast as one array.
     """
@@ -97,26 +159,42 @@ def predict_files(predictor, files: list[Path], top_k: int | None = 3, batch_siz
 
 
 def write_predictions_csv(rows, out: str | Path, top_k: int) -> tuple[int, int]:
-    """Write predict_files' rows as CSV (atomically); returns (images classified, files with errors)."""
+    """Write predict_files' rows as CSV (atomically); returns (images classified, files with errors).
+    Columns: path, item, label, index, score, label_2, score_2, ..., ood_score, unsure (true/false;
+    both empty when the run has no out-of-distribution detector), error."""
     import csv
     import io
     buf = io.StringIO()
     writer = csv.writer(buf)
     extra = [c for j in range(2, top_k + 1) for c in (f"label_{j}", f"score_{j}")]
-    writer.writerow(["path", "item", "label", "index", "score", *extra, "error"])
+    writer.writerow(["path", "item", "label", "index", "score", *extra, "ood_score", "unsure", "error"])
     done = errors = 0
     for path, item, ranked, err in rows:
         if ranked is None:
             errors += 1
-            writer.writerow([str(path), item, "", "", "", *[""] * len(extra), err])
+            writer.writerow([str(path), item, "", "", "", *[""] * len(extra), "", "", err])
             continue
         done += 1
         first, rest = ranked[0], ranked[1:]
         cells = [c for r in rest for c in (r["label"], f"{r['score']:.6f}")]
         writer.writerow([str(path), item, first["label"], first["index"], f"{first['score']:.6f}",
-                         *cells, *[""] * (len(extra) - len(cells)), ""])
+                         *cells, *[""] * (len(extra) - len(cells)), *ood_cells(ranked), ""])
     write_text(out, buf.getvalue())
     return done, errors
 
 
-__all__ = ["Predictor", "images", "expand_inputs", "predict_files", "write_predictions_csv"]
+def ood_cells(ranked: Ranked) -> list[str]:
+    """A prediction's ood_score and unsure as CSV cells (empty when the run has no detector)."""
+    if ranked.ood_score is None:
+        return ["", ""]
+    return [f"{ranked.ood_score:.4f}", "true" if ranked.unsure else "false"]
+
+
+def ood_text(ranked: Ranked) -> str:
+    """What the command line prints after a prediction's classes: its score, and the mark when unsure."""
+    if ranked.ood_score is None:
+        return ""
+    return f"  ood {ranked.ood_score:.2f}" + (f"  {UNSURE_MARK}" if ranked.unsure else "")
+
+
+__all__ = ["Predictor", "Ranked", "images", "expand_inputs", "predict_files", "write_predictions_csv"]

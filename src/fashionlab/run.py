@@ -5,6 +5,7 @@
     checkpoint.safetensors   present only while a run is interrupted (resume continues it)
     model.safetensors  the weights (never a pickle) and model.json, their description
     metrics.json       test metrics: written last, so its presence means "finished"
+    ood.safetensors    the out-of-distribution detector (ood.py), written after the test evaluation
     report.html        the run's report
 
 `RunFolder` reads and writes those files and knows a run's status, its settings and what
@@ -17,18 +18,23 @@ public API all go through them.
 
 from __future__ import annotations
 
+import hashlib
 import json
+import logging
+from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
 
+import numpy as np
 import torch
 
-from . import checkpoint, data as data_mod, device as device_mod, evaluate, schema
+from . import checkpoint, data as data_mod, device as device_mod, evaluate, ood, schema
 from .checkpoint import write_json
 from .schema import RunError, read_json
 from .config import TrainConfig, settings_of
-from .training import Callback, ProgressBar, Trainer
+from .errors import UserError
+from .training import Callback, ProgressBar, Trainer, split_data
 
 CONFIG = "config.json"
 HISTORY = "history.jsonl"
@@ -37,6 +43,7 @@ MODEL_WEIGHTS = "model.safetensors"
 MODEL_JSON = "model.json"
 CHECKPOINT = "checkpoint.safetensors"
 REPORT = "report.html"
+OOD = "ood.safetensors"
 
 NEW, INTERRUPTED, FINISHED = "new", "interrupted", "finished"
 
@@ -67,6 +74,7 @@ class RunFolder:
     model_json_path = _file(MODEL_JSON)
     checkpoint_path = _file(CHECKPOINT)
     report_path = _file(REPORT)
+    ood_path = _file(OOD)
 
     # ---- status
 
@@ -188,9 +196,25 @@ class RunFolder:
             self.path.rmdir()
 
     def discard_model(self) -> None:
-        """A run killed between writing its model and its metrics is not finished: its model goes."""
-        for path in (self.weights_path, self.model_json_path):
+        """A run killed between writing its model and its metrics is not finished: its model goes (and the
+        out-of-distribution detector fitted to it)."""
+        for path in (self.weights_path, self.model_json_path, self.ood_path):
             path.unlink(missing_ok=True)
+
+    # ---- the out-of-distribution detector (ood.py)
+
+    def read_ood(self, feature_size: int | None = None, num_classes: int | None = None) -> ood.OodDetector:
+        """ood.safetensors, checked (schema.ood_file) against the model's feature size and classes, and
+        refused when it was fitted to other weights than model.safetensors holds."""
+        detector = ood.load(self.ood_path, feature_size, num_classes)
+        fitted_to = detector.info.get("model_sha256")
+        if fitted_to and self.weights_path.is_file() and fitted_to != _sha256(self.weights_path):
+            raise RunError(f"{self.ood_path}: fitted to other weights than {self.weights_path.name} holds; "
+                           f"calibrate again with `fashionlab calibrate {self.path}`")
+        return detector
+
+    def write_ood(self, detector: ood.OodDetector) -> None:
+        ood.save(self.ood_path, detector)
 
 
 # --------------------------------------------------------------------------- using runs
@@ -217,6 +241,144 @@ def matches_record(folder: RunFolder, metrics: dict[str, Any]) -> bool:
     """Whether recomputed metrics equal the stored metrics.json (accuracy exactly, loss to 1e-6)."""
     ref = folder.metrics
     return abs(ref["test_accuracy"] - metrics["test_accuracy"]) < 1e-9 and abs(ref["test_loss"] - metrics["test_loss"]) < 1e-6
+
+
+# --------------------------------------------------------------------------- the out-of-distribution detector
+
+ood_log = logging.getLogger("fashionlab.ood")
+
+
+def calibrate_ood(folder: RunFolder, dataset: data_mod.Dataset | None = None,
+                  false_alarm_rate: float = ood.DEFAULT_FALSE_ALARM_RATE, device: str = "auto", data_dir=None,
+                  offline: bool | None = None, loaded: tuple[torch.nn.Module, device_mod.Runtime] | None = None,
+                  write: bool = True) -> ood.OodDetector:
+    """Fit the run's out-of-distribution detector and calibrate its threshold (ood.py), and write
+    RUN/ood.safetensors (unless write=False).
+
+    Fitted on at most ood.FIT_IMAGES of the run's training images (stratified, never its validation
+    images); the threshold is set for `false_alarm_rate` on the validation images, or, for a run
+    without them, on one half of the test set; the rate is then measured on the test images not used.
+    The features come from the model as predictors run it (`loaded`: a model and runtime already
+    loaded; else the run's, on `device` at the recorded precision)."""
+    ood.check_rate(false_alarm_rate)
+    cfg, info = folder.require_finished().config, folder.model_info
+    model, rt = loaded if loaded else load_for_inference(folder, device)
+    ds = dataset or folder.dataset(data_dir, offline)
+    if list(ds.class_names) != list(info["class_names"]):
+        raise RunError(f"{folder.model_json_path}: the run's classes {info['class_names']} differ from the "
+                       f"dataset's {list(ds.class_names)}")
+    images = ood_images(cfg, ds)
+    tta = bool(info.get("tta_flip", False)), int(info.get("tta_shift", 0))
+
+    def features_of(batch):
+        return evaluate.predict_outputs(model, batch, rt, cfg.eval_batch_size, *tta, features=True)[1].numpy()
+
+    try:
+        detector = ood.calibrate(features_of, images.fit_images, images.fit_labels, images.calibration,
+                                 images.measure, false_alarm_rate,
+                                 about={"calibrated_on": images.calibrated_on, "measured_on": images.measured_on,
+                                        "precision": rt.precision, "model_sha256": _sha256(folder.weights_path)})
+    except ValueError as e:  # a model without a linear last layer has no features to score
+        raise ood.OodError(str(e)) from None
+    if write:
+        folder.write_ood(detector)
+    return detector
+
+
+@dataclass
+class OodImages:
+    """The images a run's detector is fitted, calibrated and measured on (all in-distribution)."""
+    fit_images: torch.Tensor  # uint8 (N, 1, 28, 28): at most ood.FIT_IMAGES training images, stratified
+    fit_labels: np.ndarray
+    calibration: torch.Tensor | np.ndarray  # the validation images, or one half of the test set
+    measure: np.ndarray  # the test images not in `calibration`
+    measure_labels: np.ndarray
+    calibrated_on: str
+    measured_on: str
+
+
+def ood_images(cfg: TrainConfig, ds: data_mod.Dataset) -> OodImages:
+    """The run's own split (split_data: its validation images stay held out): the detector is fitted on
+    its training images, calibrated on its validation images, or without them on one half of the test
+    set (ood.split_test_set), and measured on the test images left."""
+    split = split_data(cfg, ds, torch.device("cpu"))
+    labels = split.Y.numpy()
+    fit = ood.fit_subset(labels)
+    if split.n_val:
+        return OodImages(split.X[fit], labels[fit], split.Xv, ds.test_images, ds.test_labels, ood.ON_VALIDATION,
+                         "test images")
+    calibration, held_out = ood.split_test_set(ds.test_labels)
+    return OodImages(split.X[fit], labels[fit], ds.test_images[calibration], ds.test_images[held_out],
+                     ds.test_labels[held_out], ood.ON_TEST_HALF, "test images (the other half)")
+
+
+def describe_ood(detector: ood.OodDetector) -> str:
+    """One line: the threshold, what it was calibrated on and the false-alarm rate measured."""
+    i = detector.info
+    line = (f"out-of-distribution threshold {detector.threshold:.4g} for {i['false_alarm_rate']:.1%} false alarms, "
+            f"calibrated on {i['calibration_images']:,} {i['calibrated_on']}")
+    if i.get("measured_false_alarm_rate") is not None:
+        line += (f"; {i['measured_false_alarm_rate']:.1%} measured on {i.get('measured_images', 0):,} "
+                 f"{i.get('measured_on')}")
+    return line + f" (fitted on {i['fit_images']:,} training images, {i['feature_size']} features)"
+
+
+def load_ood(folder: RunFolder, feature_size: int | None, num_classes: int | None, calibrate_missing: bool = True,
+             loaded: tuple[torch.nn.Module, device_mod.Runtime] | None = None,
+             data_dir=None) -> tuple[ood.OodDetector | None, str]:
+    """(detector, "") from RUN/ood.safetensors; for a run made before it existed, the detector calibrated
+    now (and kept in the run folder where it can be written) when calibrate_missing and the run's dataset
+    is on this machine; otherwise (None, why), and the reason is logged once, as a warning."""
+    if folder.ood_path.exists():
+        return folder.read_ood(feature_size, num_classes), ""
+    missing = f"{folder.ood_path}: not found (the run was made before out-of-distribution scores)"
+    fix = f"run `fashionlab calibrate {folder.path}` where its dataset is"
+    if not calibrate_missing or not (folder.finished and folder.weights_path.is_file()):
+        return _no_ood(f"{missing}; predictions carry no ood_score or unsure flag: {fix}")
+    try:
+        ds = folder.dataset(data_dir, offline=True)
+    except UserError as e:
+        return _no_ood(f"{missing}, and its dataset is not on this machine to calibrate it ({_first_line(e)}); "
+                       f"predictions carry no ood_score or unsure flag: {fix}")
+    ood_log.warning("%s; calibrating it now on the run's dataset (once)", missing)
+    try:
+        detector = calibrate_ood(folder, ds, loaded=loaded, write=False)
+    except UserError as e:  # the dataset found is not the run's, the features cannot be fitted, ...
+        return _no_ood(f"{folder.path}: no out-of-distribution detector: {_first_line(e)}; "
+                       f"predictions carry no ood_score or unsure flag")
+    try:
+        folder.write_ood(detector)
+    except OSError as e:  # a read-only model folder (a container's, say): the detector serves this process only
+        ood_log.warning("%s: not kept (%s); it is calibrated again next time", folder.ood_path, _first_line(e))
+    return detector, ""
+
+
+def _no_ood(reason: str) -> tuple[None, str]:
+    ood_log.warning("%s", reason)
+    return None, reason
+
+
+def _first_line(e: BaseException) -> str:
+    return (str(e).splitlines() or [""])[0]
+
+
+def load_for_inference(folder: RunFolder, device: str = "auto", precision: str = "auto"
+                       ) -> tuple[torch.nn.Module, device_mod.Runtime]:
+    """The model as a predictor runs it: on `device`, at `precision` ("auto": the recorded precision
+    where the device runs it natively, else fp32), channels_last where that pays."""
+    rt = folder.runtime(device, precision)
+    model, _ = folder.load_model(rt.device)
+    if rt.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, rt
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        for block in iter(lambda: fh.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 # --------------------------------------------------------------------------- making runs
@@ -283,7 +445,19 @@ def _train(cfg: TrainConfig, folder: RunFolder, dataset: DatasetArg, callbacks: 
         if not resume:
             folder.discard_unusable(remove_folder=created)
         raise
+    _calibrate_finished(folder, ds, log)
     return folder
+
+
+def _calibrate_finished(folder: RunFolder, ds: data_mod.Dataset, log: Callable[..., None]) -> None:
+    """The finished run's out-of-distribution detector (after the test evaluation, which it leaves as it
+    was). A model whose features cannot be fitted keeps its run; its predictions then carry no score."""
+    try:
+        detector = calibrate_ood(folder, ds)
+    except ood.OodError as e:
+        log(f"no out-of-distribution detector: {e}")
+        return
+    log(describe_ood(detector) + f" -> {folder.ood_path}")
 
 
 def dataset_for(cfg: TrainConfig, data_dir=None, offline: bool | None = None, progress=None) -> data_mod.Dataset:

@@ -474,6 +474,7 @@ METRICS: Fields = {
     "params": (_count, "an integer >= 0", True),
     "train_seconds": (_non_negative, "a number >= 0", True),
     "epochs_run": (_count, "an integer >= 0", True),
+    "warmup_seconds": (_non_negative, "a number >= 0", False),
     "most_confused": (_list_of(_object), "a list of confused pairs", False),
     "ece": (_fraction_or_nan, "a number from 0 to 1", False),
     "reliability": (_list_of(_object), "a list of bins", False),
@@ -534,3 +535,89 @@ def train_config(saved: dict[str, Any], where: str) -> TrainConfig:
         raise RunError(f"{where}: {e}") from None
     return cfg
 
+
+
+# --------------------------------------------------------------------------- ood.safetensors
+
+MAX_OOD_FEATURES = 4096  # the precision matrix's side is one more: 128 MiB of float64 at most
+MAX_OOD_CLASSES = 1000
+OOD_METADATA = "fashionlab_ood"  # the metadata entry holding the threshold and its calibration
+OOD_TENSORS = ("means", "precision")
+
+
+def _finite_number(v: Any) -> bool:
+    return _is_number(v) and math.isfinite(v)
+
+
+def _open_fraction(v: Any) -> bool:
+    return _is_number(v) and 0 < v < 1
+
+
+OOD_INFO: Fields = {
+    "threshold": (lambda v: _finite_number(v) and v >= 0, "a finite number >= 0", True),
+    "false_alarm_rate": (_open_fraction, "a number between 0 and 1 (exclusive)", True),
+    "feature_size": (lambda v: _is_int(v) and 1 <= v <= MAX_OOD_FEATURES, f"an integer from 1 to {MAX_OOD_FEATURES}",
+                     True),
+    "calibrated_on": (_text, "a string", True),
+    "calibration_images": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", True),
+    "fit_images": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", True),
+    "calibration_false_alarm_rate": (_optional(_fraction), "a number from 0 to 1 or null", False),
+    "measured_false_alarm_rate": (_optional(_fraction), "a number from 0 to 1 or null", False),
+    "measured_on": (_optional(_text), "a string or null", False),
+    "measured_images": (_count, "an integer >= 0", False),
+    "ridge": (_non_negative, "a number >= 0", False),
+    "seed": (_count, "an integer >= 0", False),
+    "score": (_text, "a string", False),
+    "model_sha256": (_optional(_text), "a string or null", False),
+    "precision": (_optional(_text), "a string or null", False),
+}
+
+
+def ood_file(path: Path, feature_size: int | None = None, num_classes: int | None = None
+             ) -> tuple[Any, Any, dict[str, Any]]:
+    """ood.safetensors, checked before and after its tensors are read: the metadata's fields; exactly the
+    tensors means (K, D + 1) and precision (D + 1, D + 1), float64 (ood.embed adds one to the features),
+    D the feature size the model's last layer takes (when given) and K at most its classes, both bounded
+    before anything is read; then finite values and a symmetric, positive definite precision matrix.
+    Returns (means, precision, metadata) as numpy."""
+    import numpy as np
+    where = str(path)
+    meta, header = tensor_header(path, "out-of-distribution file")
+    if OOD_METADATA not in meta:
+        raise RunError(f"{where}: metadata {OOD_METADATA!r} is missing (the threshold and its calibration)")
+    info = check_fields(parse_json(meta[OOD_METADATA], f"{where}: metadata {OOD_METADATA!r}"), OOD_INFO,
+                        f"{where}: metadata {OOD_METADATA!r}")
+    size = info["feature_size"]
+    if feature_size is not None and size != feature_size:
+        raise RunError(f"{where}: feature_size={size}: the model's last layer takes {feature_size} features; "
+                       f"the file belongs to another model (calibrate this run again)")
+    unexpected = sorted(set(header) - set(OOD_TENSORS))
+    if unexpected:
+        raise RunError(f"{where}: unexpected tensor(s) {_few(unexpected, '')}; expected {', '.join(OOD_TENSORS)}")
+    classes_allowed = min(MAX_OOD_CLASSES, num_classes or MAX_OOD_CLASSES)
+    shapes = {"means": "(classes, feature_size + 1)", "precision": "(feature_size + 1, feature_size + 1)"}
+    for name in OOD_TENSORS:
+        if name not in header:
+            raise RunError(f"{where}: tensor {name} is missing; expected float64 of shape {shapes[name]}")
+        dtype, shape = header[name]
+        wanted = (size + 1, size + 1) if name == "precision" else (shape[0] if shape else 0, size + 1)
+        too_many = name == "means" and not 1 <= shape[0] <= classes_allowed
+        if dtype != "F64" or len(shape) != 2 or shape != wanted or too_many:
+            raise RunError(f"{where}: tensor {name} is {_DTYPE_WORDS.get(dtype, dtype)} {list(shape)}; expected "
+                           f"float64 of shape {shapes[name]} with feature_size {size} and 1 to {classes_allowed} "
+                           f"classes")
+    try:
+        with safe_open(str(path), framework="numpy") as fh:
+            means, precision = fh.get_tensor("means"), fh.get_tensor("precision")
+    except Exception as e:  # safetensors raises its own error types
+        raise RunError(f"{where}: not a readable out-of-distribution file ({e})") from None
+    if not (np.isfinite(means).all() and np.isfinite(precision).all()):
+        raise RunError(f"{where}: tensors hold NaN or infinite values; expected finite means and precision")
+    if not np.array_equal(precision, precision.T):
+        raise RunError(f"{where}: tensor precision is not symmetric; expected the inverse of a covariance matrix")
+    try:
+        np.linalg.cholesky(precision)
+    except np.linalg.LinAlgError:
+        raise RunError(f"{where}: tensor precision is not positive definite; expected the inverse of a covariance "
+                       f"matrix") from None
+    return means, precision, info

@@ -1,14 +1,18 @@
 """The HTTP service: a JSON API, the SageMaker and Open Inference (KServe v2) contracts, a web page.
 
 A thin shell over the library: images.py turns bodies into (N, 28, 28) uint8 batches, a
-predictor (predict.Predictor on PyTorch, export.OnnxPredictor on ONNX Runtime) classifies them,
-loaded once when the app is created and checked on known images before it is served. Settings
+predictor (predict.Predictor on PyTorch, export.OnnxPredictor on ONNX Runtime) classifies them in
+forward passes shared by concurrent requests, loaded once when the app is created and checked on
+known images before it is served. Settings
 come from one place (Settings: arguments, then environment, then defaults). Every client mistake
 is a 4xx JSON error {"error": "..."}; what a request may cost is bounded before it is spent.
 
 Modules
-    settings      Settings: every setting once, from arguments and environment variables
+    settings      Settings: every setting once, from arguments and environment variables, range-checked
     service       ModelService: the loaded, self-tested model, shared by every router; its work slots
+    batching      Batcher: concurrent requests' images gathered into one forward pass on one inference
+                  thread; identical_passes: passes that keep each image's answer bit-identical
+    metrics       GET /metrics: Prometheus metrics (multiprocess mode with several workers)
     decoding      request bodies -> uint8 images within the request's budget; strict JSON; ClientError
     routing       bind(): a plain route function with its service and settings, as an endpoint
     json_api      POST /v1/predict (image body, multipart `file`, JSON base64 or arrays, .npy; ?top_k=),
@@ -17,7 +21,8 @@ Modules
     sagemaker     GET /ping, POST /invocations, GET /execution-parameters (SageMaker inference contract)
     openinference GET /v2, /v2/health/{live,ready}, /v2/models/{name}[/ready], POST /v2/models/{name}/infer
                   (each model route also under /versions/1), and the protocol's codec
-    app           create_app (the routers, error handlers, request guard), app_from_env, run
+    app           create_app (the routers, error handlers, request guard), app_from_env, run (uvicorn: its
+                  connections, worker processes, timeouts, SIGTERM)
 """
 
 from .app import app_from_env, create_app, run

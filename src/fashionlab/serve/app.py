@@ -1,23 +1,42 @@
 """The FastAPI app: the contracts' routers over one ModelService, the shared error handlers and the
-request guard (body size limit, one log line per request); app_from_env and run for uvicorn."""
+request guard (body size limit and read timeout, metrics, one log line per request); app_from_env and
+run for uvicorn: its connections (TCP_NODELAY, a deadline for request heads), its worker processes and
+a clean SIGTERM."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import json
 import logging
 import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
 import time
 from dataclasses import asdict
 
+import anyio
+import uvicorn
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from uvicorn.protocols.http.h11_impl import H11Protocol
+from uvicorn.supervisors import Multiprocess
+
+try:
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+except ImportError:  # httptools is not installed: h11 serves
+    HttpToolsProtocol = None
 
 from .. import __version__, images
 from ..errors import UserError
-from . import json_api, openinference, sagemaker, web
+from . import json_api, metrics as metrics_module, openinference, sagemaker, web
 from .decoding import ClientError, image_error_status
+from .metrics import UNMATCHED, Metrics
 from .service import ModelService, ModelUnavailable
 from .settings import Settings
 
@@ -28,9 +47,21 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     """The FastAPI app. Loads the model now (once), unless a loaded service is handed in."""
     settings = settings or Settings.from_env()
     service = service or ModelService(settings)
-    app = FastAPI(title="fashionlab", version=__version__,
+    metrics = Metrics()
+    metrics.served(settings.model_name, service.version, settings.backend, service.platform, service.threads,
+                   settings.max_batch)
+    service.batcher.observer = metrics
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app: FastAPI):
+        yield
+        # uvicorn calls this after the in-flight requests have been answered (or shutdown_timeout passed)
+        await anyio.to_thread.run_sync(service.close, settings.shutdown_timeout)
+        metrics.worker_exited()
+
+    app = FastAPI(title="fashionlab", version=__version__, lifespan=lifespan,
                   description="Fashion-MNIST garment classifier: JSON API, SageMaker and Open Inference contracts.")
-    app.state.settings, app.state.service = settings, service
+    app.state.settings, app.state.service, app.state.metrics = settings, service, metrics
     for exc_class, handler in ERROR_HANDLERS:
         app.add_exception_handler(exc_class, handler)
     # in this order, the OpenAPI schema lists the paths as it always has
@@ -38,7 +69,9 @@ def create_app(settings: Settings | None = None, service: ModelService | None = 
     app.include_router(web.router(service))
     app.include_router(sagemaker.router(service, settings))
     app.include_router(openinference.router(service, settings))
-    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes)
+    app.include_router(metrics_module.router(metrics))
+    app.add_middleware(RequestGuard, max_body_bytes=settings.max_body_bytes, read_timeout=settings.read_timeout,
+                       metrics=metrics)
     return app
 
 
@@ -87,15 +120,17 @@ ERROR_HANDLERS = ((ClientError, client_error), (UserError, user_error), (images.
 # --------------------------------------------------------------------------- the request guard
 
 class RequestGuard:
-    """Pure ASGI middleware: refuses bodies over the limit (413) and logs one line per request."""
+    """Pure ASGI middleware: refuses bodies over the limit (413) and bodies that stall (408), counts and
+    times every request (metrics) and logs one line per request."""
 
-    def __init__(self, app, max_body_bytes: int):
-        self.app, self.limit = app, max_body_bytes
+    def __init__(self, app, max_body_bytes: int, read_timeout: float, metrics: Metrics):
+        self.app, self.limit, self.read_timeout, self.metrics = app, max_body_bytes, read_timeout, metrics
 
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        start, exchange = time.perf_counter(), _Exchange(receive, send, self.limit)
+        start, exchange = time.perf_counter(), _Exchange(receive, send, self.limit, self.read_timeout)
+        self.metrics.in_flight.inc()
         try:
             declared = dict(scope.get("headers") or []).get(b"content-length")
             if declared is not None and declared.isdigit() and int(declared) > self.limit:
@@ -107,29 +142,50 @@ class RequestGuard:
             exchange.status = exchange.status or 500
             raise
         finally:
-            log.info("%s %s %d %.1fms", scope.get("method"), scope.get("path"), exchange.status,
-                     (time.perf_counter() - start) * 1000)
+            seconds = time.perf_counter() - start
+            self.metrics.in_flight.dec()
+            route = getattr(scope.get("route"), "path", UNMATCHED)  # the template: /v2/models/{name}/infer
+            self.metrics.answered(route, scope.get("method", ""), exchange.status, seconds)
+            log.info("%s %s %d %.1fms", scope.get("method"), scope.get("path"), exchange.status, seconds * 1000)
 
 
 class _Exchange:
     """One request's receive and send, counting the body's bytes in and noting the status out."""
 
-    def __init__(self, receive, send, limit: int):
-        self._receive, self._send, self.limit = receive, send, limit
-        self.received, self.status = 0, 0
+    def __init__(self, receive, send, limit: int, read_timeout: float):
+        self._receive, self._send, self.limit, self.read_timeout = receive, send, limit, read_timeout
+        self.received, self.status, self.body_done = 0, 0, False
 
     async def receive(self):
-        message = await self._receive()
+        if self.body_done:  # waiting for a disconnect, not for the client's data: no deadline
+            return await self._receive()
+        try:
+            message = await _within(self.read_timeout, self._receive())
+        except asyncio.TimeoutError:
+            raise ClientError(408, f"request body stalled: nothing received for {self.read_timeout:g} s "
+                                   "(--read-timeout)") from None
         if message["type"] == "http.request":
             self.received += len(message.get("body", b""))
             if self.received > self.limit:  # chunked bodies have no Content-Length to check up front
                 raise ClientError(413, f"request body is over the limit of {self.limit:,} bytes")
+            self.body_done = not message.get("more_body", False)
         return message
 
     async def send(self, message) -> None:
         if message["type"] == "http.response.start":
             self.status = message["status"]
+            if self.status == 408:  # the rest of a stalled body must not be read as the next request
+                message = {**message, "headers": [*message.get("headers", []), (b"connection", b"close")]}
         await self._send(message)
+
+
+async def _within(seconds: float, awaitable):
+    """awaitable's result, or asyncio.TimeoutError after `seconds`. A timer, not a task, where Python has
+    asyncio.timeout (3.11): this runs for every request body."""
+    if sys.version_info >= (3, 11):
+        async with asyncio.timeout(seconds):
+            return await awaitable
+    return await asyncio.wait_for(awaitable, seconds)
 
 
 async def send_json_error(send, status: int, message: str) -> None:
@@ -155,15 +211,170 @@ def app_from_env() -> FastAPI:
 
 
 def run(settings: Settings) -> None:
-    """Serve until interrupted (what `fashionlab serve` calls)."""
-    import uvicorn
+    """Serve until SIGTERM or Ctrl-C (what `fashionlab serve` calls). On SIGTERM the server stops
+    accepting connections, answers the requests it holds (their passes included) for up to
+    shutdown_timeout seconds, and the process exits with status 0."""
     _configure_logging()
+    _exit_cleanly_on_signals()
     log.info("loading %s with %s from %s", settings.model_name, settings.backend, settings.model_path)
-    common = dict(host=settings.host, port=settings.port, access_log=False, log_level="info",
-                  timeout_graceful_shutdown=5)
-    if settings.workers > 1:
-        create_app(settings)  # fail fast in the parent on a bad model folder, with a clear message
-        os.environ["FASHIONLAB_SERVE_SETTINGS"] = json.dumps(asdict(settings))
-        uvicorn.run("fashionlab.serve:app_from_env", factory=True, workers=settings.workers, **common)
-    else:
-        uvicorn.run(create_app(settings), **common)
+    options = dict(host=settings.host, port=settings.port, access_log=False, log_level="info",
+                   http=connection_protocol(), timeout_keep_alive=settings.keep_alive_timeout,
+                   timeout_graceful_shutdown=settings.shutdown_timeout)
+    if settings.workers == 1:
+        config = uvicorn.Config(create_app(settings), **options)
+        config.fashionlab_read_timeout = settings.read_timeout  # type: ignore[attr-defined]  # for Connection
+        server = uvicorn.Server(config)
+        server.run()
+        if not server.started:
+            raise SystemExit(1)  # uvicorn has logged why (the port is taken, ...)
+        return
+    create_app(settings)  # fail fast in the parent on a bad model folder, with a clear message
+    os.environ["FASHIONLAB_SERVE_SETTINGS"] = json.dumps(asdict(settings))
+    with _metrics_folder():
+        config = uvicorn.Config("fashionlab.serve:app_from_env", factory=True, workers=settings.workers, **options)
+        config.fashionlab_read_timeout = settings.read_timeout  # type: ignore[attr-defined]
+        Workers(config, sockets=[config.bind_socket()]).run()
+
+
+class Workers(Multiprocess):
+    """uvicorn's worker supervisor, which on SIGTERM also closes its own copy of the listening socket
+    before the workers finish their requests: otherwise the kernel would still complete connections
+    nobody will ever accept."""
+
+    def terminate_all(self) -> None:
+        for sock in self.sockets:
+            sock.close()
+        super().terminate_all()
+
+
+@contextlib.contextmanager
+def _metrics_folder():
+    """A fresh folder for prometheus_client's multiprocess mode, for the workers' lifetime (unless
+    PROMETHEUS_MULTIPROC_DIR names one already)."""
+    if os.environ.get(metrics_module.MULTIPROC_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="fashionlab-metrics-")
+    os.environ[metrics_module.MULTIPROC_ENV] = folder
+    try:
+        yield
+    finally:
+        del os.environ[metrics_module.MULTIPROC_ENV]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _exit_cleanly_on_signals() -> None:
+    """uvicorn shuts down gracefully on SIGTERM and SIGINT, then raises the signal again with the handler it
+    found: with these, that ends the process with status 0 (SIGTERM) or 130 (Ctrl-C), without a traceback.
+    A signal during start-up ends it the same way."""
+    def leave(signum, frame):
+        raise SystemExit(0 if signum == signal.SIGTERM else 128 + signum)
+    signal.signal(signal.SIGTERM, leave)
+    signal.signal(signal.SIGINT, leave)
+
+
+# --------------------------------------------------------------------------- connections
+
+class ConnectionRules:
+    """What fashionlab adds to uvicorn's HTTP protocol, for every connection:
+
+    - TCP_NODELAY. asyncio sets it only on sockets whose protocol number is IPPROTO_TCP, and the listening
+      socket uvicorn binds for several workers has protocol 0, so every connection inherited Nagle's
+      algorithm: a response written in two pieces waited for the client's delayed ACK, about 40 ms, on
+      each request after the first of a kept-alive connection (`--workers 2`: 48 ms per request).
+    - One write per response: uvicorn writes a response's head and its body separately; with TCP_NODELAY
+      that is two packets, two wake-ups of the client and twice the loopback's work. The writes of one
+      turn of the event loop are joined into one (CoalescedWrites).
+    - A deadline for request heads: a new connection must send a whole request head within read_timeout
+      seconds, and so must a kept-alive one from the first byte of its next request (uvicorn itself waits
+      for a half-sent head, or for a first byte, forever). Between requests, uvicorn's keep-alive timeout
+      closes idle connections. Stalled bodies are the request guard's (408).
+    """
+
+    def connection_made(self, transport) -> None:
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family in (socket.AF_INET, socket.AF_INET6):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        super().connection_made(CoalescedWrites(transport, self.loop))  # type: ignore[misc,attr-defined]
+        self._head_timer = None
+        self._await_head()
+
+    def data_received(self, data: bytes) -> None:
+        if self._head_timer is None and self._between_requests():  # the first bytes of a new request head
+            self._await_head()
+        super().data_received(data)  # type: ignore[misc]
+
+    def on_response_complete(self) -> None:
+        super().on_response_complete()  # type: ignore[misc]
+        self._stop_waiting()  # idle until the next request's first byte: uvicorn's keep-alive timeout
+
+    def connection_lost(self, exc) -> None:
+        self._stop_waiting()
+        super().connection_lost(exc)  # type: ignore[misc]
+
+    def _between_requests(self) -> bool:
+        cycle = self.cycle  # type: ignore[attr-defined]
+        return cycle is None or cycle.response_complete
+
+    def _await_head(self) -> None:
+        timeout = getattr(self.config, "fashionlab_read_timeout", None)  # type: ignore[attr-defined]
+        if timeout and not self.transport.is_closing():  # type: ignore[attr-defined]
+            self._head_cycle = self.cycle  # type: ignore[attr-defined]
+            self._head_timer = self.loop.call_later(timeout, self._head_overdue)  # type: ignore[attr-defined]
+
+    def _stop_waiting(self) -> None:
+        if self._head_timer is not None:
+            self._head_timer.cancel()
+            self._head_timer = None
+
+    def _head_overdue(self) -> None:
+        self._head_timer = None
+        no_request_began = self.cycle is self._head_cycle and self._between_requests()  # type: ignore[attr-defined]
+        if no_request_began and not self.transport.is_closing():  # type: ignore[attr-defined]
+            self.transport.close()  # type: ignore[attr-defined]
+
+
+class CoalescedWrites:
+    """A transport whose writes within one turn of the event loop go out as one write, at the end of the
+    turn (or before a close). Everything else is the wrapped transport's."""
+
+    def __init__(self, transport, loop):
+        self._transport, self._loop, self._pending = transport, loop, []
+
+    def write(self, data) -> None:
+        if not self._pending:
+            self._loop.call_soon(self._flush)
+        self._pending.append(data)
+
+    def writelines(self, lines) -> None:
+        for data in lines:
+            self.write(data)
+
+    def _flush(self) -> None:
+        if self._pending:
+            data = b"".join(self._pending)
+            self._pending.clear()
+            if not self._transport.is_closing():
+                self._transport.write(data)
+
+    def close(self) -> None:
+        self._flush()
+        self._transport.close()
+
+    def __getattr__(self, name):
+        return getattr(self._transport, name)
+
+
+class H11Connection(ConnectionRules, H11Protocol):
+    """uvicorn's pure-Python HTTP/1.1 protocol with ConnectionRules."""
+
+
+if HttpToolsProtocol is not None:
+    class HttpToolsConnection(ConnectionRules, HttpToolsProtocol):
+        """uvicorn's httptools (C parser) HTTP/1.1 protocol with ConnectionRules."""
+
+
+def connection_protocol() -> type:
+    """The HTTP protocol class uvicorn would pick ("auto": httptools where installed), with ConnectionRules.
+    Module-level classes: worker processes receive the configuration pickled, by reference."""
+    return HttpToolsConnection if HttpToolsProtocol is not None else H11Connection

@@ -5,16 +5,22 @@ pixel arrays) and multipart forms with one or more `file` fields. images.py does
 
 What a request may cost is bounded before it is spent: the body's size (the request guard), the
 pixels and bytes its images decode to (a DecodeBudget charged from every image's header before any
-is decoded), and how many requests decode or run the model at once (ModelService.work). Every field
-of a wrong type is a 400 that names it; JSON of any depth or with non-finite numbers is refused cleanly.
+is decoded), and how many requests decode at once (ModelService.work). Every field of a wrong type is
+a 400 that names it; JSON of any depth or with non-finite numbers is refused cleanly.
+
+Small requests (the common one: a single 28x28 image) are decoded on the event loop, where that costs
+less than handing them to a work thread and back; anything larger, or whose headers say it decodes
+large, takes a work slot.
 """
 
 from __future__ import annotations
 
 import base64
 import binascii
+import functools
 import json
 import math
+from dataclasses import dataclass
 from typing import Any, Callable
 
 import numpy as np
@@ -30,6 +36,12 @@ NPY_MAGIC = b"\x93NUMPY"
 IMAGE_TYPES = ("image/png", "image/jpeg", "image/gif", "image/bmp", "image/webp", "image/tiff")
 NPY_TYPES = ("application/x-npy", "application/npy")
 ACCEPTED_TYPES = ("application/json", *NPY_TYPES, "multipart/form-data", "application/octet-stream", *IMAGE_TYPES)
+
+# Bodies up to this size are parsed and their headers read on the event loop, and decoded there too when
+# their images decode to at most INLINE_DECODED_BYTES (a 28x28 grey image is 784 bytes): a hop to a work
+# thread and back costs more than that (docs/deploy.md, "Batching").
+INLINE_BODY_BYTES = 16 * 1024
+INLINE_DECODED_BYTES = 64 * 1024
 
 
 class ClientError(Exception):
@@ -114,12 +126,28 @@ def decode_blob(blob: bytes, name: str, max_pixels: int, media_type: str = "") -
     return _open_blob(blob, name, max_pixels, media_type, None)()
 
 
-def decode_blobs(parts: list[tuple[bytes, str, str]], settings: Settings) -> np.ndarray:
-    """(bytes, name, media type) parts of one request -> (N, 28, 28) uint8. Every header is read and
-    charged to the request's budget first: a request over it is refused before anything is decoded."""
+@dataclass
+class Opened:
+    """A request's images, checked and charged to its budget from their headers, not yet decoded."""
+
+    decoded_bytes: int  # what decoding them will hold (the budget's charge)
+    pending: list[Callable[[], np.ndarray]]
+
+    def decode(self) -> np.ndarray:
+        return np.concatenate([finish() for finish in self.pending])
+
+
+def open_blobs(parts: list[tuple[bytes, str, str]], settings: Settings) -> Opened:
+    """(bytes, name, media type) parts of one request, every header read and charged to the request's
+    budget: a request over it is refused here, before anything is decoded."""
     budget = images.DecodeBudget(settings.max_request_pixels, settings.max_decoded_bytes)
     pending = [_open_blob(blob, name, settings.max_pixels, kind, budget) for blob, name, kind in parts]
-    return np.concatenate([finish() for finish in pending])
+    return Opened(budget.bytes, pending)
+
+
+def decode_blobs(parts: list[tuple[bytes, str, str]], settings: Settings) -> np.ndarray:
+    """(bytes, name, media type) parts of one request -> (N, 28, 28) uint8 (open_blobs, then decoded)."""
+    return open_blobs(parts, settings).decode()
 
 
 def _open_blob(blob: bytes, name: str, max_pixels: int, media_type: str,
@@ -144,12 +172,27 @@ async def read_batch(request: Request, service: ModelService) -> tuple[np.ndarra
         raise ClientError(400, "empty request body; send an image, a .npy array or JSON "
                                f"(content types: {', '.join(ACCEPTED_TYPES[:4])}, image/png, image/jpeg)")
     if media == "application/json" or media.endswith("+json"):
-        return await service.work(_json_images, body, settings)
-    if media in NPY_TYPES:
-        return await service.work(decode_blobs, [(body, "request body (.npy)", media)], settings), None
-    if media in IMAGE_TYPES or media in ("", "application/octet-stream"):
-        return await service.work(decode_blobs, [(body, "request body", media)], settings), None
+        return await _decoded(service, len(body), functools.partial(_open_json, body, settings))
+    if media in NPY_TYPES or media in IMAGE_TYPES or media in ("", "application/octet-stream"):
+        part = (body, "request body (.npy)" if media in NPY_TYPES else "request body", media)
+        return await _decoded(service, len(body), lambda: (open_blobs([part], settings), None))
     raise ClientError(415, f"content type {media!r} is not accepted; use one of {', '.join(ACCEPTED_TYPES)}")
+
+
+async def _decoded(service: ModelService, body_bytes: int, open_request: Callable[[], tuple[Opened, Any]]
+                   ) -> tuple[np.ndarray, Any]:
+    """open_request()'s images decoded, and its top_k: on the event loop when small, else in a work slot."""
+    if body_bytes > INLINE_BODY_BYTES:
+        return await service.work(_open_and_decode, open_request)
+    opened, top_k = open_request()
+    if opened.decoded_bytes <= INLINE_DECODED_BYTES:
+        return opened.decode(), top_k
+    return await service.work(opened.decode), top_k
+
+
+def _open_and_decode(open_request: Callable[[], tuple[Opened, Any]]) -> tuple[np.ndarray, Any]:
+    opened, top_k = open_request()
+    return opened.decode(), top_k
 
 
 async def _read_multipart(request: Request, service: ModelService) -> tuple[np.ndarray, Any]:
@@ -181,8 +224,9 @@ def _decode_files(files: list[tuple[Any, str, str]], settings: Settings) -> np.n
     return decode_blobs(parts, settings)
 
 
-def _json_images(body: bytearray, settings: Settings) -> tuple[np.ndarray, Any]:
-    """{"image": b64} | {"images": [b64, ...]} | {"instances": [...]} | {"array": nested list} | [...]."""
+def _open_json(body: bytearray, settings: Settings) -> tuple[Opened, Any]:
+    """{"image": b64} | {"images": [b64, ...]} | {"instances": [...]} | {"array": nested list} | [...]:
+    the images opened (pixel arrays are converted here), and the body's top_k."""
     doc = load_json(body, "body")
     if isinstance(doc, list):
         doc = {"instances": doc}
@@ -191,7 +235,7 @@ def _json_images(body: bytearray, settings: Settings) -> tuple[np.ndarray, Any]:
                                f"got {json_type(doc)}")
     top_k = doc.get("top_k")
     if "image" in doc:
-        return decode_blobs([(_b64(doc["image"], "image"), "image", "")], settings), top_k
+        return open_blobs([(_b64(doc["image"], "image"), "image", "")], settings), top_k
     if "array" in doc:
         return _pixel_arrays(doc["array"], "array"), top_k
     key = "images" if "images" in doc else "instances" if "instances" in doc else None
@@ -203,7 +247,7 @@ def _json_images(body: bytearray, settings: Settings) -> tuple[np.ndarray, Any]:
         raise ClientError(400, f"JSON field {key}: expected a non-empty list; got {json_type(items)}")
     if all(isinstance(x, (str, dict)) for x in items):
         parts = [(_b64(x, f"{key}[{i}]"), f"{key}[{i}]", "") for i, x in enumerate(items)]
-        return decode_blobs(parts, settings), top_k
+        return open_blobs(parts, settings), top_k
     return _pixel_arrays(items, key), top_k
 
 
@@ -223,8 +267,9 @@ def _b64(text: Any, field: str) -> bytes:
     return blob
 
 
-def _pixel_arrays(value: Any, field: str) -> np.ndarray:
-    return images.array_to_images(json_numbers(value, f"JSON field {field}"), f"JSON field {field}")
+def _pixel_arrays(value: Any, field: str) -> Opened:
+    arr = images.array_to_images(json_numbers(value, f"JSON field {field}"), f"JSON field {field}")
+    return Opened(arr.nbytes, [lambda: arr])
 
 
 def parse_top_k(query: int | None, body: Any, settings: Settings, classes: int) -> int:

@@ -38,9 +38,31 @@ PREDICT_BODY: dict[str, Any] = {
 }
 
 
+# What /v1/predict and /invocations answer, for the OpenAPI schema: one object per image.
+OOD_SCORE = {"type": ["number", "null"], "minimum": 0,
+             "description": "out-of-distribution score: distance of the image's features to the nearest class "
+                            "mean (null when the model has no out-of-distribution detector)"}
+UNSURE = {"type": ["boolean", "null"],
+          "description": "true when ood_score is above the model's calibrated threshold: probably not a garment"}
+RANKED_CLASSES = {"type": "array", "description": "top_k classes, best first", "items": {
+    "type": "object", "properties": {"label": {"type": "string"}, "index": {"type": "integer"},
+                                     "score": {"type": "number", "description": "probability"}}}}
+PREDICT_RESPONSE: dict[str, Any] = {200: {"description": "one object per image, in the order sent", "content": {
+    "application/json": {"schema": {"type": "array", "items": {
+        "type": "object", "required": ["classes", "ood_score", "unsure"],
+        "properties": {"classes": RANKED_CLASSES, "ood_score": OOD_SCORE, "unsure": UNSURE}}}}}}}
+EXPLAIN_RESPONSE: dict[str, Any] = {200: {"description": "what the web page shows", "content": {
+    "application/json": {"schema": {"type": "object", "properties": {
+        "input": {"type": "array", "description": "the preprocessed 28x28 image the model sees"},
+        "probabilities": {**RANKED_CLASSES, "description": "every class's probability, in class order"},
+        "prediction": RANKED_CLASSES["items"], "ood_score": OOD_SCORE,
+        "unsure": UNSURE, "saliency": {"type": ["array", "null"]}}}}}}}
+
+
 async def ranked(service: ModelService, settings: Settings, request: Request, top_k: int | None
-                 ) -> list[list[dict[str, Any]]]:
-    """The body's images, each with its top_k classes sorted by score (/v1/predict, /invocations)."""
+                 ) -> list[dict[str, Any]]:
+    """The body's images, each with its top_k classes sorted by score and its out-of-distribution score
+    and flag (/v1/predict, /invocations)."""
     batch, body_k = await read_batch(request, service)
     k = parse_top_k(top_k, body_k, settings, len(service.class_names))
     return await service.work(service.predict, batch, k)
@@ -61,15 +83,20 @@ async def v1_model(service: ModelService, settings: Settings):
     return {"name": settings.model_name, "backend": settings.backend, "platform": service.platform,
             "class_names": service.class_names, "max_body_bytes": settings.max_body_bytes,
             "max_pixels": settings.max_pixels, "max_request_pixels": settings.max_request_pixels,
-            "max_decoded_bytes": settings.max_decoded_bytes, "saliency": service.saliency_model is not None}
+            "max_decoded_bytes": settings.max_decoded_bytes, "saliency": service.saliency_model is not None,
+            "ood": service.predictor.ood_status()}
 
 
 def router(service: ModelService, settings: Settings) -> APIRouter:
     r = APIRouter()
     r.add_api_route("/v1/predict", bind(v1_predict, service, settings), methods=["POST"], openapi_extra=PREDICT_BODY,
-                    summary="Classify one or more images; a list (one per image) of classes sorted by score")
+                    responses=PREDICT_RESPONSE,
+                    summary="Classify one or more images; per image, its classes sorted by score, its "
+                            "out-of-distribution score and whether it is unsure (probably not a garment)")
     r.add_api_route("/v1/explain", bind(v1_explain, service, settings), methods=["POST"], openapi_extra=PREDICT_BODY,
-                    summary="One image: preprocessed 28x28 input, probabilities of every class, saliency map")
+                    responses=EXPLAIN_RESPONSE,
+                    summary="One image: preprocessed 28x28 input, probabilities of every class, saliency map, "
+                            "out-of-distribution score and unsure flag")
     r.add_api_route("/v1/model", bind(v1_model, service, settings), methods=["GET"],
-                    summary="The served model: classes, backend, input contract")
+                    summary="The served model: classes, backend, input contract, out-of-distribution threshold")
     return r

@@ -3,8 +3,9 @@ request and response codec, JSON and the binary tensor extension that stock clie
 use by default.
 
 One input, "input": UINT8 pixels (or FP32 in [0, 1]) of shape [N, 28, 28] or [N, 1, 28, 28].
-Three outputs: "probabilities" FP32 [N, classes], "class_index" INT64 [N], "label" BYTES [N].
-Every model route is also served under /versions/1.
+Outputs: "probabilities" FP32 [N, classes], "class_index" INT64 [N], "label" BYTES [N], and where the
+model has an out-of-distribution detector, "ood_score" FP32 [N] and "unsure" BOOL [N] (the score is
+above the model's threshold: probably not a garment). Every model route is also served under /versions/1.
 """
 
 from __future__ import annotations
@@ -34,6 +35,7 @@ DTYPES = {"UINT8": np.uint8, "UINT16": np.uint16, "UINT32": np.uint32, "UINT64":
           "INT16": np.int16, "INT32": np.int32, "INT64": np.int64, "FP16": np.float16, "FP32": np.float32,
           "FP64": np.float64}
 OUTPUTS = ("probabilities", "class_index", "label")
+OOD_OUTPUTS = ("ood_score", "unsure")  # only where the model has an out-of-distribution detector
 
 # The documented {name} path parameter; router() replaces it with one whose example is the served name.
 MODEL_NAME = PathParam(description="the served model's name")
@@ -41,29 +43,38 @@ MODEL_NAME = PathParam(description="the served model's name")
 
 # --------------------------------------------------------------------------- the protocol
 
-def metadata(name: str, platform: str, class_names: list[str]) -> dict[str, Any]:
-    """GET /v2/models/{name}: the model's one input and three outputs."""
+def outputs_of(service: ModelService) -> tuple[str, ...]:
+    """The outputs the served model gives: the out-of-distribution ones only with a detector."""
+    return OUTPUTS + (OOD_OUTPUTS if service.predictor.ood is not None else ())
+
+
+def metadata(name: str, platform: str, class_names: list[str], outputs: tuple[str, ...] = OUTPUTS,
+             ood: dict[str, Any] | None = None) -> dict[str, Any]:
+    """GET /v2/models/{name}: the model's one input and its outputs (`ood`: the detector's status)."""
     n = len(class_names)
+    specs = {"probabilities": {"datatype": "FP32", "shape": [-1, n]},
+             "class_index": {"datatype": "INT64", "shape": [-1]}, "label": {"datatype": "BYTES", "shape": [-1]},
+             "ood_score": {"datatype": "FP32", "shape": [-1]}, "unsure": {"datatype": "BOOL", "shape": [-1]}}
     return {
         "name": name, "versions": ["1"], "platform": platform,
         "inputs": [{"name": "input", "datatype": "UINT8", "shape": [-1, 28, 28]}],
-        "outputs": [{"name": "probabilities", "datatype": "FP32", "shape": [-1, n]},
-                    {"name": "class_index", "datatype": "INT64", "shape": [-1]},
-                    {"name": "label", "datatype": "BYTES", "shape": [-1]}],
+        "outputs": [{"name": output, **specs[output]} for output in outputs],
         "parameters": {"class_names": class_names,
                        "input_note": "UINT8 pixels (or FP32 in [0, 1]) of shape [N, 28, 28] or [N, 1, 28, 28], "
-                                     "object light on black as in the dataset"},
+                                     "object light on black as in the dataset",
+                       **({"ood": ood} if ood is not None else {})},
     }
 
 
-def decode_request(body: bytes | bytearray, header_length: str | None) -> tuple[dict[str, Any], np.ndarray]:
+def decode_request(body: bytes | bytearray, header_length: str | None, outputs: tuple[str, ...] = OUTPUTS
+                   ) -> tuple[dict[str, Any], np.ndarray]:
     """An inference request (JSON, or JSON + binary tensors) -> (request JSON, (N, 28, 28) uint8).
-    Every field is checked (check_request) before anything is decoded or run."""
+    Every field is checked (check_request, against the model's `outputs`) before anything is decoded or run."""
     json_part, binary = _split_body(body, header_length)
     if not json_part:
         raise InferenceRequestError("empty inference request; expected JSON with an 'inputs' list")
     req = load_json(json_part, "inference request")
-    check_request(req)
+    check_request(req, outputs)
     tensor = req["inputs"][0]
     arr = _tensor_values(tensor, binary)
     if arr.ndim == 4 and arr.shape[1] == 1:  # (N, 1, 28, 28): the model's own layout
@@ -71,9 +82,10 @@ def decode_request(body: bytes | bytearray, header_length: str | None) -> tuple[
     return req, images.array_to_images(arr, f"inputs[0] ({tensor['datatype']} {list(tensor['shape'])})")
 
 
-def check_request(req: Any) -> None:
-    """Every field the protocol defines has its type (and the values this model can take), or a 400
-    names the field: the request is refused before any work, never halfway through the answer."""
+def check_request(req: Any, outputs: tuple[str, ...] = OUTPUTS) -> None:
+    """Every field the protocol defines has its type (and the values this model can take: `outputs` are
+    the ones it gives), or a 400 names the field: the request is refused before any work, never halfway
+    through the answer."""
     if not isinstance(req, dict) or not isinstance(req.get("inputs"), list) or len(req["inputs"]) != 1:
         raise InferenceRequestError("inference request: expected {'inputs': [one tensor named 'input']}")
     _optional(req, "id", str, "id", "a string")  # echoed in the answer: never NaN or a deep structure
@@ -81,7 +93,7 @@ def check_request(req: Any) -> None:
     _optional(params, "binary_data_output", bool, "parameters.binary_data_output", "true or false")
     _check_input(req["inputs"][0])
     for i, spec in enumerate(_optional(req, "outputs", list, "outputs", "a list of objects") or ()):
-        _check_output(i, spec)
+        _check_output(i, spec, outputs)
 
 
 def _check_input(tensor: Any) -> None:
@@ -104,13 +116,15 @@ def _check_input(tensor: Any) -> None:
         raise InferenceRequestError(f"inputs[0].parameters.binary_data_size {size}: expected a non-negative integer")
 
 
-def _check_output(i: int, spec: Any) -> None:
+def _check_output(i: int, spec: Any, outputs: tuple[str, ...]) -> None:
     if not isinstance(spec, dict):
         raise InferenceRequestError(f"outputs[{i}]: expected an object with a 'name'; got {json_type(spec)}")
     name = spec.get("name")
-    if not isinstance(name, str) or name not in OUTPUTS:
+    if not isinstance(name, str) or name not in outputs:
+        missing = (" (it has no out-of-distribution detector: see GET /v1/model)"
+                   if name in OOD_OUTPUTS else "")
         raise InferenceRequestError(f"outputs[{i}].name: requested output {brief(name)}: this model has "
-                                    f"outputs {', '.join(OUTPUTS)}")
+                                    f"outputs {', '.join(outputs)}{missing}")
     params = _optional(spec, "parameters", dict, f"outputs[{i}].parameters", "an object")
     _optional(params, "binary_data", bool, f"outputs[{i}].parameters.binary_data", "true or false")
 
@@ -175,15 +189,19 @@ def _tensor_values(tensor: dict[str, Any], binary: memoryview) -> np.ndarray:
         return values.astype(dtype).reshape(shape)
 
 
-def encode_response(model_name: str, class_names: list[str], req: dict[str, Any], probs: np.ndarray
-                    ) -> tuple[bytes, dict[str, str]]:
-    """Outputs as JSON, or as JSON + binary tensors where the request asked for binary data.
-    `req` has passed check_request."""
+def encode_response(model_name: str, class_names: list[str], req: dict[str, Any], probs: np.ndarray,
+                    scores: np.ndarray | None = None, unsure: np.ndarray | None = None) -> tuple[bytes, dict[str, str]]:
+    """Outputs as JSON, or as JSON + binary tensors where the request asked for binary data; every output
+    when the request names none. `scores` and `unsure`: the out-of-distribution outputs (None where the
+    model has no detector). `req` has passed check_request."""
     idx = probs.argmax(1).astype(np.int64)
     labels = [class_names[i] for i in idx]
     tensors = {"probabilities": ("FP32", list(probs.shape), probs.astype(np.float32)),
                "class_index": ("INT64", [len(idx)], idx), "label": ("BYTES", [len(idx)], labels)}
-    wanted = req.get("outputs") or [{"name": n} for n in OUTPUTS]
+    if scores is not None and unsure is not None:
+        tensors.update(ood_score=("FP32", [len(idx)], scores.astype(np.float32)),
+                       unsure=("BOOL", [len(idx)], unsure.astype(bool)))
+    wanted = req.get("outputs") or [{"name": n} for n in tensors]
     binary_default = bool((req.get("parameters") or {}).get("binary_data_output", False))
     outputs, chunks = [], []
     for spec in wanted:
@@ -244,7 +262,8 @@ async def v2_ready(service: ModelService):
 
 async def v2_model(service: ModelService, settings: Settings, name: str = MODEL_NAME, version: str | None = None):
     known(settings, name, version)
-    return metadata(settings.model_name, service.platform, service.class_names)
+    return metadata(settings.model_name, service.platform, service.class_names, outputs_of(service),
+                    service.predictor.ood_status())
 
 
 async def v2_model_ready(service: ModelService, settings: Settings, name: str = MODEL_NAME,
@@ -258,9 +277,12 @@ async def v2_infer(service: ModelService, settings: Settings, request: Request, 
                    version: str | None = None):
     known(settings, name, version)
     body = await read_body(request)
-    req, batch = await service.work(decode_request, body, request.headers.get("inference-header-content-length"))
-    probs = await service.work(service.probabilities, batch)
-    content, headers = encode_response(settings.model_name, service.class_names, req, probs)
+    req, batch = await service.work(decode_request, body, request.headers.get("inference-header-content-length"),
+                                    outputs_of(service))
+    probs, scores = await service.work(service.infer, batch)
+    detector = service.predictor.ood
+    content, headers = encode_response(settings.model_name, service.class_names, req, probs,
+                                       *((scores, detector.unsure(scores)) if detector is not None else ()))
     return Response(content, headers=headers, media_type=headers["content-type"])
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from .json_api import PREDICT_BODY, TOP_K, ranked
+from .json_api import PREDICT_BODY, PREDICT_RESPONSE, TOP_K, ranked
 from .routing import bind
 from .service import ModelService
 from .settings import Settings
@@ -30,7 +30,8 @@ def router(service: ModelService, settings: Settings) -> APIRouter:
     r.add_api_route("/ping", bind(ping, service, settings), methods=["GET"],
                     summary="SageMaker health check: 200 while the model's predictions work, else 503")
     r.add_api_route("/invocations", bind(invocations, service, settings), methods=["POST"],
-                    openapi_extra=PREDICT_BODY, summary="SageMaker inference: same bodies as /v1/predict")
+                    openapi_extra=PREDICT_BODY, responses=PREDICT_RESPONSE,
+                    summary="SageMaker inference: same bodies and answers as /v1/predict")
     r.add_api_route("/execution-parameters", bind(execution_parameters, settings), methods=["GET"],
                     summary="SageMaker batch transform: how to split and send requests")
     return r

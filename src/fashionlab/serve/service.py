@@ -2,12 +2,21 @@
 
 The model is checked on known inputs before it is served (self_test): a run whose weights are NaN,
 or whose class names do not match its outputs, does not start. Every answer is checked the same way,
-and the health routes run the self-test again: they answer 200 only while predictions work.
+and the health routes run the known inputs again: they answer 200 only while predictions work.
+
+Every model call goes through one Batcher (batching.py): the images of concurrent requests share
+forward passes on the worker's one inference thread, which uses the worker's share of the cores.
+Each image's answer is bit-identical whatever images share its pass (identical_passes).
 """
 
 from __future__ import annotations
 
+import asyncio
 import functools
+import hashlib
+import inspect
+import logging
+import os
 import threading
 from pathlib import Path
 from typing import Any, Callable
@@ -15,13 +24,13 @@ from typing import Any, Callable
 import anyio
 import numpy as np
 
+from .batching import Batcher, BatcherClosed, identical_passes
 from .settings import Settings
 
+log = logging.getLogger("fashionlab.serve")
 
-# Images per forward pass. A request may hold thousands of images (a 10 MB .npy holds 12,700); the
-# activations of a pass grow with its batch (cnn_small: about 150 MB more peak at 1,000, 25 MB at 256),
-# and each work slot runs one pass at a time.
-INFERENCE_BATCH = 256
+# A request holding more images than this is ranked in a work thread, not on the event loop.
+RANK_INLINE_IMAGES = 64
 
 
 class ModelUnavailable(Exception):
@@ -39,14 +48,17 @@ class ModelService:
             raise checkpoint.RunError(
                 f"{path}: no such model folder" + ("" if settings.run else
                                                    " (no run given, so the SageMaker model folder is used)"))
-        if settings.threads:
-            import torch
-            torch.set_num_threads(settings.threads)
+        import torch
+        # One inference thread per worker process: each worker's passes use its share of the cores.
+        self.threads = inference_threads(settings)
+        torch.set_num_threads(self.threads)
         self.predictor, self.saliency_model, self.platform = _load(path, settings)
+        self.version = model_version(path, settings.backend)
         self.class_names: list[str] = list(self.predictor.class_names)
         self._samples: tuple[np.ndarray, np.ndarray] | None = None
         self.samples_note = ""
         self._lock = threading.Lock()
+        self._health_check: asyncio.Task | None = None  # the health check running now, shared by callers
         # Decoding and model calls hold memory in proportion to their input: bounding how many run at
         # once bounds the server's memory whatever number of connections arrive. Waiting requests hold
         # no thread, only their body.
@@ -54,57 +66,108 @@ class ModelService:
         failure = self.self_test()
         if failure:
             raise checkpoint.RunError(f"{path}: {failure}; not serving it")
+        # The one function every forward pass runs, in passes that keep each image's answer identical.
+        self.forward, self.passes_note = identical_passes(
+            lambda batch: self.predictor.infer(batch, max(1, len(batch))), probe_images(), settings.max_batch)
+        self.batcher = Batcher(self.forward, settings.max_batch, settings.max_wait_ms / 1000)
+        log.info("batching: up to %d images per pass, %g ms wait, %d threads; %s", settings.max_batch,
+                 settings.max_wait_ms, self.threads, self.passes_note)
 
     async def work(self, fn: Callable[..., Any], *args: Any) -> Any:
-        """fn(*args) in a worker thread, once one of the work slots is free."""
+        """fn(*args). A coroutine function (the model calls: they wait in the batcher's queue, holding no
+        thread) is awaited here; any other function runs in a worker thread once a work slot is free."""
+        if inspect.iscoroutinefunction(fn):
+            return await fn(*args)
         return await anyio.to_thread.run_sync(functools.partial(fn, *args), limiter=self._slots)
+
+    def close(self, timeout: float | None = None) -> None:
+        """Finishes the queued passes and stops the inference thread (at shutdown)."""
+        self.batcher.close(timeout)
 
     # ----------------------------------------------------------------------- is the model usable?
 
     def self_test(self) -> str | None:
-        """None when the model gives a probability per class name for each of a few known images
-        (blank, white, a bright shape, noise), else what is wrong with it."""
+        """None when the model gives a probability per class name, and an out-of-distribution score, for
+        each of a few known images (blank, white, a bright shape, noise; flagged unsure or not), else what
+        is wrong with it."""
         probes = probe_images()
         try:
-            probs = self.predictor.probabilities(probes)
+            probs, scores = self.predictor.infer(probes)
         except Exception as e:
             return (f"the model fails on {len(probes)} test images ({type(e).__name__}: "
                     f"{(str(e).splitlines() or [''])[0]})")
-        return output_problem(probs, len(probes), self.class_names)
+        return output_problem(probs, len(probes), self.class_names) or score_problem(scores, len(probes))
 
     async def require_ready(self) -> None:
-        """Returns if the self-test passes now, else raises ModelUnavailable (the health routes: 503).
-        Four tiny images: it takes no work slot, so a busy server still answers its health checks."""
-        failure = await anyio.to_thread.run_sync(self.self_test)
+        """Returns if the known images get usable answers now, else raises ModelUnavailable (the health
+        routes: 503). The four tiny images join the next forward pass ahead of queued requests, so a busy
+        server answers its health checks within a pass, and the check proves the batched path works.
+        Health checks that arrive while a check is running share its answer: a storm of them costs one
+        check per pass, not four images each."""
+        loop = asyncio.get_running_loop()
+        check = self._health_check
+        if check is None or check.done() or check.get_loop() is not loop:
+            check = self._health_check = loop.create_task(self._probe_problem())
+        failure = await asyncio.shield(check)
         if failure:
-            raise ModelUnavailable(f"the model is not ready: {failure}")
+            raise ModelUnavailable(failure)
 
-    def probabilities(self, batch: np.ndarray) -> np.ndarray:
-        """(N, 28, 28) uint8 -> (N, classes) probabilities, checked: unusable outputs are never returned."""
-        probs = self.predictor.probabilities(batch, INFERENCE_BATCH)
-        failure = output_problem(probs, len(batch), self.class_names)
+    async def _probe_problem(self) -> str | None:
+        """What is wrong with the batched answers for the known images (None when nothing is)."""
+        probes = probe_images()
+        try:
+            probs, scores = await self.batcher.submit(probes, urgent=True)
+        except BatcherClosed as e:
+            return str(e)
+        except Exception as e:
+            return (f"the model is not ready: the model fails on {len(probes)} test images "
+                    f"({type(e).__name__}: {(str(e).splitlines() or [''])[0]})")
+        failure = output_problem(probs, len(probes), self.class_names) or score_problem(scores, len(probes))
+        return f"the model is not ready: {failure}" if failure else None
+
+    async def infer(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 28, 28) uint8 -> (probabilities (N, classes), out-of-distribution scores (N,), NaN where the
+        model has no detector), row-aligned, from the same forward passes: every route's one call into the
+        model, in passes shared with concurrent requests. Checked: unusable outputs are never returned."""
+        try:
+            probs, scores = await self.batcher.submit(batch)
+        except BatcherClosed as e:
+            raise ModelUnavailable(str(e)) from None
+        failure = output_problem(probs, len(batch), self.class_names) or score_problem(scores, len(batch))
         if failure:
             raise ModelUnavailable(f"{failure}; nothing was returned")
-        return probs
+        return probs, scores
 
-    def predict(self, batch: np.ndarray, top_k: int) -> list[list[dict[str, Any]]]:
-        return self.predictor.rank(self.probabilities(batch), top_k)
+    async def predict(self, batch: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+        """Per image: {"classes": top_k of {"label", "index", "score"}, best first, "ood_score", "unsure"}
+        (the last two null when the model has no out-of-distribution detector)."""
+        probs, scores = await self.infer(batch)
+        answers = functools.partial(self._answers, probs, scores, top_k)
+        return answers() if len(batch) <= RANK_INLINE_IMAGES else await self.work(answers)
 
-    def explain(self, image: np.ndarray) -> dict[str, Any]:
+    def _answers(self, probs: np.ndarray, scores: np.ndarray, top_k: int) -> list[dict[str, Any]]:
+        return [ranked.to_dict() for ranked in self.predictor.rank(probs, top_k, scores)]
+
+    async def explain(self, image: np.ndarray) -> dict[str, Any]:
         """One (28, 28) uint8 image -> what the web page shows."""
-        probs = self.probabilities(image[None])[0]
+        probs, scores = await self.infer(image[None])
+        ranked = self.predictor.rank(probs, 1, scores)[0]
         out: dict[str, Any] = {
             "input": image.tolist(),
             "probabilities": [{"label": n, "index": i, "score": float(p)}
-                              for i, (n, p) in enumerate(zip(self.class_names, probs))],
-            "prediction": self.predictor.rank(probs[None], 1)[0][0],
+                              for i, (n, p) in enumerate(zip(self.class_names, probs[0]))],
+            "prediction": ranked[0],
+            "ood_score": ranked.ood_score,
+            "unsure": ranked.unsure,
             "saliency": None,
         }
-        if self.saliency_model is not None:
-            from ..saliency import saliency
-            target = np.array([out["prediction"]["index"]])
-            out["saliency"] = np.rint(saliency(self.saliency_model, image[None], target)[0] * 255).astype(int).tolist()
+        if self.saliency_model is not None:  # gradients through PyTorch: in a work slot, not the inference thread
+            out["saliency"] = await self.work(self._saliency, image, out["prediction"]["index"])
         return out
+
+    def _saliency(self, image: np.ndarray, index: int) -> list[list[int]]:
+        from ..saliency import saliency
+        return np.rint(saliency(self.saliency_model, image[None], np.array([index]))[0] * 255).astype(int).tolist()
 
     def samples(self) -> tuple[np.ndarray, np.ndarray]:
         """A fixed sample of test images, the same few per class (loaded on first use, then kept)."""
@@ -133,18 +196,44 @@ class ModelService:
         return ds.test_images[order], ds.test_labels[order]
 
 
+def inference_threads(settings: Settings) -> int:
+    """Threads per forward pass: as set, else this process's share of the cores it may run on, the
+    `workers` processes sharing them."""
+    if settings.threads:
+        return settings.threads
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, cores // settings.workers)
+
+
+def model_version(path: Path, backend: str) -> str:
+    """The served file's identity: the first 12 hex digits of its SHA-256 (the metrics' model version)."""
+    from ..export import ONNX_FILE
+    from ..run import RunFolder
+    file = path / ONNX_FILE if backend == "onnx" else RunFolder(path).weights_path
+    if not file.is_file():  # a predictor loaded from elsewhere
+        return "unknown"
+    digest = hashlib.sha256()
+    with open(file, "rb") as fh:
+        for block in iter(functools.partial(fh.read, 1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
+
+
 def _load(path: Path, settings: Settings) -> tuple[Any, Any, str]:
     """(predictor, saliency model or None, Open Inference platform) for the configured backend."""
     from ..run import RunFolder
     if settings.backend == "onnx":
         from ..export import OnnxPredictor
-        predictor = OnnxPredictor.from_run(path, threads=settings.threads or None)
+        predictor = OnnxPredictor.from_run(path, threads=inference_threads(settings), data_dir=settings.data_dir)
         saliency_model = None
         if RunFolder(path).weights_path.is_file():  # saliency needs gradients: PyTorch
             saliency_model, _ = RunFolder(path).load_model()
         return predictor, saliency_model, "onnxruntime_onnx"
     from ..predict import Predictor
-    predictor = Predictor.from_run(path, device=settings.device)
+    predictor = Predictor.from_run(path, device=settings.device, data_dir=settings.data_dir)
     return predictor, predictor.model, "pytorch"
 
 
@@ -168,4 +257,15 @@ def output_problem(probs: Any, n: int, class_names: list[str]) -> str | None:
         return "the model's outputs are not finite (NaN or infinity): its weights are damaged"
     if (probs < 0).any() or np.abs(probs.sum(1) - 1).max() > 1e-3:
         return "the model's outputs are not probabilities (each row must be >= 0 and sum to 1)"
+    return None
+
+
+def score_problem(scores: Any, n: int) -> str | None:
+    """What is wrong with the out-of-distribution scores for n images (None when nothing is): one per
+    image, each >= 0 or NaN (no detector); never infinite, so every answer is valid JSON."""
+    shape = getattr(scores, "shape", None)
+    if shape != (n,):
+        return f"the model's out-of-distribution scores for {n} images have shape {shape}; expected ({n},)"
+    if np.isinf(scores).any() or (scores < 0).any():
+        return "the model's out-of-distribution scores are not distances (infinite or negative)"
     return None

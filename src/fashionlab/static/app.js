@@ -24,10 +24,29 @@ function drawGrid(canvas, grid, colour) {
   ctx.drawImage(tmp, 0, 0, canvas.width, canvas.height);
 }
 
+let oodThreshold = null;  // from /v1/model: scores above it are unsure
+
+// The out-of-distribution verdict: a visible mark when the image is unlike the garments the model knows.
+function showOod(r) {
+  const mark = $("ood-mark");
+  mark.hidden = r.unsure !== true;
+  $("result").classList.toggle("unsure", r.unsure === true);
+  if (r.ood_score === null || r.ood_score === undefined) {
+    $("ood-detail").textContent = "";
+    $("ood-line").textContent = "No out-of-distribution check for this model.";
+    return;
+  }
+  const limit = oodThreshold === null ? "" : ` (threshold ${oodThreshold.toFixed(2)})`;
+  $("ood-detail").textContent = `This image is unlike the garments it was trained on: ` +
+    `out-of-distribution score ${r.ood_score.toFixed(2)}${limit}. The prediction above is only a guess.`;
+  $("ood-line").textContent = r.unsure ? "" : `Out-of-distribution score ${r.ood_score.toFixed(2)}${limit}: looks like a garment.`;
+}
+
 function showResult(r) {
   $("result").hidden = false;
   $("prediction").textContent = r.prediction.label;
   $("confidence").textContent = `(${(100 * r.prediction.score).toFixed(1)}%)`;
+  showOod(r);
   drawGrid($("input-view"), r.input, (v) => [v, v, v, 255]);
   if (r.saliency) {
     // the input in grey with the saliency in red on top, so the hot pixels can be placed on the garment
@@ -99,6 +118,7 @@ async function loadModel() {
   if (!resp.ok) return;
   const m = await resp.json();
   $("model-line").textContent = `Model ${m.name} (${m.backend}): ${m.class_names.join(", ")}`;
+  if (m.ood && m.ood.available) oodThreshold = m.ood.threshold;
 }
 
 $("file").addEventListener("change", (e) => {

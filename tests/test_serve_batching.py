@@ -1,0 +1,339 @@
+"""Dynamic batching (serve/batching.py), in-process: concurrent requests share forward passes, each gets
+its own rows back in order, answers are bit-identical whatever shares a pass (the real model, PyTorch
+and ONNX Runtime), and the serve flags are range-checked. Real server processes: test_serve_process.py.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import shutil
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from fashionlab import cli
+from fashionlab.serve import ModelService, Settings
+from fashionlab.serve.batching import Batcher, BatcherClosed, identical_passes, in_fixed_passes, same_rows
+from serve_support import real_dataset, trained_run
+
+
+def images(n: int, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 256, (n, 28, 28), dtype=np.uint8)
+
+
+def row_sums(batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """A model stand-in whose outputs name their image: (sum of its pixels, its first pixel)."""
+    return batch.reshape(len(batch), -1).sum(1), batch[:, 0, 0].copy()
+
+
+class Recording:
+    """fn wrapped to record the size of every pass (and to take `seconds` per pass)."""
+
+    def __init__(self, fn=row_sums, seconds: float = 0.0):
+        self.fn, self.seconds, self.sizes = fn, seconds, []
+        self.running = threading.Event()  # set once the first pass has begun
+
+    def __call__(self, batch):
+        self.sizes.append(len(batch))
+        self.running.set()
+        if self.seconds:
+            time.sleep(self.seconds)
+        return self.fn(batch)
+
+
+async def submit_all(batcher: Batcher, requests: list[np.ndarray]) -> list:
+    return await asyncio.gather(*(batcher.submit(r) for r in requests))
+
+
+async def first_pass_running(batcher: Batcher, fn: Recording) -> asyncio.Future:
+    """Submits one image and returns once its pass is running (what is submitted next queues behind it)."""
+    busy = asyncio.ensure_future(batcher.submit(images(1)))
+    await asyncio.to_thread(fn.running.wait, 30)
+    return busy
+
+
+# --------------------------------------------------------------------------- the Batcher
+
+def test_every_request_gets_its_own_rows_in_order_from_shared_passes():
+    fn = Recording(seconds=0.01)
+    batcher = Batcher(fn, max_batch=16, max_wait=0.0)
+    rng = np.random.default_rng(1)
+    requests = [images(int(rng.integers(1, 40)), seed=i) for i in range(30)]  # some larger than a pass
+    answers = asyncio.run(submit_all(batcher, requests))
+    for request, (sums, firsts) in zip(requests, answers):
+        expected = row_sums(request)
+        np.testing.assert_array_equal(sums, expected[0])
+        np.testing.assert_array_equal(firsts, expected[1])
+    assert max(fn.sizes) <= 16 and sum(fn.sizes) == sum(map(len, requests))
+    # the requests queued behind the first pass filled the next ones: as few passes as their images allow
+    assert len(fn.sizes) <= 1 + -(-(sum(map(len, requests)) - fn.sizes[0]) // 16), fn.sizes
+    batcher.close()
+
+
+def test_a_request_larger_than_the_pass_is_cut_and_answered_whole():
+    fn = Recording(fn=lambda b: b.reshape(len(b), -1)[:, 0].astype(np.int64))  # a single array, not a tuple
+    batcher = Batcher(fn, max_batch=8, max_wait=0.0)
+    big = images(29)
+    answer = asyncio.run(batcher.submit(big))
+    np.testing.assert_array_equal(answer, big.reshape(29, -1)[:, 0])
+    assert fn.sizes == [8, 8, 8, 5]
+    batcher.close()
+
+
+def test_requests_arriving_at_an_idle_model_wait_up_to_max_wait_for_company():
+    async def two_apart(batcher):
+        first = asyncio.ensure_future(batcher.submit(images(1)))
+        await asyncio.sleep(0.02)
+        return await asyncio.gather(first, batcher.submit(images(1, seed=1)))
+
+    async def alone(batcher) -> float:
+        start = time.monotonic()
+        await batcher.submit(images(1))
+        return time.monotonic() - start
+
+    waiting = Recording()
+    asyncio.run(two_apart(Batcher(waiting, max_batch=8, max_wait=0.5)))
+    assert waiting.sizes == [2]  # the first waited for the second
+    assert asyncio.run(alone(Batcher(Recording(), max_batch=8, max_wait=0.3))) >= 0.29  # no company came
+    assert asyncio.run(alone(Batcher(Recording(), max_batch=8, max_wait=0.0))) < 0.2  # never waits
+
+
+def test_a_full_pass_does_not_wait():
+    fn = Recording()
+    batcher = Batcher(fn, max_batch=4, max_wait=30.0)
+    start = time.monotonic()
+    asyncio.run(submit_all(batcher, [images(2), images(2, seed=1)]))
+    assert fn.sizes == [4] and time.monotonic() - start < 10
+
+
+def test_an_exception_reaches_every_request_of_its_pass_and_the_next_pass_works():
+    calls = []
+
+    def flaky(batch):
+        calls.append(len(batch))
+        if len(calls) == 2:
+            raise RuntimeError("the model broke")
+        return row_sums(batch)
+
+    fn = Recording(fn=flaky, seconds=0.05)  # the others queue behind the first pass and share the next one
+    batcher = Batcher(fn, max_batch=64, max_wait=0.0)
+
+    async def scenario():
+        first = await first_pass_running(batcher, fn)
+        queued = await asyncio.gather(*(batcher.submit(images(1, seed=i)) for i in range(5)), return_exceptions=True)
+        return await first, queued, await batcher.submit(images(3))
+
+    first, queued, after = asyncio.run(scenario())
+    assert len(first[0]) == 1
+    assert all(isinstance(e, RuntimeError) and "broke" in str(e) for e in queued), queued
+    assert len(after[0]) == 3 and calls == [1, 5, 3]
+
+
+def test_a_cancelled_request_is_dropped_and_the_others_are_answered():
+    fn = Recording(seconds=0.05)
+    batcher = Batcher(fn, max_batch=64, max_wait=0.0)
+
+    async def scenario():
+        busy = await first_pass_running(batcher, fn)
+        gone = asyncio.ensure_future(batcher.submit(images(7)))
+        kept = asyncio.ensure_future(batcher.submit(images(2)))
+        await asyncio.sleep(0)
+        gone.cancel()
+        return await busy, await kept
+
+    busy, kept = asyncio.run(scenario())
+    assert len(kept[0]) == 2 and fn.sizes == [1, 2]  # the cancelled request's 7 images never ran
+
+
+def test_urgent_work_joins_the_next_pass_first():
+    fn = Recording(seconds=0.05)
+    batcher = Batcher(fn, max_batch=4, max_wait=0.0)
+
+    async def scenario():
+        busy = await first_pass_running(batcher, fn)
+        queued = [asyncio.ensure_future(batcher.submit(images(4, seed=i))) for i in range(3)]
+        await asyncio.sleep(0)
+        urgent = asyncio.ensure_future(batcher.submit(np.full((4, 28, 28), 7, np.uint8), urgent=True))
+        await asyncio.gather(busy, urgent, *queued)
+
+    seen = []
+    fn.fn = lambda b: (seen.append(int(b[0, 0, 0])), row_sums(b))[1]
+    asyncio.run(scenario())
+    assert seen[1] == 7  # right after the pass that was running
+
+
+def test_close_finishes_the_queued_work_then_refuses_more():
+    fn = Recording(seconds=0.02)
+    submitted = threading.Semaphore(0)
+
+    class Counting:  # the observer hears of every submitted request
+        def queued(self, images):
+            submitted.release()
+
+        def ran(self, images, seconds):
+            pass
+
+    batcher = Batcher(fn, max_batch=2, max_wait=0.0, observer=Counting())
+    results = []
+
+    async def many():
+        return await submit_all(batcher, [images(2, seed=i) for i in range(5)])
+
+    worker = threading.Thread(target=lambda: results.append(asyncio.run(many())))
+    worker.start()
+    for _ in range(5):  # every request is queued (the first pass may already run) before closing
+        assert submitted.acquire(timeout=30)
+    batcher.close(timeout=30)
+    worker.join(30)
+    assert len(results) == 1 and len(results[0]) == 5 and sum(fn.sizes) == 10
+    with pytest.raises(BatcherClosed):
+        asyncio.run(batcher.submit(images(1)))
+
+
+def test_each_event_loop_gets_its_own_answers():
+    """Requests from several event loops (threads) share passes; each loop is woken with its own answers."""
+    fn = Recording(seconds=0.005)
+    batcher = Batcher(fn, max_batch=32, max_wait=0.002)
+    answers: dict[int, list] = {}
+
+    def loop_thread(k):
+        requests = [images(3, seed=100 * k + i) for i in range(10)]
+        answers[k] = [(r, a) for r, a in zip(requests, asyncio.run(submit_all(batcher, requests)))]
+
+    threads = [threading.Thread(target=loop_thread, args=(k,)) for k in range(4)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(30)
+    for k in range(4):
+        for request, (sums, _) in answers[k]:
+            np.testing.assert_array_equal(sums, row_sums(request)[0])
+    batcher.close()
+
+
+# --------------------------------------------------------------------------- identical answers in any company
+
+def size_dependent(batch):
+    """Like PyTorch's CPU kernels: each image's arithmetic depends on the size of its pass."""
+    return batch.reshape(len(batch), -1).astype(np.float32).mean(1) * np.float32(1 + 1e-6 * (len(batch) % 3))
+
+
+def company_dependent(batch):
+    """Worse: each image's answer depends on the other images of its pass."""
+    x = batch.reshape(len(batch), -1).astype(np.float32)
+    return x.mean(1) + np.float32(1e-6) * x.mean()
+
+
+@pytest.mark.parametrize("fn,plan", [(row_sums, "any size"), (size_dependent, "exactly"),
+                                     (company_dependent, "one image per pass")])
+def test_the_pass_plan_gives_identical_rows_and_says_which_it_chose(fn, plan):
+    probes = images(4, seed=9)
+    forward, note = identical_passes(fn, probes, max_batch=32)
+    assert plan in note.replace("1 to 32", "any size")
+    assert same_rows(forward, images(4, seed=10), [2, 7, 8, 9, 31], seed=3)
+    if fn is not row_sums:
+        assert not same_rows(fn, probes, [2, 7, 8, 9, 31])
+
+
+def test_fixed_passes_pad_and_trim():
+    sizes = []
+    forward = in_fixed_passes(lambda b: (sizes.append(len(b)), row_sums(b))[1], 8)
+    x = images(19)
+    np.testing.assert_array_equal(forward(x)[0], row_sums(x)[0])
+    assert sizes == [8, 8, 8]
+    assert len(forward(x[:0])[0]) == 0
+
+
+@pytest.fixture(scope="module")
+def served_run(tmp_path_factory):
+    """The trained test run, copied, with its ONNX export."""
+    from fashionlab import export
+    run = tmp_path_factory.mktemp("batching") / "run"
+    shutil.copytree(trained_run(), run)
+    export.export_onnx(run, real_dataset().test_images[:200])
+    return run
+
+
+@pytest.mark.parametrize("backend", ["torch", "onnx"])
+def test_real_model_answers_are_bit_identical_whatever_shares_the_pass(served_run, backend):
+    """40 requests of 1 to 11 real test images at once through the service's batcher: each request's
+    probabilities and out-of-distribution scores equal, bit for bit, what the model gives that request
+    alone (its own pass), and passes really were shared."""
+    service = ModelService(Settings(run=str(served_run), backend=backend, samples=0, max_batch=16).checked())
+    passes = []
+    service.batcher.fn = lambda batch: (passes.append(len(batch)), service.forward(batch))[1]
+    test_images = real_dataset().test_images
+    rng = np.random.default_rng(0)
+    starts = rng.integers(0, len(test_images) - 11, 40)
+    requests = [test_images[s: s + int(rng.integers(1, 12))] for s in starts]
+
+    async def all_at_once():
+        return await asyncio.gather(*(service.infer(r) for r in requests))
+
+    answers = asyncio.run(all_at_once())
+    assert len(passes) < len(requests) and max(passes) > 1, passes
+    for request, (probs, scores) in zip(requests, answers):
+        alone_probs, alone_scores = service.forward(request)
+        assert np.array_equal(probs, alone_probs), np.abs(probs - alone_probs).max()
+        assert np.array_equal(scores, alone_scores, equal_nan=True)
+    if backend == "onnx":  # ONNX Runtime's CPU kernels compute each image alike in a pass of any size
+        assert "passes of 1 to 16 images give identical answers" in service.passes_note
+        for request, (probs, _) in zip(requests, answers):
+            assert np.array_equal(service.predictor.infer(request, len(request))[0], probs)
+    service.close()
+
+
+# --------------------------------------------------------------------------- flags and settings
+
+@pytest.mark.parametrize("flag,value,accepts", [
+    ("--port", "70000", "from 0 to 65,535"), ("--threads", "0", "from 1 to 1,024"),
+    ("--workers", "0", "from 1 to 256"), ("--max-batch", "0", "from 1 to 1,024"),
+    ("--max-batch", "5000", "from 1 to 1,024"), ("--max-wait-ms", "-1", "from 0 to 1,000"),
+    ("--keep-alive-timeout", "0", "from 0.1 to 3,600"), ("--read-timeout", "nan", "from 0.1 to 3,600"),
+    ("--shutdown-timeout", "1e9", "from 0 to 3,600"), ("--max-body-bytes", "0", "from 1 to"),
+    ("--max-pixels", "0", "from 1 to"), ("--max-request-pixels", "-5", "from 1 to"),
+    ("--max-decoded-bytes", "0", "from 1 to"), ("--max-concurrent-decodes", "0", "from 1 to 1,024"),
+    ("--samples", "-1", "from 0 to 10,000"),
+])
+def test_every_serve_flag_is_range_checked_with_one_line_naming_it(tmp_path, capsys, flag, value, accepts):
+    assert cli.main(["serve", str(tmp_path), flag, value]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"fashionlab serve: error: {flag} "), err
+    assert f"expected an integer {accepts}" in err[0] or f"expected a number {accepts}" in err[0], err
+
+
+def test_batching_settings_come_from_the_environment():
+    s = Settings.from_env({"FASHIONLAB_MAX_BATCH": "32", "FASHIONLAB_MAX_WAIT_MS": "1.5",
+                           "FASHIONLAB_READ_TIMEOUT": "7", "FASHIONLAB_THREADS": "3"})
+    assert (s.max_batch, s.max_wait_ms, s.read_timeout, s.threads) == (32, 1.5, 7.0, 3)
+    with pytest.raises(ValueError, match="FASHIONLAB_MAX_WAIT_MS='soon': expected a number"):
+        Settings.from_env({"FASHIONLAB_MAX_WAIT_MS": "soon"})
+
+
+def test_concurrent_health_checks_share_one_check_of_the_known_images(served_run):
+    service = ModelService(Settings(run=str(served_run), backend="onnx", samples=0).checked())
+    submitted = []
+    submit = service.batcher.submit
+
+    async def counting(batch, urgent=False):
+        submitted.append((len(batch), urgent))
+        return await submit(batch, urgent)
+
+    service.batcher.submit = counting
+
+    async def storm():
+        await asyncio.gather(*(service.require_ready() for _ in range(20)))
+        await service.require_ready()  # after the storm: a check of its own
+
+    asyncio.run(storm())
+    assert submitted == [(4, True), (4, True)]
+    service.close()
+
+
+def test_a_request_of_no_images_gets_empty_outputs_of_the_right_shape():
+    batcher = Batcher(in_fixed_passes(row_sums, 4), max_batch=8, max_wait=0.0)
+    sums, firsts = asyncio.run(batcher.submit(images(0)))
+    assert sums.shape == (0,) and firsts.shape == (0,)
+    batcher.close()
