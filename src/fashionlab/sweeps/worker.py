@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
-from .. import run as run_mod
+from .. import run as run_mod, tracking
 from .design import Point, point_id, trial_attrs, trial_config, trial_key
 from .progress import Tally, tally
 from .spec import Spec, SpecError
@@ -66,6 +66,7 @@ class Worker:
     ident: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")
     trained: int = 0
     reused: int = 0
+    tracking: Any = None  # tracking.Tracking: the experiment trackers each trial's run is logged to
     _dataset: Any = None
 
     def run(self) -> Tally:
@@ -138,7 +139,7 @@ class Worker:
             run_dir = self.spec.folder / "runs" / key
             self.log(f"{self.ident}: trial {trial.number} {key}")
             try:
-                metrics, reused = run_point(self.spec, point, seed, run_dir, self._get_dataset)
+                metrics, reused = run_point(self.spec, point, seed, run_dir, self._get_dataset, self.tracking)
             except TrainingInterrupted:
                 self.study.tell(trial, state=TrialState.FAIL)
                 self._requeue(trial_id)  # an interruption by the user is no failure: queue it again
@@ -229,8 +230,11 @@ class Worker:
         return self._dataset
 
 
-def run_point(spec: Spec, point: Point, seed: int, run_dir: Path, get_dataset) -> tuple[dict[str, Any], bool]:
+def run_point(spec: Spec, point: Point, seed: int, run_dir: Path, get_dataset,
+              tracks=None) -> tuple[dict[str, Any], bool]:
     """Train one (point, seed) into run_dir; returns (metrics with the last validation scores, reused).
-    Finished runs are reused, interrupted ones resumed (run.train_or_reuse)."""
-    folder, action = run_mod.train_or_reuse(trial_config(spec, point, seed), run_dir, get_dataset)
+    Finished runs are reused, interrupted ones resumed (run.train_or_reuse); `tracks` (tracking.Tracking)
+    logs the run, a reused one from its files."""
+    with (tracks or tracking.Tracking()).run(run_dir) as trackers:
+        folder, action = run_mod.train_or_reuse(trial_config(spec, point, seed), run_dir, get_dataset, trackers)
     return {**folder.metrics, **folder.validation_scores()}, action == "reused"
