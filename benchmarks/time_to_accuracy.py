@@ -54,6 +54,9 @@ class TestCurve(Callback):
         self.elapsed = self.cpu = 0.0
         self.cpu_mark = time.process_time()
 
+    def on_train_start(self, trainer) -> None:
+        self.cpu_mark = time.process_time()  # set-up and the untimed warm-up are not training
+
     def on_epoch_end(self, trainer, row) -> None:
         cfg = trainer.cfg
         self.elapsed += row["seconds"]

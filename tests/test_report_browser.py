@@ -44,6 +44,8 @@ def test_run_report_in_chromium(pages_to_open):
                                                "probabilities", "reliability", "explain_filters",
                                                "explain_feature_maps", "explain_saliency", "explain_embedding"}
         assert page.locator("h2").count() >= 9
+        assert page.locator("h2").first.inner_text() == "Summary"  # the result before the details
+        assert page.locator("h2").last.inner_text() == "Configuration"
         assert page.pdf(format="A4").startswith(b"%PDF")  # printable
 
 

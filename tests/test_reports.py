@@ -169,14 +169,34 @@ def test_run_report_has_every_section_and_figure(runs, tmp_path):
     assert set(img_sources(html)) == RUN_FIGURES
     for name in RUN_FIGURES:
         assert (tmp_path / f"{name}.png").read_bytes().startswith(b"\x89PNG")
-    for heading in ("Configuration", "Architecture", "Training curves", "Test metrics", "Per-class scores",
-                    "Confusion matrix", "Mistakes", "Calibration", "Inside the model"):
+    for heading in ("Summary", "Per-class scores", "Confusion matrix", "Mistakes", "Calibration", "Inside the model",
+                    "Training and evaluation details", "Architecture", "Configuration"):
         assert f">{heading}</h2>" in html
     assert_no_external_refs(html)
     # the architecture table is models.summary: every layer with its parameters
     from fashionlab import models
     for row in models.summary(_model(runs["cnn"])):
         assert f"<td class=\"\">{row['layer']}</td>" in html
+
+
+def test_run_report_leads_with_the_result_and_ends_with_the_configuration(runs, tmp_path):
+    import re
+    page = report.write_run_report(runs["lstm"], dataset=DS, out=tmp_path / "report.html", with_explain=False)
+    html = page.read_text()
+    headings = re.findall(r"<h2>([^<]+)</h2>", html)
+    assert headings[0] == "Summary" and headings[-2:] == ["Architecture", "Configuration"]
+    summary = html.split("<h2>Summary</h2>", 1)[1].split("<h2>", 1)[0]
+    m = checkpoint.read_json(runs["lstm"] / "metrics.json")
+    assert f"{m['test_accuracy']:.4f}" in summary and f"{m['test_loss']:.4f}" in summary
+    hardest = sorted(m["per_class"], key=lambda n: m["per_class"][n]["recall"])[:3]
+    assert report.hardest_classes(m["per_class"]) == hardest
+    assert ", ".join(f"{n} {m['per_class'][n]['recall']:.3f}" for n in hardest) in summary
+    assert img_sources(summary) == ["curves"]  # the curves are part of the summary
+    pair = m["most_confused"][0]
+    assert "Most confused pairs" in summary and f"<td class=\"\">{pair['true']}</td>" in summary
+    # the untimed warm-up is reported beside the training time, in the details near the end
+    details = html.split("<h2>Training and evaluation details</h2>", 1)[1].split("<h2>", 1)[0]
+    assert f"{m['warmup_seconds']:.2f} s" in details and f"{m['train_seconds']:.1f} s" in details
 
 
 def test_lstm_explanation_says_what_it_cannot_show(runs, tmp_path):

@@ -178,3 +178,82 @@ def test_interrupted_study_continues_where_it_stopped(real_data, tmp_path):
     assert done.returncode == 0, done.stderr
     assert "[1/2] cnn seed 0: resuming" in done.stderr and "trained 2 run(s), reused 0" in done.stdout
     assert not (tmp_path / "cnn" / "seed-0" / "checkpoint.safetensors").exists()
+
+
+# --------------------------------------------------------------------------- timings without the warm-up
+
+def _run_files(run_dir):
+    from safetensors.torch import load_file
+    m = json.loads((run_dir / "metrics.json").read_text())
+    hist = [{k: v for k, v in json.loads(line).items() if k not in ("seconds", "images_per_s")}
+            for line in (run_dir / "history.jsonl").read_text().splitlines()]
+    return load_file(run_dir / "model.safetensors"), m, hist
+
+
+@pytest.mark.parametrize("settings", [
+    # dropout draws from the global random stream; EMA; every augmentation; a last batch of another size
+    dict(model="cnn_dropout", augment={"flip": 0.5, "crop": 2, "rotate": 10, "erase": 0.5}, ema=0.9, batch_size=48),
+    # BatchNorm statistics, the data-dependent whitening and the frozen stem cache
+    dict(recipe="fast", epochs=2, batch_size=64),
+])
+def test_the_warm_up_changes_nothing_in_the_run(tmp_path, monkeypatch, settings):
+    import fashionlab as fl
+    from fashionlab.training import Trainer
+    opts = {"epochs": 2, "seed": 3, **settings}
+    fl.train(out=tmp_path / "warm", dataset=DS, quiet=True, **opts)
+    monkeypatch.setattr(Trainer, "warm_up", lambda self: None)
+    fl.train(out=tmp_path / "cold", dataset=DS, quiet=True, **opts)
+    w_weights, w_metrics, w_hist = _run_files(tmp_path / "warm")
+    c_weights, c_metrics, c_hist = _run_files(tmp_path / "cold")
+    assert w_weights.keys() == c_weights.keys()
+    assert all(w_weights[k].equal(c_weights[k]) for k in w_weights)  # bit for bit
+    assert w_hist == c_hist
+    for key in ("test_accuracy", "test_loss", "confusion_matrix", "per_class", "ece"):
+        assert w_metrics[key] == c_metrics[key]
+    assert w_metrics["warmup_seconds"] > 0 and c_metrics["warmup_seconds"] == 0
+
+
+def test_the_warm_up_is_timed_apart_before_the_first_epoch(tmp_path, monkeypatch):
+    """A one-time cost paid in the warm-up (here a 1 s sleep per warm-up step) stays out of the epochs' time."""
+    import time
+    import fashionlab as fl
+    from fashionlab.training import Callback, Trainer
+    events = []
+    original = Trainer._warm_up_step
+
+    def slow_first_call(self, idx):
+        time.sleep(1.0)
+        original(self, idx)
+        events.append(("warm-up step", len(idx)))
+
+    class Events(Callback):
+        def on_train_start(self, trainer):
+            events.append(("train start", None))
+
+        def on_epoch_start(self, trainer, epoch, first_step):
+            events.append(("epoch start", epoch))
+
+    monkeypatch.setattr(Trainer, "_warm_up_step", slow_first_call)
+    run = fl.train(model="mlp", out=tmp_path / "run", dataset=DS, quiet=True, epochs=1, batch_size=64,
+                   val_split=0.2, callbacks=[Events()])
+    # 160 training images: one warm-up step at the batch size and one at the last batch's size, both first
+    assert events == [("warm-up step", 64), ("warm-up step", 32), ("train start", None), ("epoch start", 0)]
+    m = run.metrics
+    assert m["warmup_seconds"] >= 2.0
+    assert m["train_seconds"] == pytest.approx(sum(r["seconds"] for r in run.history))
+    assert m["train_seconds"] + m["warmup_seconds"] <= m["wall_seconds"]  # disjoint: never counted twice
+
+
+def test_comparisons_show_the_warm_up_and_flag_runs_timed_with_it(tmp_path):
+    import fashionlab as fl
+    for model in ("mlp", "cnn_small"):
+        fl.train(model=model, out=tmp_path / model, dataset=DS, quiet=True, epochs=1)
+    page = fl.compare([tmp_path / "mlp", tmp_path / "cnn_small"], out=tmp_path / "cmp.html").report.read_text()
+    assert "warm-up, untimed (s)" in page and "Training time and images/s are the timed epochs only" in page
+    assert "were trained before the warm-up was timed apart" not in page
+    # a run made before the warm-up was timed apart has no warmup_seconds: said, never mixed in silently
+    metrics = json.loads((tmp_path / "mlp" / "metrics.json").read_text())
+    del metrics["warmup_seconds"]
+    (tmp_path / "mlp" / "metrics.json").write_text(json.dumps(metrics))
+    page = fl.compare([tmp_path / "mlp", tmp_path / "cnn_small"], out=tmp_path / "cmp.html").report.read_text()
+    assert "1 of 2 runs were trained before the warm-up was timed apart" in page and "in epoch 1" in page

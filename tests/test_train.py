@@ -49,7 +49,7 @@ def test_same_seed_same_metrics(tmp_path):
     a, _ = run(tmp_path, "a", **kw)
     b, _ = run(tmp_path, "b", **kw)
     c, _ = run(tmp_path, "c", seed=1, **kw)
-    strip = ("train_seconds", "wall_seconds", "images_per_s")
+    strip = ("train_seconds", "warmup_seconds", "wall_seconds", "images_per_s")
     assert {k: v for k, v in a.items() if k not in strip} == {k: v for k, v in b.items() if k not in strip}
     assert a["test_loss"] != c["test_loss"]
 
@@ -189,9 +189,16 @@ def test_resume_mid_epoch_in_process(model, tmp_path, monkeypatch):
     cfg = config.make_config(model=model, epochs=2, batch_size=8, seed=2, augment={"erase": 0.5}, val_split=0.1)
     # Deliver a real SIGTERM at exactly the 30th training batch of epoch 1 (of 113): every batch
     # passes through to_input, so counting its batch-sized calls pins the moment without depending on speed.
-    real_to_input, calls = training.evaluate.to_input, []
+    # The untimed warm-up before the first epoch also calls to_input: counting starts after it.
+    real_to_input, calls, started = training.evaluate.to_input, [], []
+
+    class Started(training.Callback):
+        def on_train_start(self, trainer):
+            started.append(True)
 
     def to_input_then_signal(images, runtime=None):
+        if not started:
+            return real_to_input(images, runtime)
         calls.append(len(images) == cfg.batch_size)
         if sum(calls) == 30 and calls[-1]:
             os.kill(os.getpid(), signal.SIGTERM)
@@ -199,7 +206,7 @@ def test_resume_mid_epoch_in_process(model, tmp_path, monkeypatch):
 
     monkeypatch.setattr(training.evaluate, "to_input", to_input_then_signal)
     with pytest.raises(training.TrainingInterrupted):
-        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True)
+        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[Started()])
     monkeypatch.setattr(training.evaluate, "to_input", real_to_input)
     from safetensors import safe_open
     with safe_open(str(tmp_path / "cut" / run_mod.CHECKPOINT), framework="pt") as fh:

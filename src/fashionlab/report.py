@@ -1,10 +1,11 @@
 """The run report: one self-contained `report.html` per run folder, with its figures as PNGs.
 
 It reads what training wrote (config.json, history.jsonl, metrics.json, the model) and the
-test set, and shows: configuration, architecture, curves, test metrics, per-class scores,
-the confusion matrix, the most confused pairs with examples, a gallery of mistakes,
-probability bars, a reliability diagram, and the look inside the model (explain.py).
-Training never imports this module: the CLI and studies call it after training.
+test set. The result comes first: a summary (test accuracy and loss, the hardest classes, the
+curves, the most confused pairs); then per-class scores, the confusion matrix with examples of
+the confused pairs, a gallery of mistakes, probability bars, a reliability diagram and the look
+inside the model (explain.py); the details last: training time and device, the architecture and
+the configuration. Training never imports this module: the CLI and studies call it after training.
 """
 
 from __future__ import annotations
@@ -234,7 +235,9 @@ class RunView:
     @property
     def probs(self) -> np.ndarray:
         """Test-set probabilities as the service would give them (the run's test-time augmentation)."""
-        return self._once("probs", lambda: Predictor.from_run(self.folder.path, device=self.device)
+        # calibrate_missing=False: a report of a run made before OOD scores only reads probabilities
+        return self._once("probs", lambda: Predictor.from_run(self.folder.path, device=self.device,
+                                                              calibrate_missing=False)
                           .probabilities(self.dataset.test_images))
 
     @property
@@ -317,49 +320,65 @@ def _architecture_section(v: RunView) -> pages.Section:
                     highlight=[len(table_rows) - 1])])
 
 
-def _curves_section(v: RunView, figs: pages.FigureWriter) -> pages.Section:
-    sec = pages.Section("Training curves")
-    if v.folder.history:
-        return sec.add(figs.add("curves", curves_figure(v.folder.history), FIGURES["curves"][0]))
-    return sec.add(pages.note("No history.jsonl in this run: no curves.", "warn"))
+def hardest_classes(per_class: dict[str, dict[str, float]], k: int = 3) -> list[str]:
+    """The k classes of lowest recall (the share of their test images classified correctly), hardest first."""
+    return sorted(per_class, key=lambda n: per_class[n]["recall"])[:k]
 
 
-def _test_section(v: RunView) -> pages.Section:
-    metrics, y = v.metrics, v.dataset.test_labels
+def _summary_section(v: RunView, figs: pages.FigureWriter) -> pages.Section:
+    """The result first: test accuracy and loss, the hardest classes, the curves, the most confused pairs."""
+    metrics, y, pc = v.metrics, v.dataset.test_labels, v.metrics["per_class"]
+    facts = [("test accuracy", f"{metrics['test_accuracy']:.4f} ({metrics['test_accuracy']:.2%} of {len(y):,} "
+                               f"test images)"),
+             ("test loss", f"{metrics['test_loss']:.4f}"),
+             ("hardest classes (recall)", ", ".join(f"{n} {pc[n]['recall']:.3f}" for n in hardest_classes(pc)))]
+    sec = pages.Section("Summary", [pages.key_values(facts)])
     here = float((v.probs.argmax(1) == y).mean())
-    test = [("test accuracy", f"{metrics['test_accuracy']:.4f}"), ("test loss", f"{metrics['test_loss']:.4f}"),
-            ("expected calibration error", f"{metrics.get('ece', float('nan')):.4f}"),
-            ("parameters", f"{metrics['params']:,}"), ("epochs run", metrics["epochs_run"]),
-            ("best epoch", _fmt(metrics.get("best_epoch"))), ("training time", f"{metrics['train_seconds']:.1f} s"),
-            ("training throughput", f"{metrics.get('images_per_s', 0):,.0f} images/s"),
-            ("device, precision", f"{metrics.get('device')}, {metrics.get('precision')}"),
-            ("test images", f"{len(y):,}")]
-    sec = pages.Section("Test metrics", [pages.key_values(test)])
     if abs(here - metrics["test_accuracy"]) > 0.002:
         sec.add(pages.note(f"The predictions drawn below (accuracy {here:.4f}, on {v.device}) differ from the stored "
                            f"metrics ({metrics['test_accuracy']:.4f}): another device or precision.", "warn"))
+    if v.folder.history:
+        sec.add(figs.add("curves", curves_figure(v.folder.history), FIGURES["curves"][0]))
+    else:
+        sec.add(pages.note("No history.jsonl in this run: no curves.", "warn"))
+    pairs = metrics.get("most_confused", [])
+    if pairs:
+        sec.add(pages.table(["true class", "predicted as", "count"],
+                            [[p["true"], p["predicted"], p["count"]] for p in pairs], numeric_from=2,
+                            caption="Most confused pairs: test images of the true class predicted as the other"))
     return sec
+
+
+def _details_section(v: RunView) -> pages.Section:
+    """How the result was made: size, epochs, time (the warm-up apart), device and precision."""
+    metrics = v.metrics
+    warmup = metrics.get("warmup_seconds")
+    details = [("expected calibration error", f"{metrics.get('ece', float('nan')):.4f}"),
+               ("parameters", f"{metrics['params']:,}"), ("epochs run", metrics["epochs_run"]),
+               ("best epoch", _fmt(metrics.get("best_epoch"))), ("training time", f"{metrics['train_seconds']:.1f} s"),
+               ("warm-up before the first step (untimed)",
+                f"{warmup:.2f} s" if warmup is not None else "not recorded: inside the first epoch's time"),
+               ("training throughput", f"{metrics.get('images_per_s', 0):,.0f} images/s"),
+               ("device, precision", f"{metrics.get('device')}, {metrics.get('precision')}"),
+               ("test images", f"{len(v.dataset.test_labels):,}")]
+    return pages.Section("Training and evaluation details", [pages.key_values(details)])
 
 
 def _per_class_section(v: RunView) -> pages.Section:
     pc, names = v.metrics["per_class"], v.names
-    worst = min(range(len(names)), key=lambda i: pc[names[i]]["f1"])
+    worst = names.index(hardest_classes(pc, 1)[0])
     return pages.Section("Per-class scores", [pages.table(
         ["class", "precision", "recall", "F1", "support"],
         [[n, f"{pc[n]['precision']:.4f}", f"{pc[n]['recall']:.4f}", f"{pc[n]['f1']:.4f}", pc[n]["support"]] for n in names],
-        highlight=[worst], caption=f"The hardest class by F1 ({names[worst]}) is highlighted.")])
+        highlight=[worst], caption=f"The hardest class by recall ({names[worst]}) is highlighted.")])
 
 
 def _confusion_section(v: RunView, figs: pages.FigureWriter) -> pages.Section:
     sec = pages.Section("Confusion matrix", [figs.add("confusion", FIGURES["confusion"][1](v), FIGURES["confusion"][0])])
     pairs = v.metrics.get("most_confused", [])
-    if pairs:
-        sec.add(pages.table(["true class", "predicted as", "count"],
-                            [[p["true"], p["predicted"], p["count"]] for p in pairs], numeric_from=2,
-                            caption="Most confused pairs"))
-        fig = confused_pairs_figure(v.dataset.test_images, v.dataset.test_labels, v.probs.argmax(1), pairs, v.names)
-        if fig is not None:
-            sec.add(figs.add("confused_pairs", fig, "Test images behind the most confused pairs (true → predicted)"))
+    fig = confused_pairs_figure(v.dataset.test_images, v.dataset.test_labels, v.probs.argmax(1), pairs, v.names)
+    if fig is not None:
+        sec.add(figs.add("confused_pairs", fig, "Test images behind the most confused pairs (true → predicted)"))
     return sec
 
 
@@ -373,16 +392,17 @@ def _mistakes_section(v: RunView, figs: pages.FigureWriter) -> pages.Section:
 
 def run_sections(folder: RunFolder, dataset: data_mod.Dataset, figs: pages.FigureWriter, with_explain: bool = True,
                  device: str = "auto") -> list[pages.Section]:
+    """The report's sections: the result first, the configuration last."""
     v = RunView(folder, dataset, device)
-    sections = [_configuration_section(folder), _architecture_section(v), _curves_section(v, figs),
-                _test_section(v), _per_class_section(v), _confusion_section(v, figs), _mistakes_section(v, figs)]
+    sections = [_summary_section(v, figs), _per_class_section(v), _confusion_section(v, figs),
+                _mistakes_section(v, figs)]
     if v.metrics.get("reliability"):
         sections.append(pages.Section("Calibration", [figs.add(
             "reliability", reliability_figure(v.metrics["reliability"], v.metrics.get("ece", 0.0)),
             "Reliability diagram: accuracy against confidence per bin (the diagonal is perfect calibration)")]))
     if with_explain:
         sections += explain.explain_sections(v.model, dataset.test_images, dataset.test_labels, v.names, figs)
-    return sections
+    return sections + [_details_section(v), _architecture_section(v), _configuration_section(folder)]
 
 
 def write_run_report(run_dir: str | Path, dataset: data_mod.Dataset | None = None, out: str | Path | None = None,

@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import checkpoint, data as data_mod, models, pages, report, run as run_mod, stats
+from . import checkpoint, data as data_mod, models, pages, report, run as run_mod, stats, tracking
 from .config import TrainConfig, make_config
 from .recipes import get_recipe
 from .training import Callback
@@ -110,16 +110,18 @@ def _references_if_recipe_unchanged(study: Study, overrides: dict[str, Any]) -> 
 
 def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, overrides: dict[str, Any] | None = None,
               log: Callable[[str], None] | None = None, run_reports: bool = True,
-              data_dir=None, offline=None) -> dict[str, Any]:
+              data_dir=None, offline=None, track=None) -> dict[str, Any]:
     """Train (or reuse) every (model, seed) run of a study, then write `<out>/report.html`.
 
     Returns {"runs": [...], "trained": [...], "reused": [...], "report": path, "summary": {...}}.
     `overrides` are training settings applied on top of the recipe (epochs, subset, device...).
+    `track` names experiment trackers (tracking.parse_track): each run is logged, grouped by study.
     """
     study = get_study(name)
     out_dir = Path(out_dir)
     log = log or (lambda m: print(m, file=sys.stderr, flush=True))
     plan = study_plan(study, out_dir, seeds, {k: v for k, v in (overrides or {}).items() if v is not None})
+    tracks = tracking.open_tracking(track, tracking.Group.study(name, out_dir))  # checked before any training
     if dataset is None:  # loaded only if some run needs training or a report
         dataset = functools.cache(lambda: data_mod.load(data_mod.FASHION_MNIST, data_dir=data_dir, offline=offline,
                                                         progress=log))
@@ -130,7 +132,8 @@ def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, over
         status = run_mod.RunFolder(run_dir).status
         if status != run_mod.FINISHED:
             log(f"{tag}: {'resuming' if status == run_mod.INTERRUPTED else 'training'} {cfg.epochs} epochs -> {run_dir}")
-        folder, action = run_mod.train_or_reuse(cfg, run_dir, dataset, callbacks=[StudyLog(tag, log)])
+        with tracks.run(run_dir) as trackers:  # a reused run is logged from its files
+            folder, action = run_mod.train_or_reuse(cfg, run_dir, dataset, callbacks=[StudyLog(tag, log), *trackers])
         m = folder.metrics
         if action == "reused":
             log(f"{tag}: finished earlier (test accuracy {m['test_accuracy']:.4f}), reusing {run_dir}")
@@ -395,7 +398,7 @@ def comparison_sections(run_dirs: Sequence[str | Path], figs: pages.FigureWriter
     said = claims(summary, references, [*caveats, *training_differences(runs)])
     claims_list = "<ul>" + "".join(f"<li>{pages.esc(line)}</li>" for line in said) + "</ul>"
     sections = [pages.Section("Claims", [claims_list]),
-                _side_by_side_section(summary, references, f["accuracy"]),
+                _side_by_side_section(summary, references, f["accuracy"], _timing_note(runs)),
                 _per_class_section(summary, names, f["per_class"]),
                 pages.Section("Confusion matrices", [f["confusion"]]),
                 pages.Section("Curves", [f["curves"]]),
@@ -403,7 +406,20 @@ def comparison_sections(run_dirs: Sequence[str | Path], figs: pages.FigureWriter
     return sections, summary
 
 
-def _side_by_side_section(summary: dict[str, Any], references: dict[str, float], figure: str) -> pages.Section:
+def _timing_note(runs: Sequence[dict]) -> str:
+    """What the training times hold, and which runs were timed with the one-time warm-up inside them."""
+    text = ("Training time and images/s are the timed epochs only; each run's untimed warm-up (what a process "
+            "pays once, such as creating the kernels for each layer's shapes) is in the Runs table. They depend on "
+            "the machine and its load.")
+    older = sum("warmup_seconds" not in r["metrics"] for r in runs)
+    if older:
+        text += (f" {older} of {len(runs)} runs were trained before the warm-up was timed apart: their first epoch "
+                 f"includes it, so their times are not comparable with the others'.")
+    return text
+
+
+def _side_by_side_section(summary: dict[str, Any], references: dict[str, float], figure: str,
+                          timing_note: str) -> pages.Section:
     labels = list(summary)
     head = ["model", "runs", "test accuracy (%)", "test loss", "parameters", "train time (s)", "images/s", "epochs"]
     if references:
@@ -420,8 +436,8 @@ def _side_by_side_section(summary: dict[str, Any], references: dict[str, float],
     return pages.Section("Side by side", [
         pages.table(head, rows, highlight=[best] if len(labels) > 1 else [],
                     caption="Mean ± sample standard deviation over seeds; the best mean is highlighted."),
-        pages.note("Devices: " + "; ".join(f"{k}: {', '.join(summary[k]['device'])}" for k in labels)
-                   + ". Training time and images/s depend on the machine and its load."),
+        pages.note("Devices: " + "; ".join(f"{k}: {', '.join(summary[k]['device'])}" for k in labels) + ". "
+                   + timing_note),
         figure])
 
 
@@ -454,10 +470,11 @@ def _runs_section(summary: dict[str, Any], groups: dict[str, list[dict]], link_b
             m = r["metrics"]
             rows.append([k, m.get("seed"), f"{m['test_accuracy'] * 100:.2f}", f"{m['test_loss']:.4f}",
                          m["epochs_run"], f"{m['train_seconds']:.1f}", f"{m.get('images_per_s', 0):,.0f}",
+                         f"{m['warmup_seconds']:.2f}" if "warmup_seconds" in m else "in epoch 1",
                          _run_link(r["dir"], link_base)])
     return pages.Section("Runs", [pages.table(
-        ["model", "seed", "test accuracy (%)", "test loss", "epochs", "train time (s)", "images/s", "run"], rows,
-        numeric_from=1)])
+        ["model", "seed", "test accuracy (%)", "test loss", "epochs", "train time (s)", "images/s",
+         "warm-up, untimed (s)", "run"], rows, numeric_from=1)])
 
 
 def _run_link(run_dir: Path, link_base: Path | None):

@@ -168,6 +168,7 @@ class Trainer:
     from_stem: Callable | None = None
     stop_signal: dict[str, int] = field(default_factory=dict)
     wall_start: float = field(default_factory=time.perf_counter)
+    warmup_seconds: float = 0.0  # the untimed warm-up before the first step (warm_up)
 
     # ---- set-up
 
@@ -246,6 +247,7 @@ class Trainer:
         self.restore() if resume else self.start()
         self.log(self.describe())
         self.attach_stem_cache()
+        self.warm_up()
         self._emit("on_train_start")
         with _stop_on_signals(self.stop_signal):
             for epoch in range(self.state.epoch, self.cfg.epochs):
@@ -254,6 +256,47 @@ class Trainer:
                 if self.end_epoch(row):
                     break
         return self.finish()
+
+    def warm_up(self) -> None:
+        """Untimed forward and backward passes at each batch size an epoch uses, before the first timed step.
+
+        A process pays once for what no later run in it pays again: the kernels each layer's shapes need
+        (oneDNN creates and JIT-compiles them on the first call), thread pools, lazy initialisation, and
+        torch.compile's compilation when it is on. Paid inside the first epoch, that made a study's first
+        run look many times slower than the next seed's on small budgets. Nothing of the run changes: the
+        optimiser does not step, the gradients are dropped, the BatchNorm statistics and the global random
+        state (dropout draws from it) are put back, augmentation draws from a generator of its own, and the
+        stem cache is read around, never filled. The seconds are reported apart, as warmup_seconds.
+        """
+        t0 = time.perf_counter()
+        dev = self.runtime.device
+        saved_buffers = [b.detach().clone() for b in self.model.buffers()]
+        sizes = sorted({min(self.cfg.batch_size, self.split.n), self.split.n % self.cfg.batch_size} - {0}, reverse=True)
+        self.model.train()
+        with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev], device_type=dev.type):
+            for n in sizes:
+                self._warm_up_step(torch.arange(n, device=dev))
+        with torch.no_grad():
+            for b, saved in zip(self.model.buffers(), saved_buffers):
+                b.copy_(saved)
+        for p in self.model.parameters():
+            p.grad = None
+        if dev.type == "cuda":
+            torch.cuda.synchronize()  # the queued warm-up kernels must not run inside the first timed step
+        self.warmup_seconds = time.perf_counter() - t0
+
+    def _warm_up_step(self, idx: torch.Tensor) -> None:
+        """A training step's forward and backward on the batch at idx, as train_step runs them, without
+        its side effects (see warm_up)."""
+        rt = self.runtime
+        if self.cache:  # the cached path's shapes, without writing the cache
+            with rt.autocast(), torch.no_grad():
+                xb, forward = self.cache.stem(evaluate.to_input(self.split.X[idx], rt)), self.from_stem
+        else:
+            xb, forward = self._batch(idx, torch.Generator().manual_seed(0))
+        with rt.autocast():
+            out = forward(xb)
+        F.cross_entropy(out.float(), self.split.Y[idx], label_smoothing=self.cfg.label_smoothing).backward()
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the shuffled training images; returns the epoch's history row (no validation yet)."""
@@ -420,6 +463,7 @@ class Trainer:
             images_per_s=sum(r["seconds"] * r["images_per_s"] for r in st.history) / max(st.train_seconds, 1e-9),
             model=cfg.model, recipe=cfg.recipe, seed=cfg.seed, precision=self.runtime.precision,
             device=str(self.runtime.device), stem_cached=self.cache is not None,
+            warmup_seconds=self.warmup_seconds,
         )
         self.folder.save_model(final, model_info(cfg, self.model_args, self.runtime, ds.class_names))
         self.folder.write_metrics(metrics)
