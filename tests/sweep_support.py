@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import glob
+import json
 import os
 import pwd
 import shlex
@@ -12,6 +13,7 @@ import struct
 import subprocess
 import sys
 import tempfile
+import textwrap
 import time
 from contextlib import contextmanager
 from pathlib import Path
@@ -19,11 +21,16 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from conftest import synthetic_dataset
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
 def _ci() -> bool:
     return os.environ.get("CI", "").lower() in {"1", "true", "yes"}
+
+
+CLASSES = [f"c{i}" for i in range(10)]
 
 
 def write_idx_dataset(folder: Path, dataset) -> Path:
@@ -122,3 +129,36 @@ def wait_for(condition, timeout: float, what: str, interval: float = 0.2):
             return value
         time.sleep(interval)
     raise AssertionError(f"timed out after {timeout} s waiting for {what}")
+
+
+def write_spec(folder: Path, body: str, name: str = "spec.toml") -> Path:
+    path = folder / name
+    path.write_text(textwrap.dedent(body))
+    return path
+
+
+def tiny_spec(tmp_path: Path, name: str = "tiny", seeds: int = 2, extra: str = "", epochs: int = 3,
+              filters: str = "[4, 8]") -> Path:
+    """2 x 2 points x `seeds` seeds of a convnet with 4-8 filters on 600 synthetic images: about 1 s a training."""
+    data_dir = write_idx_dataset(tmp_path / "data", synthetic_dataset(n_train=600, n_test=100))
+    return write_spec(tmp_path, f"""
+        [experiment]
+        name = "{name}"
+        model = "cnn"
+        seeds = {seeds}
+        folder = "{tmp_path / 'exp'}"
+        {extra}
+        [train]
+        epochs = {epochs}
+        batch_size = 50
+        precision = "fp32"
+        [model_args]
+        dense = [16]
+        [factors]
+        kernel = [3, 5]
+        filters = {filters}
+        depth = [1]
+        [data]
+        data_dir = "{data_dir}"
+        class_names = {json.dumps(CLASSES)}
+        """)

@@ -14,9 +14,8 @@ import pytest
 
 from conftest import run_cli, synthetic_dataset
 from fashionlab import sweeps
-from sweep_support import postgres_cluster, start_sweep, wait_for, write_idx_dataset
+from sweep_support import CLASSES, postgres_cluster, start_sweep, tiny_spec, wait_for, write_idx_dataset, write_spec
 
-CLASSES = [f"c{i}" for i in range(10)]
 
 
 @pytest.fixture(autouse=True)
@@ -28,39 +27,6 @@ def _one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
-
-
-def write_spec(folder: Path, body: str, name: str = "spec.toml") -> Path:
-    path = folder / name
-    path.write_text(textwrap.dedent(body))
-    return path
-
-
-def tiny_spec(tmp_path: Path, name: str = "tiny", seeds: int = 2, extra: str = "", epochs: int = 3,
-              filters: str = "[4, 8]") -> Path:
-    """2 x 2 points x `seeds` seeds of a convnet with 4-8 filters on 600 synthetic images: about 1 s a training."""
-    data_dir = write_idx_dataset(tmp_path / "data", synthetic_dataset(n_train=600, n_test=100))
-    return write_spec(tmp_path, f"""
-        [experiment]
-        name = "{name}"
-        model = "cnn"
-        seeds = {seeds}
-        folder = "{tmp_path / 'exp'}"
-        {extra}
-        [train]
-        epochs = {epochs}
-        batch_size = 50
-        precision = "fp32"
-        [model_args]
-        dense = [16]
-        [factors]
-        kernel = [3, 5]
-        filters = {filters}
-        depth = [1]
-        [data]
-        data_dir = "{data_dir}"
-        class_names = {json.dumps(CLASSES)}
-        """)
 
 
 # --------------------------------------------------------------------------- spec validation

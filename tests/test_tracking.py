@@ -18,7 +18,7 @@ from conftest import run_cli, synthetic_dataset
 from fashionlab import studies, training, tracking
 from fashionlab.config import settings_of
 from fashionlab.errors import UserError
-from sweep_support import free_port, write_idx_dataset
+from sweep_support import free_port, tiny_spec, write_idx_dataset
 
 DS = synthetic_dataset(n_train=200, n_test=100)
 QUICK = dict(model="mlp", epochs=2, batch_size=64, precision="fp32", quiet=True)
@@ -213,29 +213,7 @@ def test_a_study_logs_every_run_grouped_and_a_reused_run_once(tmp_path, store):
 
 
 def test_a_sweep_logs_every_trial_in_its_experiment(tmp_path, store):
-    data_dir = write_idx_dataset(tmp_path / "data", synthetic_dataset(n_train=200, n_test=50))
-    spec = tmp_path / "spec.toml"
-    spec.write_text(f"""
-[experiment]
-name = "tracked"
-model = "cnn"
-seeds = 1
-metric = "val_accuracy"
-folder = "{tmp_path / 'exp'}"
-[train]
-epochs = 1
-batch_size = 50
-precision = "fp32"
-[model_args]
-dense = [16]
-[factors]
-kernel = [3, 5]
-filters = [4]
-depth = [1]
-[data]
-data_dir = "{data_dir}"
-class_names = [{", ".join(f'"c{i}"' for i in range(10))}]
-""")
+    spec = tiny_spec(tmp_path, name="tracked", seeds=1, epochs=1, filters="[4]")
     result = fl.sweep(spec, quiet=True, report=False, track=["tensorboard", f"mlflow={store}"])
     assert result.tally.done == 2
     keys = sorted(p.name for p in (tmp_path / "exp" / "runs").iterdir())

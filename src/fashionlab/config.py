@@ -491,10 +491,9 @@ def sync_readme(path: str) -> bool:
     """Rewrite the README's flag table from the declarations; returns whether it changed."""
     from pathlib import Path
     from .atomic import write_text
+    from .tables import replace_between
     text = Path(path).read_text()
-    head, rest = text.split(README_BEGIN, 1)
-    _, tail = rest.split(README_END, 1)
-    new = f"{head}{README_BEGIN}\n{flags_markdown()}{README_END}{tail}"
+    new = replace_between(text, README_BEGIN, README_END, flags_markdown(), path, "where the flag table goes")
     if new != text:
         write_text(path, new)
     return new != text

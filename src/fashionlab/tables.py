@@ -247,12 +247,18 @@ def markers(name: str) -> tuple[str, str]:
 
 
 def replace_block(text: str, name: str, body: str, where: str) -> str:
-    """text with the part between the block's markers replaced by body; TableError naming `where` when
-    the markers are missing, repeated or out of order."""
+    """text with the part between the named table's markers replaced by body."""
     begin, end = markers(name)
+    return replace_between(text, begin, end, body, where, f"where the {name} table goes")
+
+
+def replace_between(text: str, begin: str, end: str, body: str, where: str, place: str = "") -> str:
+    """text with the part between the begin and end markers replaced by body (the one way generated
+    blocks are written into README.md and docs/); TableError naming `where` when the markers are
+    missing, repeated or out of order."""
     if text.count(begin) != 1 or text.count(end) != 1 or text.index(begin) > text.index(end):
         raise TableError(f"{where}: expected one {begin} followed by one {end} (found {text.count(begin)} and "
-                         f"{text.count(end)}); add them where the {name} table goes")
+                         f"{text.count(end)}); add them {place or 'where the block goes'}")
     head, rest = text.split(begin)
     _, tail = rest.split(end)
     return f"{head}{begin}\n{body}{end}{tail}"
