@@ -225,3 +225,11 @@ def test_budget_refuses_from_headers_naming_the_limit():
 def test_boolean_arrays_are_not_pixels():
     with pytest.raises(images.ImageError, match="dtype bool is not numeric"):
         images.array_to_images(np.ones((28, 28), bool))
+
+
+def test_the_fast_median_is_numpys_value_and_type():
+    rng = np.random.default_rng(0)
+    for n in (1, 2, 3, 112, 113):
+        for values in (rng.integers(0, 256, n).astype(np.float32), (rng.random(n) * 255).astype(np.float32)):
+            got, want = images._median(values), np.median(values)
+            assert got == want and type(got) is type(want), (n, values)

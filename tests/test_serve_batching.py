@@ -15,7 +15,8 @@ import pytest
 
 from fashionlab import cli
 from fashionlab.serve import ModelService, Settings
-from fashionlab.serve.batching import Batcher, BatcherClosed, identical_passes, in_fixed_passes, same_rows
+from fashionlab.serve.batching import (Batcher, BatcherClosed, identical_passes, in_fixed_passes, in_passes_of_at_least,
+                                       same_rows)
 from serve_support import real_dataset, trained_run
 
 
@@ -220,14 +221,19 @@ def size_dependent(batch):
     return batch.reshape(len(batch), -1).astype(np.float32).mean(1) * np.float32(1 + 1e-6 * (len(batch) % 3))
 
 
+def lone_image_differs(batch):
+    """Like PyTorch's CPU convolutions: one image alone runs other code than two or more, in any number."""
+    return batch.reshape(len(batch), -1).astype(np.float32).mean(1) * np.float32(1 + 1e-6 * (len(batch) == 1))
+
+
 def company_dependent(batch):
     """Worse: each image's answer depends on the other images of its pass."""
     x = batch.reshape(len(batch), -1).astype(np.float32)
     return x.mean(1) + np.float32(1e-6) * x.mean()
 
 
-@pytest.mark.parametrize("fn,plan", [(row_sums, "any size"), (size_dependent, "exactly"),
-                                     (company_dependent, "one image per pass")])
+@pytest.mark.parametrize("fn,plan", [(row_sums, "any size"), (lone_image_differs, "padded to a pass of 2"),
+                                     (size_dependent, "exactly"), (company_dependent, "one image per pass")])
 def test_the_pass_plan_gives_identical_rows_and_says_which_it_chose(fn, plan):
     probes = images(4, seed=9)
     forward, note = identical_passes(fn, probes, max_batch=32)
@@ -243,6 +249,16 @@ def test_fixed_passes_pad_and_trim():
     x = images(19)
     np.testing.assert_array_equal(forward(x)[0], row_sums(x)[0])
     assert sizes == [8, 8, 8]
+    assert len(forward(x[:0])[0]) == 0
+
+
+def test_passes_of_at_least_pad_only_a_lone_image():
+    sizes = []
+    forward = in_passes_of_at_least(lambda b: (sizes.append(len(b)), row_sums(b))[1], 2)
+    x = images(5)
+    for batch in (x[:1], x[:2], x):
+        np.testing.assert_array_equal(forward(batch)[0], row_sums(batch)[0])
+    assert sizes == [2, 2, 5]
     assert len(forward(x[:0])[0]) == 0
 
 

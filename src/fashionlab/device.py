@@ -6,7 +6,7 @@ Behaviour (shuffling, augmentation, schedules) never depends on the device; only
 from __future__ import annotations
 
 from contextlib import nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -75,12 +75,22 @@ def resolve(device: str = "auto", precision: str = "auto", conv_model: bool = Tr
     return Runtime(dev, precision, channels_last)
 
 
-def inference_runtime(info: dict, device: str = "auto", precision: str = "auto") -> Runtime:
+def inference_runtime(info: dict, device: str = "auto", precision: str = "auto", predicting: bool = False
+                      ) -> Runtime:
     """How to run a trained model (model.json's `info`): explicit precision is honoured; "auto" keeps
     the recorded precision where the device runs it natively and falls back to fp32 where bf16 would
-    only be emulated (slow; fp32 is exact enough to classify)."""
+    only be emulated (slow; fp32 is exact enough to classify).
+
+    The layout is the one training evaluated in, so evaluation reproduces metrics.json bit for bit;
+    `predicting` picks the fastest instead: NHWC for conv models on a CPU at any precision. In fp32,
+    PyTorch's NCHW max-pooling runs some 14x slower than NHWC on a CPU, which makes whole nets 2 to 3x
+    slower (benchmarks/serve_latency.py's batch table). Probabilities then differ from the NCHW ones in
+    the last bits (within 1e-5), never more."""
     conv = bool(info.get("architecture", {}).get("channels_last", True))
     if precision == "auto":
         recorded = info.get("precision", "fp32")
         precision = "bf16" if recorded == "bf16" and bf16_supported(resolve_device(device)) else "fp32"
-    return resolve(device, precision, conv_model=conv)
+    rt = resolve(device, precision, conv_model=conv)
+    if predicting and conv and rt.device.type == "cpu":
+        rt = replace(rt, channels_last=True)
+    return rt

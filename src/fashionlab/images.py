@@ -49,6 +49,13 @@ def _border(a: np.ndarray) -> np.ndarray:
     return np.concatenate([a[0], a[-1], a[:, 0], a[:, -1]])
 
 
+def _median(values: np.ndarray) -> np.floating:
+    """np.median of a 1-D float array, the same value and type, without its general machinery (a sixth of the
+    time: this runs for every image a service classifies)."""
+    ordered, n = np.sort(values), len(values)
+    return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2 if n % 2 == 0 else ordered[n // 2]
+
+
 def to_dataset_style(gray: np.ndarray) -> np.ndarray:
     """A 2-D uint8 image -> (28, 28) uint8 in the dataset's style (object light on black).
 
@@ -59,7 +66,7 @@ def to_dataset_style(gray: np.ndarray) -> np.ndarray:
     coloured or grey garment would otherwise look faint (measured: benchmarks/photo_accuracy.py).
     """
     a = gray.astype(np.float32)
-    background = float(np.median(_border(a)))
+    background = float(_median(_border(a)))
     if background > 127:  # light background (a photo): invert so the object is light
         a = 255.0 - a
         background = 255.0 - background

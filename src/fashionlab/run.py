@@ -160,8 +160,10 @@ class RunFolder:
         """The dataset the run was trained on, found and verified as training does."""
         return dataset_for(self.config, data_dir, offline, progress)
 
-    def runtime(self, device: str = "auto", precision: str = "auto") -> device_mod.Runtime:
-        return device_mod.inference_runtime(self.model_info, device, precision)
+    def runtime(self, device: str = "auto", precision: str = "auto", predicting: bool = False
+                ) -> device_mod.Runtime:
+        """How to run the model: as training evaluated it, or (predicting) as fast as this machine can."""
+        return device_mod.inference_runtime(self.model_info, device, precision, predicting)
 
     def load_model(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
         """The trained model in eval mode (float32 weights as saved) and model.json."""
@@ -365,8 +367,8 @@ def _first_line(e: BaseException) -> str:
 def load_for_inference(folder: RunFolder, device: str = "auto", precision: str = "auto"
                        ) -> tuple[torch.nn.Module, device_mod.Runtime]:
     """The model as a predictor runs it: on `device`, at `precision` ("auto": the recorded precision
-    where the device runs it natively, else fp32), channels_last where that pays."""
-    rt = folder.runtime(device, precision)
+    where the device runs it natively, else fp32), in the fastest layout (NHWC for conv models on a CPU)."""
+    rt = folder.runtime(device, precision, predicting=True)
     model, _ = folder.load_model(rt.device)
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)

@@ -216,10 +216,15 @@ def _joined(pieces: list[Outputs]) -> Outputs:
 
 # --------------------------------------------------------------------------- identical answers in any company
 
-# Images per pass for a model whose answers depend on the pass's size (PyTorch's CPU kernels choose their
-# algorithm by batch size: one image runs another convolution and matrix-vector code than two or more).
-# Small, because a lone request pays for the whole pass.
+# Images per pass for a model whose answers depend on the pass's size in more ways than one image against
+# several. Small, because a lone request pays for the whole pass.
 FIXED_PASS = 8
+
+
+def _padded(batch: np.ndarray, size: int) -> np.ndarray:
+    """batch followed by blank images up to `size` rows."""
+    pad = size - len(batch)
+    return np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)]) if pad > 0 else batch
 
 
 def in_fixed_passes(fn: Callable[[np.ndarray], Outputs], size: int) -> Callable[[np.ndarray], Outputs]:
@@ -227,9 +232,16 @@ def in_fixed_passes(fn: Callable[[np.ndarray], Outputs], size: int) -> Callable[
     padded with blank images, and the padding's rows dropped from the outputs."""
     def run(batch: np.ndarray) -> Outputs:
         n = len(batch)
-        pad = -n % size if n else size
-        padded = np.concatenate([batch, np.zeros((pad, *batch.shape[1:]), batch.dtype)]) if pad else batch
+        padded = _padded(batch, -(-max(n, 1) // size) * size)
         return _rows(_joined([fn(padded[i: i + size]) for i in range(0, len(padded), size)]), 0, n)
+    return run
+
+
+def in_passes_of_at_least(fn: Callable[[np.ndarray], Outputs], size: int) -> Callable[[np.ndarray], Outputs]:
+    """fn run only on passes of `size` images or more: a smaller batch is padded with blank images up to
+    `size`, and the padding's rows dropped from the outputs."""
+    def run(batch: np.ndarray) -> Outputs:
+        return fn(batch) if len(batch) >= size else _rows(fn(_padded(batch, size)), 0, len(batch))
     return run
 
 
@@ -251,13 +263,23 @@ def same_rows(fn: Callable[[np.ndarray], Outputs], probes: np.ndarray, sizes: li
 
 def identical_passes(fn: Callable[[np.ndarray], Outputs], probes: np.ndarray, max_batch: int
                      ) -> tuple[Callable[[np.ndarray], Outputs], str]:
-    """fn, or fn in fixed-size passes, such that every image's outputs are bit-identical whatever other
-    images share its pass (checked here on `probes`), with a line saying which. Passes of any size are
-    kept where the backend's kernels allow (ONNX Runtime's CPU kernels do: each image's arithmetic is the
-    same in any batch); else every pass has one fixed size; else one image per pass."""
+    """fn, or fn in padded passes, such that every image's outputs are bit-identical whatever other images
+    share its pass (checked here on `probes`), with a line saying which, the cheapest first:
+
+    - passes of any size, where the backend's kernels allow (ONNX Runtime's CPU kernels do: each image's
+      arithmetic is the same in any batch);
+    - passes of at least 2 images: PyTorch's CPU convolutions and matrix products take other code for
+      one image than for several (and the same for any number from 2), so only a lone image is padded;
+    - passes of exactly FIXED_PASS images (the last padded);
+    - one image per pass.
+    """
     sizes = sorted({s for s in (2, 3, 5, 8, 13, 32, max_batch) if s <= max_batch})
     if same_rows(fn, probes, sizes):
         return fn, f"passes of 1 to {max_batch} images give identical answers (checked at start-up)"
+    if max_batch >= 2 and same_rows(in_passes_of_at_least(fn, 2), probes, sizes):
+        return in_passes_of_at_least(fn, 2), (
+            "this backend answers one image alone differently: a lone image is padded to a pass of 2, and passes "
+            f"of 2 to {max_batch} images give identical answers (checked at start-up)")
     size = min(FIXED_PASS, max_batch)
     fixed = in_fixed_passes(fn, size)
     if size > 1 and same_rows(fixed, probes, sizes):

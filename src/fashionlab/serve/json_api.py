@@ -7,19 +7,25 @@ OpenAPI description and a response model.
 
 from __future__ import annotations
 
+import re
 from typing import Any
 
-from fastapi import APIRouter, Query, Request
+from fastapi import APIRouter, Request
+from fastapi.responses import JSONResponse
 
+from ..images import brief
 from .decoding import ClientError, parse_top_k, read_batch
-from .routing import bind
+from .routing import RequestRoute, bind
 from .service import ModelService
 from .settings import Settings
 
-TOP_K = Query(None, description="how many classes to return per image, best first")
+# The query parameter the prediction routes read (query_top_k), for the OpenAPI schema.
+TOP_K_PARAMETER = {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
+                   "description": "how many classes to return per image, best first"}
 
 # read_batch's bodies, for the OpenAPI schema (the routes read the raw request themselves)
 PREDICT_BODY: dict[str, Any] = {
+    "parameters": [TOP_K_PARAMETER],
     "requestBody": {
         "required": True,
         "content": {
@@ -59,17 +65,27 @@ EXPLAIN_RESPONSE: dict[str, Any] = {200: {"description": "what the web page show
         "unsure": UNSURE, "saliency": {"type": ["array", "null"]}}}}}}}
 
 
-async def ranked(service: ModelService, settings: Settings, request: Request, top_k: int | None
-                 ) -> list[dict[str, Any]]:
+async def ranked(service: ModelService, settings: Settings, request: Request) -> JSONResponse:
     """The body's images, each with its top_k classes sorted by score and its out-of-distribution score
-    and flag (/v1/predict, /invocations)."""
+    and flag (/v1/predict, /invocations: RequestRoutes, so the answer is encoded here, by json.dumps)."""
     batch, body_k = await read_batch(request, service)
-    k = parse_top_k(top_k, body_k, settings, len(service.class_names))
-    return await service.work(service.predict, batch, k)
+    k = parse_top_k(query_top_k(request), body_k, settings, len(service.class_names))
+    return JSONResponse(await service.work(service.predict, batch, k))
 
 
-async def v1_predict(service: ModelService, settings: Settings, request: Request, top_k: int | None = TOP_K):
-    return await ranked(service, settings, request, top_k)
+def query_top_k(request: Request) -> str | None:
+    """The query's top_k as sent (parse_top_k checks its value), or None; 422 when it is not an integer,
+    as for any query parameter of the wrong type."""
+    raw = request.query_params.get("top_k")
+    if raw is not None and not INTEGER.fullmatch(raw):
+        raise ClientError(422, f"invalid request: query.top_k: expected an integer; got {brief(raw)}")
+    return raw
+
+
+INTEGER = re.compile(r"[+-]?[0-9]+")
+
+async def v1_predict(service: ModelService, settings: Settings, request: Request):
+    return await ranked(service, settings, request)
 
 
 async def v1_explain(service: ModelService, settings: Settings, request: Request):
@@ -90,7 +106,7 @@ async def v1_model(service: ModelService, settings: Settings):
 def router(service: ModelService, settings: Settings) -> APIRouter:
     r = APIRouter()
     r.add_api_route("/v1/predict", bind(v1_predict, service, settings), methods=["POST"], openapi_extra=PREDICT_BODY,
-                    responses=PREDICT_RESPONSE,
+                    responses=PREDICT_RESPONSE, route_class_override=RequestRoute,
                     summary="Classify one or more images; per image, its classes sorted by score, its "
                             "out-of-distribution score and whether it is unsure (probably not a garment)")
     r.add_api_route("/v1/explain", bind(v1_explain, service, settings), methods=["POST"], openapi_extra=PREDICT_BODY,

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from fastapi import APIRouter, Request
 
-from .json_api import PREDICT_BODY, PREDICT_RESPONSE, TOP_K, ranked
-from .routing import bind
+from .json_api import PREDICT_BODY, PREDICT_RESPONSE, ranked
+from .routing import RequestRoute, bind
 from .service import ModelService
 from .settings import Settings
 
@@ -16,8 +16,8 @@ async def ping(service: ModelService, settings: Settings):
     return {"status": "ok", "model": settings.model_name}
 
 
-async def invocations(service: ModelService, settings: Settings, request: Request, top_k: int | None = TOP_K):
-    return await ranked(service, settings, request, top_k)
+async def invocations(service: ModelService, settings: Settings, request: Request):
+    return await ranked(service, settings, request)
 
 
 async def execution_parameters(settings: Settings):
@@ -30,7 +30,7 @@ def router(service: ModelService, settings: Settings) -> APIRouter:
     r.add_api_route("/ping", bind(ping, service, settings), methods=["GET"],
                     summary="SageMaker health check: 200 while the model's predictions work, else 503")
     r.add_api_route("/invocations", bind(invocations, service, settings), methods=["POST"],
-                    openapi_extra=PREDICT_BODY, responses=PREDICT_RESPONSE,
+                    openapi_extra=PREDICT_BODY, responses=PREDICT_RESPONSE, route_class_override=RequestRoute,
                     summary="SageMaker inference: same bodies and answers as /v1/predict")
     r.add_api_route("/execution-parameters", bind(execution_parameters, settings), methods=["GET"],
                     summary="SageMaker batch transform: how to split and send requests")

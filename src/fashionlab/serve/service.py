@@ -234,6 +234,7 @@ def _load(path: Path, settings: Settings) -> tuple[Any, Any, str]:
         return predictor, saliency_model, "onnxruntime_onnx"
     from ..predict import Predictor
     predictor = Predictor.from_run(path, device=settings.device, data_dir=settings.data_dir)
+    log.info("%s", predictor.trace(probe_images()))  # one call into PyTorch per pass, where answers stay identical
     return predictor, predictor.model, "pytorch"
 
 
