@@ -8,8 +8,9 @@ One run prints, on this machine (its description first):
    peak RSS, for batching off (--max-batch 1) and on, PyTorch and ONNX Runtime, at 1/8/32/64 connections;
    GET /ping at the most connections, the HTTP stack's own ceiling.
 2. The same with --workers 2 against one worker (batching on).
-3. Batch throughput, images/s, of the same model in this process at batch 1, 64 and 1000: predict.Predictor
-   (PyTorch, fp32 on CPU) against export.OnnxPredictor, on the same test images.
+3. Batch throughput, images/s, of the same model in this process at batch 1, 64 and 1000, on the same test
+   images: PyTorch in the NCHW layout fp32 training uses (the baseline), predict.Predictor (NHWC on a CPU),
+   the same traced as the service runs it (Predictor.trace), and export.OnnxPredictor.
 
 Each server is a fresh process, warmed up before it is measured; every cell runs --duration seconds. The
 load generator shares the machine with the server: on a small machine it takes CPU the server could use,
@@ -154,6 +155,20 @@ def batch_throughput(predict_fns: dict, x: np.ndarray, batch: int, repeats: int)
     return {name: float(np.median(r)) for name, r in rates.items()}
 
 
+def predictors(run: Path) -> dict:
+    """The run's model four ways: PyTorch in the NCHW layout training uses in fp32 (the baseline), as
+    Predictor runs it (NHWC on a CPU), as the service runs it (traced), and ONNX Runtime."""
+    from fashionlab.device import Runtime
+    from fashionlab.serve.service import probe_images
+    loaded = Predictor.from_run(run, device="cpu", precision="fp32")
+    nchw = Predictor(loaded.model.to(memory_format=torch.contiguous_format), loaded.info,
+                     Runtime(loaded.runtime.device, "fp32", channels_last=False), loaded.ood)
+    traced = Predictor.from_run(run, device="cpu", precision="fp32")
+    print(f"traced: {traced.trace(probe_images())}")
+    return {"nchw": nchw, "torch": Predictor.from_run(run, device="cpu", precision="fp32"), "traced": traced,
+            "onnx": export.OnnxPredictor.from_run(run)}
+
+
 # --------------------------------------------------------------------------- the run
 
 def describe_machine() -> str:
@@ -226,17 +241,17 @@ def main(argv=None) -> int:
         print(table(headers, rows, title=f"load average {os.getloadavg()[0]:.2f} after this table"), flush=True)
 
     x = ds.test_images[: args.images]
-    torch_model = Predictor.from_run(run, device="cpu", precision="fp32")
-    onnx_model = export.OnnxPredictor.from_run(run)
+    models = predictors(run)
     print(f"\n3. batch throughput in this process, images/s, {len(x)} test images per pass (500 at batch 1), "
           f"median of {args.repeats} alternating passes, {torch.get_num_threads()} threads")
     rows = []
     for batch in map(int, args.batches.split(",")):
         n = x if batch >= 64 else x[:500]  # batch 1 is slow: fewer images keep the run short
-        r = batch_throughput({"torch": lambda b: torch_model.probabilities(b, batch),
-                              "onnx": lambda b: onnx_model.probabilities(b, batch)}, n, batch, args.repeats)
-        rows.append([batch, f"{r['torch']:,.0f}", f"{r['onnx']:,.0f}", f"{r['onnx'] / r['torch']:.2f}"])
-    print(table(["batch", "PyTorch img/s", "ONNX Runtime img/s", "ONNX / PyTorch"], rows))
+        r = batch_throughput({name: (lambda b, m=m: m.probabilities(b, batch)) for name, m in models.items()},
+                             n, batch, args.repeats)
+        rows.append([batch, *(f"{r[name]:,.0f}" for name in models), f"{r['onnx'] / r['torch']:.2f}"])
+    print(table(["batch", "PyTorch NCHW img/s", "PyTorch img/s", "PyTorch traced img/s", "ONNX Runtime img/s",
+                 "ONNX / PyTorch"], rows))
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
