@@ -320,6 +320,15 @@ def test_every_serve_flag_is_range_checked_with_one_line_naming_it(tmp_path, cap
     assert f"expected an integer {accepts}" in err[0] or f"expected a number {accepts}" in err[0], err
 
 
+@pytest.mark.parametrize("cores,workers,threads", [(1, 1, 1), (2, 1, 1), (2, 2, 1), (4, 1, 3), (16, 2, 7),
+                                                   (16, 4, 3), (8, 8, 1)])
+def test_each_workers_event_loop_keeps_a_core(monkeypatch, cores, workers, threads):
+    from fashionlab.serve.service import inference_threads
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert inference_threads(Settings(workers=workers)) == threads
+    assert inference_threads(Settings(workers=workers, threads=5)) == 5  # as set
+
+
 def test_batching_settings_come_from_the_environment():
     s = Settings.from_env({"FASHIONLAB_MAX_BATCH": "32", "FASHIONLAB_MAX_WAIT_MS": "1.5",
                            "FASHIONLAB_READ_TIMEOUT": "7", "FASHIONLAB_THREADS": "3"})

@@ -249,8 +249,9 @@ def args_serve(p):
     p.add_argument("--workers", type=int, help="processes, each with its share of the cores (default 1; "
                                                "$SAGEMAKER_MODEL_SERVER_WORKERS)")
     p.add_argument("--device", choices=DEVICES, default=None)
-    p.add_argument("--threads", type=int, help="threads per forward pass (default: the cores divided between the "
-                                               "workers; $FASHIONLAB_THREADS)")
+    p.add_argument("--threads", type=int, help="threads per forward pass (default: the cores left once each worker's "
+                                               "event loop has one, divided between the workers, at least 1; "
+                                               "$FASHIONLAB_THREADS)")
     p.add_argument("--max-batch", type=int, help="images per forward pass: concurrent requests share passes up to "
                                                  "this (default 64; 1 turns batching off)")
     p.add_argument("--max-wait-ms", type=float, help="how long a request arriving at an idle model waits for "
