@@ -88,11 +88,11 @@ class Predictor:
         eager = [self.outputs(batch) for batch in passes]
         self._traced = traced
         try:
-            traced_outputs = [self.outputs(batch) for batch in passes]
-        except Exception as e:
-            traced_outputs, reason = None, type(e).__name__
-        if traced_outputs is None or not all(np.array_equal(a, b) for pair in zip(eager, traced_outputs)
-                                             for a, b in zip(*pair)):
+            same = all(np.array_equal(e, t) for batch, answers in zip(passes, eager)
+                       for e, t in zip(answers, self.outputs(batch)))
+        except Exception:  # a size the traced graph cannot take
+            same = False
+        if not same:
             self._traced = None
             return "forward passes run eagerly: the traced model's answers differ from the eager model's"
         return "forward passes run as one TorchScript call each (answers checked identical to the eager model's)"
