@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import json
+import shutil
+
 import numpy as np
 import torch
 
@@ -14,18 +17,27 @@ from fashionlab.serve.service import probe_images
 from serve_support import real_dataset, trained_run
 
 
-def test_prediction_runs_nhwc_on_a_cpu_and_agrees_with_evaluation_to_the_last_bits():
+def test_prediction_runs_nhwc_on_a_cpu_and_evaluation_in_the_layout_training_used(tmp_path):
     run = trained_run()
-    predictor = Predictor.from_run(run, device="cpu")
-    assert predictor.runtime.channels_last  # fp32 on a CPU too: NCHW max-pooling is many times slower
     folder = RunFolder(run)
+    assert folder.record["environment"]["channels_last"]  # trained NHWC on a CPU, in fp32 too
+    assert folder.runtime("cpu").channels_last
+    assert matches_record(folder, evaluate_run(folder, real_dataset(), device="cpu"))
+    # a run trained in fp32 on a CPU before NHWC was chosen there: evaluated as it was trained, NCHW
+    old = tmp_path / "old"
+    shutil.copytree(run, old)
+    record = json.loads((old / "config.json").read_text())
+    record["environment"]["channels_last"] = False
+    (old / "config.json").write_text(json.dumps(record))
+    assert not RunFolder(old).runtime("cpu").channels_last
+    assert RunFolder(old).runtime("cpu", predicting=True).channels_last
+    predictor = Predictor.from_run(old, device="cpu")
+    assert predictor.runtime.channels_last  # prediction: the fastest layout
     model, _ = folder.load_model()
     x = real_dataset().test_images[:500]
-    nchw = torch.softmax(evaluate.predict_logits(model, x, folder.runtime("cpu")), 1).numpy()
-    assert not folder.runtime("cpu").channels_last  # evaluation keeps the layout training used ...
-    assert matches_record(folder, evaluate_run(folder, real_dataset(), device="cpu"))  # ... so it reproduces
+    nchw = torch.softmax(evaluate.predict_logits(model, x, RunFolder(old).runtime("cpu")), 1).numpy()
     probs = predictor.probabilities(x)
-    assert np.abs(probs - nchw).max() < 1e-5
+    assert np.abs(probs - nchw).max() < 1e-5  # the layouts differ in the last bits only
     assert (probs.argmax(1) == nchw.argmax(1)).all()
 
 

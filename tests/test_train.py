@@ -135,7 +135,8 @@ def test_device_resolution_never_changes_behaviour():
     g1, g2 = training.epoch_generator(3, 1), training.epoch_generator(3, 1)
     assert torch.equal(torch.randperm(1000, generator=g1), torch.randperm(1000, generator=g2))
     rt = resolve("cpu", "fp32")
-    assert rt.precision == "fp32" and not rt.channels_last
+    assert rt.precision == "fp32" and rt.channels_last  # NHWC on a CPU at any precision
+    assert not resolve("cpu", "fp32", conv_model=False).channels_last
     with pytest.raises(ValueError, match="device must be one of auto, cpu, cuda, mps; got 'tpu'"):
         resolve("tpu")
 

@@ -155,7 +155,8 @@ class TrainConfig:
                                             cli_type="names")
     # ---- runtime (speed only: results never depend on these beyond floating-point rounding)
     device: str = setting("auto", "where to train", group="runtime", choices=device_mod.DEVICES)
-    precision: str = setting("auto", "auto: bf16 autocast and channels_last where the CPU or GPU supports it",
+    precision: str = setting("auto", "auto: bf16 autocast where the CPU or GPU supports it (conv nets run channels_last "
+                             "on a CPU at any precision, and on a GPU in bf16)",
                              group="runtime", choices=device_mod.PRECISIONS)
     compile: bool = setting(False, "torch.compile the training step (CUDA graphs on CUDA); compiling costs time",
                             group="runtime")

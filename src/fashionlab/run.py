@@ -21,7 +21,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime
 from pathlib import Path
 from typing import Any, Callable, Sequence
@@ -162,8 +162,16 @@ class RunFolder:
 
     def runtime(self, device: str = "auto", precision: str = "auto", predicting: bool = False
                 ) -> device_mod.Runtime:
-        """How to run the model: as training evaluated it, or (predicting) as fast as this machine can."""
-        return device_mod.inference_runtime(self.model_info, device, precision, predicting)
+        """How to run the model: as fast as this machine can (predicting), or in the memory layout training
+        evaluated it in where the device is the one it trained on, so that evaluation reproduces
+        metrics.json bit for bit (runs trained in fp32 on a CPU before NHWC was chosen there are NCHW;
+        the two layouts' probabilities differ in the last bits, within 1e-5)."""
+        rt = device_mod.inference_runtime(self.model_info, device, precision)
+        trained = self.record.get("environment") or {}
+        if not predicting and isinstance(trained.get("channels_last"), bool) and \
+                trained.get("device", "").split(":")[0] == rt.device.type and trained.get("precision") == rt.precision:
+            rt = replace(rt, channels_last=trained["channels_last"])
+        return rt
 
     def load_model(self, device: str | torch.device = "cpu") -> tuple[torch.nn.Module, dict[str, Any]]:
         """The trained model in eval mode (float32 weights as saved) and model.json."""
