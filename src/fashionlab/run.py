@@ -168,8 +168,9 @@ class RunFolder:
         the two layouts' probabilities differ in the last bits, within 1e-5)."""
         rt = device_mod.inference_runtime(self.model_info, device, precision)
         trained = self.record.get("environment") or {}
-        if not predicting and isinstance(trained.get("channels_last"), bool) and \
-                trained.get("device", "").split(":")[0] == rt.device.type and trained.get("precision") == rt.precision:
+        where_trained = str(trained.get("device", "")).split(":")[0] == rt.device.type \
+            and trained.get("precision") == rt.precision
+        if not predicting and where_trained and isinstance(trained.get("channels_last"), bool):
             rt = replace(rt, channels_last=trained["channels_last"])
         return rt
 

@@ -205,7 +205,7 @@ def prepared(app: FastAPI) -> FastAPI:
     - Every object that exists now (the loaded model, the framework's routes and schemas: some 200,000)
       is moved out of the garbage collector's sight. Python's full collection walks every tracked object;
       with these it took about 85 ms, a stall that every request in flight waited out, a few times a
-      second under load (p99 127 -> 45 ms at 32 connections, benchmarks/serve_latency.py). The start-up
+      second under load (wrk at 32 connections, ONNX Runtime: p99 127 -> 45 ms). The start-up
       objects live as long as the process: there is nothing to collect among them.
     - The interpreter hands the GIL over after 0.2 ms instead of 5 ms when another thread asks for it:
       the inference thread asks each time one of its calls into the model returns, and the event loop,

@@ -22,6 +22,7 @@ from .settings import Settings
 # The query parameter the prediction routes read (query_top_k), for the OpenAPI schema.
 TOP_K_PARAMETER = {"name": "top_k", "in": "query", "required": False, "schema": {"type": "integer", "minimum": 1},
                    "description": "how many classes to return per image, best first"}
+INTEGER = re.compile(r"[+-]?[0-9]+")  # what query_top_k passes on to parse_top_k
 
 # read_batch's bodies, for the OpenAPI schema (the routes read the raw request themselves)
 PREDICT_BODY: dict[str, Any] = {
@@ -82,7 +83,6 @@ def query_top_k(request: Request) -> str | None:
     return raw
 
 
-INTEGER = re.compile(r"[+-]?[0-9]+")
 
 async def v1_predict(service: ModelService, settings: Settings, request: Request):
     return await ranked(service, settings, request)
