@@ -51,7 +51,8 @@ class Predictor:
         self.tta_flip = bool(info.get("tta_flip", False))
         self.tta_shift = int(info.get("tta_shift", 0))  # runs saved before shifts existed have none
         self.ood, self.ood_note = ood, ("" if ood else ood_note or "no out-of-distribution detector loaded")
-        self._traced: torch.jit.ScriptModule | None = None  # trace() sets it
+        self._pass = _Pass(self).eval()  # one batch's arithmetic; trace() may replace it by its TorchScript
+        self._traced: torch.jit.ScriptModule | None = None
 
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", precision: str | None = None,
@@ -79,7 +80,7 @@ class Predictor:
             with torch.no_grad(), warnings.catch_warnings():
                 warnings.simplefilter("ignore")  # the tracer's notes on constants: checked below instead
                 example = torch.from_numpy(np.ascontiguousarray(probes)).to(self.runtime.device)
-                traced = torch.jit.trace(_Pass(self).eval(), example, check_trace=False)
+                traced = torch.jit.trace(self._pass, example, check_trace=False)
         except Exception as e:
             return f"forward passes run eagerly: this model cannot be traced ({type(e).__name__})"
         # passes of every size up to the probes', and larger than the example (a size the tracer might
@@ -99,26 +100,17 @@ class Predictor:
 
     def probabilities(self, batch: np.ndarray, batch_size: int = 1000) -> np.ndarray:
         """(N, 28, 28) uint8 -> (N, classes) float32 probabilities."""
-        if self._traced is not None and len(batch):
-            return self.outputs(batch, batch_size)[0]
-        logits = evaluate.predict_logits(self.model, torch.from_numpy(np.ascontiguousarray(batch)), self.runtime,
-                                         batch_size, self.tta_flip, self.tta_shift)
-        return torch.softmax(logits, 1).numpy()
-
-    def outputs(self, batch: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
-        """(N, 28, 28) uint8 -> (probabilities (N, classes), penultimate features (N, D)), float32, from the
-        same forward passes; the probabilities are those of probabilities()."""
-        if self._traced is not None and len(batch):  # (the eager path knows the shapes of an empty answer)
-            return self._traced_outputs(batch, batch_size)
-        logits, features = evaluate.predict_outputs(self.model, torch.from_numpy(np.ascontiguousarray(batch)),
-                                                    self.runtime, batch_size, self.tta_flip, self.tta_shift,
-                                                    features=True)
-        return torch.softmax(logits, 1).numpy(), features.numpy()
+        return self.outputs(batch, batch_size)[0]
 
     @torch.no_grad()
-    def _traced_outputs(self, batch: np.ndarray, batch_size: int) -> tuple[np.ndarray, np.ndarray]:
-        parts = [self._traced(torch.from_numpy(np.ascontiguousarray(batch[i: i + batch_size])).to(self.runtime.device))
+    def outputs(self, batch: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
+        """(N, 28, 28) uint8 -> (probabilities (N, classes), penultimate features (N, D)), float32, from the
+        same forward passes, batch_size images a pass (one TorchScript call each once traced)."""
+        run = self._traced if self._traced is not None else self._pass
+        parts = [run(torch.from_numpy(np.ascontiguousarray(batch[i: i + batch_size])).to(self.runtime.device))
                  for i in range(0, len(batch), batch_size)]
+        if not parts:
+            return np.zeros((0, 0), np.float32), np.zeros((0, 0), np.float32)
         return tuple(torch.cat([part[k] for part in parts]).cpu().numpy() for k in (0, 1))  # type: ignore[return-value]
 
     def infer(self, batch: np.ndarray, batch_size: int = 1000) -> tuple[np.ndarray, np.ndarray]:
@@ -158,17 +150,18 @@ class Predictor:
 
 class _Pass(torch.nn.Module):
     """Predictor.outputs' arithmetic for one batch, uint8 images in, as one module that can be traced:
-    the same calls in the same order as evaluate.predict_outputs and the softmax after it."""
+    the same calls in the same order as evaluate.predict_outputs and the softmax after it. The test-time
+    augmentation is read from the predictor at each call (a trace fixes the one it saw)."""
 
     def __init__(self, predictor: Predictor):
         super().__init__()
-        self.model, self.runtime = predictor.model, predictor.runtime
-        self.flip, self.shift = predictor.tta_flip, predictor.tta_shift
+        self.model, self.predictor = predictor.model, predictor
 
     def forward(self, images_u8: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        x = evaluate.to_input(images_u8, self.runtime)
-        with self.runtime.autocast():
-            logits, features = evaluate.tta_outputs(self.model, x, self.flip, self.shift)
+        p = self.predictor
+        x = evaluate.to_input(images_u8, p.runtime)
+        with p.runtime.autocast():
+            logits, features = evaluate.tta_outputs(self.model, x, p.tta_flip, p.tta_shift)
         return torch.softmax(logits, 1), features
 
 
