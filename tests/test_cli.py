@@ -22,6 +22,17 @@ def assert_clean_error(proc, *fragments):
         assert f in proc.stderr, proc.stderr
 
 
+def test_the_command_line_starts_without_torch():
+    """Building every command's options loads no torch (2 s and 220 MiB): `fashionlab --help` answers at
+    once, and `serve --workers N`'s supervisor stays small (test_serve_process checks that process)."""
+    import subprocess
+    import sys
+    code = ("import sys; from fashionlab import cli; cli.build_parser(); import fashionlab.serve.server; "
+            "print(sorted(m for m in ('torch', 'fashionlab.training', 'fashionlab.serve.app') if m in sys.modules))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert proc.stdout.strip() == "[]", proc.stdout + proc.stderr
+
+
 def test_models_lists_reference_parameter_counts():
     out = run_cli("models", "--summary", "cnn", check=True).stdout
     assert "235,146" in out and "421,642" in out

@@ -19,6 +19,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from conftest import run_cli
 from serve_support import metric_samples, real_dataset, server_process, trained_run
 
 
@@ -84,6 +85,23 @@ def test_later_requests_on_a_kept_alive_connection_are_as_fast_as_the_first_with
         assert response.status == 200
     conn.close()
     assert max(seconds[1:]) < seconds[0] + 0.025, [round(s * 1000, 1) for s in seconds]
+
+
+def test_the_supervisor_of_two_workers_never_loads_torch_or_the_model(two_workers):
+    """The model is checked in a child process that exits before the workers start: the supervisor, which
+    lives as long as the server, holds neither torch nor the model (once 250 MiB of a 2-worker server)."""
+    maps = Path(f"/proc/{two_workers.proc.pid}/maps").read_text()
+    assert "libtorch" not in maps
+    children = Path(f"/proc/{two_workers.proc.pid}/task/{two_workers.proc.pid}/children").read_text().split()
+    assert sum("libtorch" in Path(f"/proc/{pid}/maps").read_text() for pid in children) == 2  # the workers
+
+
+def test_two_workers_refuse_a_bad_model_folder_with_its_message_before_starting(tmp_path):
+    (tmp_path / "model.json").write_text("{not json")
+    proc = run_cli("serve", str(tmp_path), "--workers", "2", "--port", "0", timeout=120)
+    assert proc.returncode == 2, proc.stdout + proc.stderr
+    assert f"{tmp_path / 'model.json'}" in proc.stderr and "Traceback" not in proc.stderr, proc.stderr
+    assert "Started server process" not in proc.stderr  # no worker ever started
 
 
 # --------------------------------------------------------------------------- /metrics

@@ -10,6 +10,8 @@ The public names are listed in __all__ and documented in docs/api.md. They load 
 so `import fashionlab` (and the command line's start-up) stays light.
 """
 
+from .lazy import exports
+
 __version__ = "0.1.0"
 
 # public name -> the module that defines it
@@ -22,15 +24,4 @@ _PUBLIC = {
 
 __all__ = sorted(_PUBLIC)
 
-
-def __getattr__(name: str):
-    if name in _PUBLIC:
-        import importlib
-        value = getattr(importlib.import_module(f"{__name__}.{_PUBLIC[name]}"), name)
-        globals()[name] = value  # later look-ups skip this function
-        return value
-    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
-
-
-def __dir__():
-    return sorted(set(globals()) | set(__all__))
+__getattr__, __dir__ = exports(__name__, _PUBLIC, globals())

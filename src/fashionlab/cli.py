@@ -15,8 +15,8 @@ from pathlib import Path
 from typing import Callable
 
 from . import __version__
-
-DEVICES = ("auto", "cpu", "cuda", "mps")
+from .device import DEVICES  # torch-free, as everything this module imports at start-up
+from .errors import TrainingInterrupted
 
 
 def _user_errors():
@@ -332,7 +332,6 @@ def args_sweep(p):
 
 def cmd_sweep(args) -> int:
     from . import api
-    from .training import TrainingInterrupted
     try:
         result = api.sweep(args.spec, args.storage, args.workers, args.out, report=not args.no_report,
                            quiet=args.quiet, heartbeat_interval=args.heartbeat_interval,
@@ -436,7 +435,6 @@ def args_study(p):
 
 def cmd_study(args) -> int:
     from . import api, studies
-    from .training import TrainingInterrupted
     try:
         result = api.study(args.name, args.seeds, args.out, run_reports=not args.no_run_reports,
                            data_dir=args.data_dir, offline=args.offline, epochs=args.epochs, subset=args.subset,
@@ -523,7 +521,6 @@ def _discard_stdout() -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .training import TrainingInterrupted
     try:
         status = args.func(args) or 0
         try:

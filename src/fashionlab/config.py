@@ -17,7 +17,6 @@ from dataclasses import MISSING, asdict, dataclass, field, fields
 from typing import Any, Callable
 
 from . import device as device_mod
-from .augment import Augment
 from .errors import UserError
 from .recipes import get_recipe
 
@@ -70,6 +69,13 @@ def _distinct_names(v) -> bool:
     return len(v) >= 2 and len(set(v)) == len(v) and all(n.strip() for n in v)
 
 
+def _augment(settings: dict):
+    """The augmentation these settings describe; ValueError names a bad one. Imported here, on first use:
+    augment.py holds the tensor ops (torch), and this table must load without torch (the command line)."""
+    from .augment import Augment
+    return Augment.from_dict(settings)
+
+
 # Per-epoch generators are seeded with seed * 1_000_003 + epoch, which must fit torch's 64 bits.
 MAX_SEED = 2**32 - 1
 
@@ -119,7 +125,7 @@ class TrainConfig:
     augment: dict[str, Any] = setting({}, "batch augmentation, e.g. flip=0.5,crop=2,rotate=10,scale=0.1,erase=0.25 "
                                       "(flip and erase: probabilities; crop: pixels, 0 to 14; rotate: degrees, 0 to "
                                       "180; scale: a fraction in [0, 1))", group="regularisation", metavar="K=V,...",
-                                      cli_type="keyvalues", validator=Augment.from_dict)
+                                      cli_type="keyvalues", validator=_augment)
     ema: float | None = setting(None, "evaluate an exponential moving average of the weights with this decay",
                                 group="regularisation", check=lambda v: 0 < v < 1, expected="a decay in (0, 1)",
                                 metavar="DECAY")

@@ -34,17 +34,10 @@ import torch.nn.functional as F
 from . import __version__, checkpoint, data as data_mod, device as device_mod, evaluate, models
 from .augment import Augment
 from .config import ConfigError, TrainConfig
+from .errors import TrainingInterrupted
 from .stem_cache import StemCache
 
 INIT_IMAGES = 5000  # training images a model's data-dependent initialisation sees
-
-
-class TrainingInterrupted(Exception):
-    """Training stopped on SIGINT/SIGTERM after saving a checkpoint that resume continues."""
-
-    def __init__(self, run_dir, signum: int):
-        super().__init__(f"interrupted by {signal.Signals(signum).name}; checkpoint saved in {run_dir}")
-        self.run_dir, self.signum = run_dir, signum
 
 
 class Callback:

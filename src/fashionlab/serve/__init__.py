@@ -21,13 +21,18 @@ Modules
     sagemaker     GET /ping, POST /invocations, GET /execution-parameters (SageMaker inference contract)
     openinference GET /v2, /v2/health/{live,ready}, /v2/models/{name}[/ready], POST /v2/models/{name}/infer
                   (each model route also under /versions/1), and the protocol's codec
-    app           create_app (the routers, error handlers, request guard), app_from_env, run (uvicorn: its
-                  connections, worker processes, timeouts, SIGTERM)
+    app           create_app (the routers, error handlers, request guard), prepared, app_from_env
+    server        run (uvicorn: its connections, worker processes, timeouts, SIGTERM); the model checked in
+                  a child process, so a supervisor of several workers never loads torch
+
+The names below load on first use: `fashionlab serve --workers N`'s supervisor imports only server.py.
 """
 
-from .app import app_from_env, create_app, run
-from .decoding import ClientError, decode_blob, read_batch
-from .service import ModelService
-from .settings import Settings
+from ..lazy import exports
 
-__all__ = ["ClientError", "ModelService", "Settings", "app_from_env", "create_app", "decode_blob", "read_batch", "run"]
+# public name -> the module that defines it
+_PUBLIC = {"ClientError": "decoding", "decode_blob": "decoding", "read_batch": "decoding", "ModelService": "service",
+           "Settings": "settings", "app_from_env": "app", "create_app": "app", "run": "server"}
+
+__all__ = sorted(_PUBLIC)
+__getattr__, __dir__ = exports(__name__, _PUBLIC, globals())
