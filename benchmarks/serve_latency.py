@@ -7,7 +7,9 @@ One run prints, on this machine (its description first):
    image to POST /v1/predict (benchmarks/serve_post.lua): requests/s, p50, p99, errors and the server's
    peak RSS, for batching off (--max-batch 1) and on, PyTorch and ONNX Runtime, at 1/8/32/64 connections;
    GET /ping at the most connections, the HTTP stack's own ceiling.
-2. The same with --workers 2 against one worker (batching on).
+2. --workers 2 against one worker (batching on), side by side: one worker with its inference thread,
+   two workers with passes on their event loops (the default where workers have no core to spare), and
+   two workers with inference threads.
 3. Batch throughput, images/s, of the same model in this process at batch 1, 64 and 1000, on the same test
    images: PyTorch in the NCHW layout fp32 training uses (the baseline), predict.Predictor (NHWC on a CPU),
    the same traced as the service runs it (Predictor.trace), and export.OnnxPredictor.
@@ -218,26 +220,30 @@ def main(argv=None) -> int:
     body.write_bytes(buf.getvalue())
     connections = [int(c) for c in args.connections.split(",")]
     backends = args.backends.split(",")
-    headers = ["backend", "batching", "workers", "request", "connections", "req/s", "p50 ms", "p99 ms", "errors",
-               "server peak RSS MiB"]
+    headers = ["backend", "batching", "workers", "passes on", "request", "connections", "req/s", "p50 ms", "p99 ms",
+               "errors", "server peak RSS MiB"]
 
     print(f"1. batching off (--max-batch 1) and on: one worker, {body.stat().st_size}-byte 28x28 PNG per request, "
           f"{args.duration:g} s per cell")
     rows = []
     for backend in backends:
-        rows += load_rows(str(run), {"backend": backend, "batching": "off", "workers": 1},
-                          ["--backend", backend, "--max-batch", "1"], connections, args.duration, body, False)
+        one = ["--backend", backend, "--passes-on", "thread"]
+        rows += load_rows(str(run), {"backend": backend, "batching": "off", "workers": 1, "passes": "thread"},
+                          [*one, "--max-batch", "1"], connections, args.duration, body, False)
         for wait in args.max_wait_ms.split(","):
-            rows += load_rows(str(run), {"backend": backend, "batching": f"on, wait {wait} ms", "workers": 1},
-                              ["--backend", backend, "--max-wait-ms", wait], connections, args.duration, body, True)
+            rows += load_rows(str(run), {"backend": backend, "batching": f"on, wait {wait} ms", "workers": 1,
+                                         "passes": "thread"},
+                              [*one, "--max-wait-ms", wait], connections, args.duration, body, True)
     print(table(headers, rows, title=f"load average {os.getloadavg()[0]:.2f} after this table"), flush=True)
 
     if not args.no_workers:
-        print("\n2. --workers 2 against one worker (batching on; one worker's rows are those of table 1)")
+        print("\n2. --workers 2 against one worker (batching on), measured one after the other")
         rows = []
         for backend in backends:
-            rows += load_rows(str(run), {"backend": backend, "batching": "on", "workers": 2},
-                              ["--backend", backend, "--workers", "2"], connections, args.duration, body, True)
+            for workers, passes in ((1, "thread"), (2, "loop"), (2, "thread")):
+                label = {"backend": backend, "batching": "on", "workers": workers, "passes": passes}
+                server_args = ["--backend", backend, "--workers", str(workers), "--passes-on", passes]
+                rows += load_rows(str(run), label, server_args, connections, args.duration, body, True)
         print(table(headers, rows, title=f"load average {os.getloadavg()[0]:.2f} after this table"), flush=True)
 
     x = ds.test_images[: args.images]

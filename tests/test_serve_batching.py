@@ -57,9 +57,14 @@ async def first_pass_running(batcher: Batcher, fn: Recording) -> asyncio.Future:
 
 # --------------------------------------------------------------------------- the Batcher
 
-def test_every_request_gets_its_own_rows_in_order_from_shared_passes():
+# Where passes run: an inference thread, or the event loop that submits (one worker per core).
+PLACES = pytest.mark.parametrize("on_loop", [False, True], ids=["thread", "loop"])
+
+
+@PLACES
+def test_every_request_gets_its_own_rows_in_order_from_shared_passes(on_loop):
     fn = Recording(seconds=0.01)
-    batcher = Batcher(fn, max_batch=16, max_wait=0.0)
+    batcher = Batcher(fn, max_batch=16, max_wait=0.0, on_loop=on_loop)
     rng = np.random.default_rng(1)
     requests = [images(int(rng.integers(1, 40)), seed=i) for i in range(30)]  # some larger than a pass
     answers = asyncio.run(submit_all(batcher, requests))
@@ -73,9 +78,10 @@ def test_every_request_gets_its_own_rows_in_order_from_shared_passes():
     batcher.close()
 
 
-def test_a_request_larger_than_the_pass_is_cut_and_answered_whole():
+@PLACES
+def test_a_request_larger_than_the_pass_is_cut_and_answered_whole(on_loop):
     fn = Recording(fn=lambda b: b.reshape(len(b), -1)[:, 0].astype(np.int64))  # a single array, not a tuple
-    batcher = Batcher(fn, max_batch=8, max_wait=0.0)
+    batcher = Batcher(fn, max_batch=8, max_wait=0.0, on_loop=on_loop)
     big = images(29)
     answer = asyncio.run(batcher.submit(big))
     np.testing.assert_array_equal(answer, big.reshape(29, -1)[:, 0])
@@ -83,7 +89,8 @@ def test_a_request_larger_than_the_pass_is_cut_and_answered_whole():
     batcher.close()
 
 
-def test_requests_arriving_at_an_idle_model_wait_up_to_max_wait_for_company():
+@PLACES
+def test_requests_arriving_at_an_idle_model_wait_up_to_max_wait_for_company(on_loop):
     async def two_apart(batcher):
         first = asyncio.ensure_future(batcher.submit(images(1)))
         await asyncio.sleep(0.02)
@@ -95,21 +102,23 @@ def test_requests_arriving_at_an_idle_model_wait_up_to_max_wait_for_company():
         return time.monotonic() - start
 
     waiting = Recording()
-    asyncio.run(two_apart(Batcher(waiting, max_batch=8, max_wait=0.5)))
+    asyncio.run(two_apart(Batcher(waiting, max_batch=8, max_wait=0.5, on_loop=on_loop)))
     assert waiting.sizes == [2]  # the first waited for the second
-    assert asyncio.run(alone(Batcher(Recording(), max_batch=8, max_wait=0.3))) >= 0.29  # no company came
-    assert asyncio.run(alone(Batcher(Recording(), max_batch=8, max_wait=0.0))) < 0.2  # never waits
+    assert asyncio.run(alone(Batcher(Recording(), 8, max_wait=0.3, on_loop=on_loop))) >= 0.29  # no company came
+    assert asyncio.run(alone(Batcher(Recording(), 8, max_wait=0.0, on_loop=on_loop))) < 0.2  # never waits
 
 
-def test_a_full_pass_does_not_wait():
+@PLACES
+def test_a_full_pass_does_not_wait(on_loop):
     fn = Recording()
-    batcher = Batcher(fn, max_batch=4, max_wait=30.0)
+    batcher = Batcher(fn, max_batch=4, max_wait=30.0, on_loop=on_loop)
     start = time.monotonic()
     asyncio.run(submit_all(batcher, [images(2), images(2, seed=1)]))
     assert fn.sizes == [4] and time.monotonic() - start < 10
 
 
-def test_an_exception_reaches_every_request_of_its_pass_and_the_next_pass_works():
+@PLACES
+def test_an_exception_reaches_every_request_of_its_pass_and_the_next_pass_works(on_loop):
     calls = []
 
     def flaky(batch):
@@ -119,7 +128,7 @@ def test_an_exception_reaches_every_request_of_its_pass_and_the_next_pass_works(
         return row_sums(batch)
 
     fn = Recording(fn=flaky, seconds=0.05)  # the others queue behind the first pass and share the next one
-    batcher = Batcher(fn, max_batch=64, max_wait=0.0)
+    batcher = Batcher(fn, max_batch=64, max_wait=0.0, on_loop=on_loop)
 
     async def scenario():
         first = await first_pass_running(batcher, fn)
@@ -132,9 +141,10 @@ def test_an_exception_reaches_every_request_of_its_pass_and_the_next_pass_works(
     assert len(after[0]) == 3 and calls == [1, 5, 3]
 
 
-def test_a_cancelled_request_is_dropped_and_the_others_are_answered():
+@PLACES
+def test_a_cancelled_request_is_dropped_and_the_others_are_answered(on_loop):
     fn = Recording(seconds=0.05)
-    batcher = Batcher(fn, max_batch=64, max_wait=0.0)
+    batcher = Batcher(fn, max_batch=64, max_wait=0.0, on_loop=on_loop)
 
     async def scenario():
         busy = await first_pass_running(batcher, fn)
@@ -165,7 +175,41 @@ def test_urgent_work_joins_the_next_pass_first():
     assert seen[1] == 7  # right after the pass that was running
 
 
-def test_close_finishes_the_queued_work_then_refuses_more():
+def test_on_the_event_loop_the_requests_of_one_turn_share_a_pass_and_no_thread_starts():
+    """With passes on the loop, a pass runs in the turn after the requests that arrived together queued
+    their images: those share it (urgent work first), what queues during a pass forms the next one, and
+    answers need no thread or wake-up."""
+    seen = []
+    fn = Recording(fn=lambda b: (seen.append(b[:, 0, 0].tolist()), row_sums(b))[1])
+    batcher = Batcher(fn, max_batch=8, max_wait=0.0, on_loop=True)
+
+    async def scenario():
+        first = [asyncio.ensure_future(batcher.submit(np.full((2, 28, 28), i, np.uint8))) for i in range(5)]
+        urgent = asyncio.ensure_future(batcher.submit(np.full((1, 28, 28), 9, np.uint8), urgent=True))
+        answers = await asyncio.gather(*first, urgent)
+        return answers, threading.active_count()
+
+    before = threading.active_count()
+    answers, during = asyncio.run(scenario())
+    assert seen == [[9, 0, 0, 1, 1, 2, 2, 3], [3, 4, 4]]  # one turn's requests: two passes, urgent first
+    assert [len(a[0]) for a in answers] == [2, 2, 2, 2, 2, 1]
+    assert batcher._thread is None and during == before
+
+
+@pytest.mark.parametrize("cores,workers,place", [(1, 1, "loop"), (2, 1, "thread"), (2, 2, "loop"), (4, 2, "thread"),
+                                                 (16, 8, "thread"), (8, 8, "loop"), (3, 2, "loop")])
+def test_passes_run_on_the_event_loop_where_a_worker_has_no_core_to_spare(monkeypatch, cores, workers, place):
+    from fashionlab.serve.service import passes_on
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(cores)), raising=False)
+    assert passes_on(Settings(workers=workers)) == place
+    assert passes_on(Settings(workers=workers, passes_on="thread")) == "thread"  # as set
+    assert Settings.from_env({"FASHIONLAB_PASSES_ON": "loop"}).passes_on == "loop"
+    with pytest.raises(ValueError, match="--passes-on .*expected one of thread, loop; got 'fibre'"):
+        Settings(passes_on="fibre").checked()
+
+
+@PLACES
+def test_close_finishes_the_queued_work_then_refuses_more(on_loop):
     fn = Recording(seconds=0.02)
     submitted = threading.Semaphore(0)
 
@@ -176,7 +220,7 @@ def test_close_finishes_the_queued_work_then_refuses_more():
         def ran(self, images, seconds):
             pass
 
-    batcher = Batcher(fn, max_batch=2, max_wait=0.0, observer=Counting())
+    batcher = Batcher(fn, max_batch=2, max_wait=0.0, on_loop=on_loop, observer=Counting())
     results = []
 
     async def many():
@@ -272,12 +316,15 @@ def served_run(tmp_path_factory):
     return run
 
 
+@pytest.mark.parametrize("passes", ["thread", "loop"])
 @pytest.mark.parametrize("backend", ["torch", "onnx"])
-def test_real_model_answers_are_bit_identical_whatever_shares_the_pass(served_run, backend):
+def test_real_model_answers_are_bit_identical_whatever_shares_the_pass(served_run, backend, passes):
     """40 requests of 1 to 11 real test images at once through the service's batcher: each request's
     probabilities and out-of-distribution scores equal, bit for bit, what the model gives that request
     alone (its own pass), and passes really were shared."""
-    service = ModelService(Settings(run=str(served_run), backend=backend, samples=0, max_batch=16).checked())
+    service = ModelService(Settings(run=str(served_run), backend=backend, samples=0, max_batch=16,
+                                    passes_on=passes).checked())
+    assert service.batcher.on_loop == (passes == "loop")
     passes = []
     service.batcher.fn = lambda batch: (passes.append(len(batch)), service.forward(batch))[1]
     test_images = real_dataset().test_images

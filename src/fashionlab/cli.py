@@ -252,6 +252,9 @@ def args_serve(p):
     p.add_argument("--threads", type=int, help="threads per forward pass (default: the cores left once each worker's "
                                                "event loop has one, divided between the workers, at least 1; "
                                                "$FASHIONLAB_THREADS)")
+    p.add_argument("--passes-on", choices=["thread", "loop"], help="where forward passes run: an inference "
+                   "thread beside each worker's event loop, or the event loop itself (default: thread where each "
+                   "worker has a core to spare for it, else loop; $FASHIONLAB_PASSES_ON)")
     p.add_argument("--max-batch", type=int, help="images per forward pass: concurrent requests share passes up to "
                                                  "this (default 64; 1 turns batching off)")
     p.add_argument("--max-wait-ms", type=float, help="how long a request arriving at an idle model waits for "

@@ -1,14 +1,21 @@
 """Dynamic batching: the images of concurrent requests gathered into one forward pass.
 
-A Batcher owns one inference thread. Requests hand it their images from the event loop
-(`await batcher.submit(images)`) and wait without holding a thread; the inference thread takes
-what is queued, up to `max_batch` images, runs the model once on all of it, cuts every output
-back into each request's rows and wakes each request's event loop once per pass.
+Requests hand a Batcher their images from the event loop (`await batcher.submit(images)`) and wait
+without holding a thread; a pass takes what is queued, up to `max_batch` images, runs the model once
+on all of it, cuts every output back into each request's rows and wakes each request's event loop
+once per pass. Passes run on one of two places:
+
+- an inference thread of the Batcher's own (the default), beside the event loop: the loop reads and
+  answers requests while a pass runs. Best when the worker has a core for each.
+- the event loop itself (`on_loop=True`; the Batcher then serves that one loop), in a turn of its
+  own once the requests that arrived in the same turn have queued their images: no hand-over between
+  threads and no contention for the GIL, while the loop waits for the pass. Best when a worker has
+  one core (as many workers as cores; service.passes_on chooses, docs/deploy.md "Workers" measures).
 
 - Waiting: a pass starts when `max_batch` images are queued, or when the oldest queued request
   has waited `max_wait` seconds, whichever is first. While a pass runs, new requests queue and
   form the next pass, so under load passes fill up on their own; `max_wait` only matters when the
-  thread is idle and a request arrives alone.
+  model is idle and a request arrives alone.
 - Sizes: a request holding more than `max_batch` images is cut across several passes (the last
   of its rows may share a pass with other requests); its answer is sent when its last rows are done.
 - Order: requests are served first come, first served; each gets its own rows, in its own order.
@@ -56,18 +63,20 @@ class _Request:
 
 
 class Batcher:
-    """One inference thread running `fn` over the gathered images of concurrent requests."""
+    """`fn` run over the gathered images of concurrent requests, on an inference thread or on the
+    event loop (`on_loop`)."""
 
     def __init__(self, fn: Callable[[np.ndarray], Outputs], max_batch: int, max_wait: float,
-                 observer: BatchObserver | None = None, name: str = "fashionlab-inference"):
+                 observer: BatchObserver | None = None, name: str = "fashionlab-inference", on_loop: bool = False):
         if max_batch < 1 or max_wait < 0:
             raise ValueError(f"max_batch must be >= 1 and max_wait >= 0; got {max_batch}, {max_wait}")
         self.fn, self.max_batch, self.max_wait = fn, max_batch, max_wait
-        self.observer, self.name = observer, name
+        self.observer, self.name, self.on_loop = observer, name, on_loop
         self._queue: collections.deque[_Request] = collections.deque()
         self._waiting_images = 0  # rows queued and not yet taken by a pass
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
+        self._next_on_loop: asyncio.Handle | None = None  # the pass scheduled on the event loop (on_loop)
         self._closing = False
 
     # ----------------------------------------------------------------------- the event loop's side
@@ -80,28 +89,63 @@ class Batcher:
         with self._cond:
             if self._closing:
                 raise BatcherClosed("the server is shutting down")
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-                self._thread.start()
             if urgent:
                 self._queue.appendleft(request)
             else:
                 self._queue.append(request)
             self._waiting_images += len(images)
             waiting = self._waiting_images
+            if self.on_loop:
+                self._schedule_on(loop)
+            elif self._thread is None:
+                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+                self._thread.start()
             self._cond.notify()
         if self.observer:
             self.observer.queued(waiting)
         return await request.future
 
     def close(self, timeout: float | None = None) -> None:
-        """Takes no new work, finishes what is queued, then stops the inference thread."""
+        """Takes no new work, finishes what is queued, then stops the inference thread. With passes on
+        the event loop, waits until that loop has run the queued passes (called on the loop itself, it
+        returns at once: they run after it)."""
         with self._cond:
             self._closing = True
-            self._cond.notify()
+            self._cond.notify_all()
             thread = self._thread
+            if self.on_loop and _running_loop() is None:
+                self._cond.wait_for(lambda: self._next_on_loop is None, timeout)
         if thread is not None:
             thread.join(timeout)
+
+    # ----------------------------------------------------------------------- passes on the event loop
+
+    def _schedule_on(self, loop: asyncio.AbstractEventLoop) -> None:
+        """The next pass, in a turn of the event loop after this one (so that the other requests that
+        arrived in this turn join it), or after max_wait when the model is idle and the pass not full.
+        Called with the lock held."""
+        full = self._waiting_images >= self.max_batch
+        if self._next_on_loop is not None:
+            if not (full and isinstance(self._next_on_loop, asyncio.TimerHandle)):
+                return
+            self._next_on_loop.cancel()  # full before its wait is over: no reason to wait
+        if self.max_wait > 0 and not full:
+            self._next_on_loop = loop.call_at(self._queue[0].arrived - time.monotonic() + loop.time() +
+                                              self.max_wait, self._pass_on_loop, loop)
+        else:
+            self._next_on_loop = loop.call_soon(self._pass_on_loop, loop)
+
+    def _pass_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
+        with self._cond:
+            self._drop_cancelled()
+            taken = self._take()
+        self._run(taken)
+        with self._cond:
+            self._next_on_loop = None
+            self._drop_cancelled()
+            if self._queue:
+                self._next_on_loop = loop.call_soon(self._pass_on_loop, loop)  # what queued during this one
+            self._cond.notify_all()
 
     # ----------------------------------------------------------------------- the inference thread
 
@@ -132,19 +176,23 @@ class Batcher:
                         break
                     self._cond.wait(left)
                 self._drop_cancelled()
-            taken, room = [], self.max_batch
-            while self._queue and room:
-                request = self._queue[0]
-                start = request.taken
-                stop = min(len(request.images), start + room)
-                taken.append((request, start, stop))
-                request.taken, room = stop, room - (stop - start)
-                if stop == len(request.images):
-                    self._queue.popleft()
-            self._waiting_images -= self.max_batch - room
-            waiting = self._waiting_images
+            return self._take()
+
+    def _take(self) -> list[tuple[_Request, int, int]]:
+        """Up to max_batch queued rows, oldest first, as (request, first row, end row). Called with the
+        lock held."""
+        taken, room = [], self.max_batch
+        while self._queue and room:
+            request = self._queue[0]
+            start = request.taken
+            stop = min(len(request.images), start + room)
+            taken.append((request, start, stop))
+            request.taken, room = stop, room - (stop - start)
+            if stop == len(request.images):
+                self._queue.popleft()
+        self._waiting_images -= self.max_batch - room
         if self.observer:
-            self.observer.queued(waiting)
+            self.observer.queued(self._waiting_images)
         return taken
 
     def _drop_cancelled(self) -> None:
@@ -183,11 +231,22 @@ class Batcher:
                 finished.setdefault(request.loop, []).append((request, None, error))
             elif request.done == len(request.images):
                 finished.setdefault(request.loop, []).append((request, _joined(request.pieces), None))
+        here = _running_loop()
         for loop, results in finished.items():  # one wake-up per event loop per pass
+            if loop is here:  # the pass ran on this loop (on_loop): no wake-up needed
+                _deliver(results)
+                continue
             try:
                 loop.call_soon_threadsafe(_deliver, results)
             except RuntimeError:  # that loop has closed: nobody is waiting for these answers
                 pass
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:  # an inference thread
+        return None
 
 
 def _deliver(results: list[tuple[_Request, Any, BaseException | None]]) -> None:

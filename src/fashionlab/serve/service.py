@@ -69,9 +69,12 @@ class ModelService:
         # The one function every forward pass runs, in passes that keep each image's answer identical.
         self.forward, self.passes_note = identical_passes(
             lambda batch: self.predictor.infer(batch, max(1, len(batch))), probe_images(), settings.max_batch)
-        self.batcher = Batcher(self.forward, settings.max_batch, settings.max_wait_ms / 1000)
-        log.info("batching: up to %d images per pass, %g ms wait, %d threads; %s", settings.max_batch,
-                 settings.max_wait_ms, self.threads, self.passes_note)
+        self.passes_on = passes_on(settings)
+        self.batcher = Batcher(self.forward, settings.max_batch, settings.max_wait_ms / 1000,
+                               on_loop=self.passes_on == "loop")
+        log.info("batching: up to %d images per pass, %g ms wait, %d threads, passes on the %s; %s",
+                 settings.max_batch, settings.max_wait_ms, self.threads,
+                 "event loop" if self.passes_on == "loop" else "inference thread", self.passes_note)
 
     async def work(self, fn: Callable[..., Any], *args: Any) -> Any:
         """fn(*args). A coroutine function (the model calls: they wait in the batcher's queue, holding no
@@ -204,11 +207,28 @@ def inference_threads(settings: Settings) -> int:
     2.2 against 4.0 ms; ONNX Runtime 1,675 against 1,609 req/s and 1.15 against 1.28 ms (wrk, one run)."""
     if settings.threads:
         return settings.threads
+    return max(1, _spare_cores_per_worker(settings))
+
+
+def passes_on(settings: Settings) -> str:
+    """Where a worker's forward passes run (batching.Batcher): as set, else on an inference thread beside
+    the event loop where each worker has a core to spare for it, and on the event loop where it has not
+    (as many workers as cores, or more): a worker then has one core, and a pass on its loop costs no
+    hand-over between threads and no contention for the GIL. On 2 cores two workers with passes on their
+    loops serve more requests than one worker with its thread or two with theirs (docs/deploy.md,
+    "Workers"); one worker with passes on its loop far fewer, its loop idle while the pass runs."""
+    if settings.passes_on:
+        return settings.passes_on
+    return "thread" if _spare_cores_per_worker(settings) >= 1 else "loop"
+
+
+def _spare_cores_per_worker(settings: Settings) -> int:
+    """The cores this process may run on, less one per worker's event loop, divided between the workers."""
     try:
         cores = len(os.sched_getaffinity(0))
     except AttributeError:  # not Linux
         cores = os.cpu_count() or 1
-    return max(1, (cores - settings.workers) // settings.workers)
+    return (cores - settings.workers) // settings.workers
 
 
 def model_version(path: Path, backend: str) -> str:

@@ -11,6 +11,7 @@ from .. import images
 
 SAGEMAKER_MODEL_DIR = "/opt/ml/model"
 BACKENDS = ("torch", "onnx")
+PASSES_ON = ("thread", "loop")  # where forward passes run: an inference thread, or the event loop
 
 
 @dataclass
@@ -25,6 +26,7 @@ class Settings:
     host: str = "127.0.0.1"
     port: int = 8080
     workers: int = 1
+    passes_on: str | None = None  # "thread" or "loop" (batching.Batcher); None: chosen from cores and workers
     # Dynamic batching (batching.py): images per forward pass, and how long a request that arrives while the
     # model is idle waits for others to share its pass (0: never; passes still fill with what queues while
     # the previous one runs). Chosen by measurement (docs/deploy.md, "Batching").
@@ -57,7 +59,7 @@ class Settings:
         "FASHIONLAB_MODEL_NAME": "model_name", "FASHIONLAB_SAMPLES": "samples", "FASHIONLAB_DATA": "data_dir",
         "FASHIONLAB_MAX_BATCH": "max_batch", "FASHIONLAB_MAX_WAIT_MS": "max_wait_ms",
         "FASHIONLAB_KEEP_ALIVE_TIMEOUT": "keep_alive_timeout", "FASHIONLAB_READ_TIMEOUT": "read_timeout",
-        "FASHIONLAB_SHUTDOWN_TIMEOUT": "shutdown_timeout",
+        "FASHIONLAB_SHUTDOWN_TIMEOUT": "shutdown_timeout", "FASHIONLAB_PASSES_ON": "passes_on",
     }
 
     @classmethod
@@ -79,6 +81,8 @@ class Settings:
         """The settings, each within its range (RANGES), else a ValueError of one line naming its flag."""
         if self.backend not in BACKENDS:
             raise ValueError(f"backend must be one of {', '.join(BACKENDS)}; got {self.backend!r}")
+        if self.passes_on not in (None, *PASSES_ON):
+            raise ValueError(f"{describe('passes_on')}: expected one of {', '.join(PASSES_ON)}; got {self.passes_on!r}")
         for name, (low, high) in RANGES.items():
             value = getattr(self, name)
             if value is None and name in OPTIONAL:
