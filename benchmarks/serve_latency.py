@@ -121,10 +121,10 @@ def wrk(url: str, connections: int, seconds: float, body: Path | None) -> dict:
             "p99_ms": r["p99_us"] / 1000, "errors": errors, "requests": r["requests"]}
 
 
-def load_rows(run: str, label: dict, args: list[str], connections: list[int], seconds: float, body: Path,
-              ping: bool) -> list[list]:
-    """Table rows for one server configuration: each connection count, then GET /ping at the most."""
-    rows = []
+def measure(run: str, args: list[str], connections: list[int], seconds: float, body: Path, ping: bool) -> list[dict]:
+    """One fresh server: wrk's figures for each connection count, then GET /ping at the most (with the
+    server's peak RSS in each)."""
+    results = []
     with ServerProcess(run, args) as server:
         wrk(server.url + "/v1/predict", 8, min(3.0, seconds), body)  # warm-up: connections, first passes
         cells = [("POST /v1/predict", c, server.url + "/v1/predict", body) for c in connections]
@@ -132,12 +132,55 @@ def load_rows(run: str, label: dict, args: list[str], connections: list[int], se
             cells.append(("GET /ping", max(connections), server.url + "/ping", None))
         for route, c, url, payload in cells:
             r = wrk(url, c, seconds, payload)
-            rows.append([*label.values(), route, c, f"{r['req_per_s']:,.0f}", f"{r['p50_ms']:.2f}",
-                         f"{r['p99_ms']:.2f}", r["errors"]])
-            print(f"  {' '.join(map(str, label.values()))} {route} c={c}: {r['req_per_s']:,.0f} req/s, "
-                  f"p50 {r['p50_ms']:.2f} ms, p99 {r['p99_ms']:.2f} ms, {r['errors']} errors", flush=True)
-        rss = f"{server.peak_rss_mib():,.0f}"
-    return [row + [rss] for row in rows]
+            results.append({**r, "route": route, "connections": c})
+            print(f"  {' '.join(args)} {route} c={c}: {r['req_per_s']:,.0f} req/s, p50 {r['p50_ms']:.2f} ms, "
+                  f"p99 {r['p99_ms']:.2f} ms, {r['errors']} errors", flush=True)
+        rss = server.peak_rss_mib()
+    return [{**r, "rss_mib": rss} for r in results]
+
+
+def rows_of(label: dict, rounds: list[list[dict]]) -> list[list]:
+    """Table rows for one configuration measured in one or more rounds: the median of each figure, the
+    errors summed, the largest peak RSS, and with several rounds the range of req/s."""
+    rows = []
+    for cell in zip(*rounds):
+        rate = [r["req_per_s"] for r in cell]
+        median = lambda key: float(np.median([r[key] for r in cell]))  # noqa: E731
+        spread = [f"{min(rate):,.0f}-{max(rate):,.0f}"] if len(cell) > 1 else []
+        rows.append([*label.values(), cell[0]["route"], cell[0]["connections"], f"{float(np.median(rate)):,.0f}",
+                     *spread, f"{median('p50_ms'):.2f}", f"{median('p99_ms'):.2f}", sum(r["errors"] for r in cell),
+                     f"{max(r['rss_mib'] for r in cell):,.0f}"])
+    return rows
+
+
+def batching_rows(run: str, backends: list[str], waits: list[str], connections: list[int], seconds: float,
+                  body: Path) -> list[list]:
+    """Table 1: one worker (its passes on its inference thread), batching off, then on with each wait."""
+    rows = []
+    for backend in backends:
+        one = ["--backend", backend, "--passes-on", "thread"]
+        label = {"backend": backend, "batching": "off", "workers": 1, "passes": "thread"}
+        rows += rows_of(label, [measure(run, [*one, "--max-batch", "1"], connections, seconds, body, False)])
+        for wait in waits:
+            label = {**label, "batching": f"on, wait {wait} ms"}
+            rows += rows_of(label, [measure(run, [*one, "--max-wait-ms", wait], connections, seconds, body, True)])
+    return rows
+
+
+def worker_rows(run: str, backends: list[str], connections: list[int], seconds: float, body: Path,
+                rounds: int) -> list[list]:
+    """Table 2: one worker with its inference thread, two workers with passes on their event loops, two
+    with threads; every round measures each configuration once, in turn, so that the machine's drift
+    reaches them alike."""
+    configs = [{"backend": b, "batching": "on", "workers": w, "passes": p}
+               for b in backends for w, p in ((1, "thread"), (2, "loop"), (2, "thread"))]
+    measured: list[list[list[dict]]] = [[] for _ in configs]
+    for _ in range(rounds):
+        for config, results in zip(configs, measured):
+            server = ["--backend", config["backend"], "--workers", str(config["workers"]), "--passes-on",
+                      config["passes"]]
+            results.append(measure(run, server, connections, seconds, body, True))
+    return [row for config, results in zip(configs, measured) for row in rows_of(config, results)]
 
 
 # --------------------------------------------------------------------------- in-process batch throughput
@@ -197,7 +240,9 @@ def main(argv=None) -> int:
     ap.add_argument("--connections", default="1,8,32,64")
     ap.add_argument("--backends", default="torch,onnx")
     ap.add_argument("--max-wait-ms", default="0", help="--max-wait-ms values for the batching-on servers")
-    ap.add_argument("--no-workers", action="store_true", help="skip the --workers 2 table")
+    ap.add_argument("--tables", default="1,2,3", help="which tables to measure (default 1,2,3)")
+    ap.add_argument("--rounds", type=int, default=1, help="rounds of table 2 (default 1; 3 or more for medians "
+                                                          "and ranges)")
     ap.add_argument("--batches", default="1,64,1000", help="batch sizes for the in-process throughput")
     ap.add_argument("--images", type=int, default=5000, help="test images per throughput pass")
     ap.add_argument("--repeats", type=int, default=3)
@@ -212,54 +257,50 @@ def main(argv=None) -> int:
         print(f"exported {r['path']} (parity: max |dp| {r['max_abs_prob_diff']:.1e}, "
               f"{r['top1_mismatches']} top-1 differ)")
     print("reproduce: PYTHONPATH=src python benchmarks/serve_latency.py " + shlex.join(sys.argv[1:] or [str(run)]))
-    print(f"machine: {describe_machine()}\nmodel: {run}; one run\n", flush=True)
+    print(f"machine: {describe_machine()}\nmodel: {run}\n", flush=True)
 
     body = Path(tempfile.mkdtemp(prefix="fashionlab-bench-")) / "image.png"
     buf = io.BytesIO()
     Image.fromarray(ds.test_images[0]).save(buf, format="PNG")
     body.write_bytes(buf.getvalue())
     connections = [int(c) for c in args.connections.split(",")]
+    tables = {int(t) for t in args.tables.split(",")}
     backends = args.backends.split(",")
     headers = ["backend", "batching", "workers", "passes on", "request", "connections", "req/s", "p50 ms", "p99 ms",
                "errors", "server peak RSS MiB"]
 
-    print(f"1. batching off (--max-batch 1) and on: one worker, {body.stat().st_size}-byte 28x28 PNG per request, "
-          f"{args.duration:g} s per cell")
-    rows = []
-    for backend in backends:
-        one = ["--backend", backend, "--passes-on", "thread"]
-        rows += load_rows(str(run), {"backend": backend, "batching": "off", "workers": 1, "passes": "thread"},
-                          [*one, "--max-batch", "1"], connections, args.duration, body, False)
-        for wait in args.max_wait_ms.split(","):
-            rows += load_rows(str(run), {"backend": backend, "batching": f"on, wait {wait} ms", "workers": 1,
-                                         "passes": "thread"},
-                              [*one, "--max-wait-ms", wait], connections, args.duration, body, True)
-    print(table(headers, rows, title=f"load average {os.getloadavg()[0]:.2f} after this table"), flush=True)
-
-    if not args.no_workers:
-        print("\n2. --workers 2 against one worker (batching on), measured one after the other")
-        rows = []
-        for backend in backends:
-            for workers, passes in ((1, "thread"), (2, "loop"), (2, "thread")):
-                label = {"backend": backend, "batching": "on", "workers": workers, "passes": passes}
-                server_args = ["--backend", backend, "--workers", str(workers), "--passes-on", passes]
-                rows += load_rows(str(run), label, server_args, connections, args.duration, body, True)
+    if 1 in tables:
+        print(f"1. batching off (--max-batch 1) and on: one worker, {body.stat().st_size}-byte 28x28 PNG per "
+              f"request, {args.duration:g} s per cell")
+        rows = batching_rows(str(run), backends, args.max_wait_ms.split(","), connections, args.duration, body)
         print(table(headers, rows, title=f"load average {os.getloadavg()[0]:.2f} after this table"), flush=True)
 
-    x = ds.test_images[: args.images]
+    if 2 in tables:
+        print(f"\n2. --workers 2 against one worker (batching on), {args.rounds} round(s): each round measures every "
+              "configuration in turn" + ("; figures are medians over the rounds" if args.rounds > 1 else ""))
+        rows = worker_rows(str(run), backends, connections, args.duration, body, args.rounds)
+        heads = headers if args.rounds == 1 else [*headers[:7], "req/s range", *headers[7:]]
+        print(table(heads, rows, title=f"load average {os.getloadavg()[0]:.2f} after this table"), flush=True)
+
+    if 3 in tables:
+        print_throughput(run, ds.test_images[: args.images], map(int, args.batches.split(",")), args.repeats)
+    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
+    return 0
+
+
+def print_throughput(run: Path, x: np.ndarray, batches, repeats: int) -> None:
+    """Table 3: in-process images/s of the four predictors at each batch size."""
     models = predictors(run)
     print(f"\n3. batch throughput in this process, images/s, {len(x)} test images per pass (500 at batch 1), "
-          f"median of {args.repeats} alternating passes, {torch.get_num_threads()} threads")
+          f"median of {repeats} alternating passes, {torch.get_num_threads()} threads")
     rows = []
-    for batch in map(int, args.batches.split(",")):
+    for batch in batches:
         n = x if batch >= 64 else x[:500]  # batch 1 is slow: fewer images keep the run short
         r = batch_throughput({name: (lambda b, m=m: m.probabilities(b, batch)) for name, m in models.items()},
-                             n, batch, args.repeats)
+                             n, batch, repeats)
         rows.append([batch, *(f"{r[name]:,.0f}" for name in models), f"{r['onnx'] / r['torch']:.2f}"])
     print(table(["batch", "PyTorch NCHW img/s", "PyTorch img/s", "PyTorch traced img/s", "ONNX Runtime img/s",
                  "ONNX / PyTorch"], rows))
-    print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
-    return 0
 
 
 if __name__ == "__main__":
