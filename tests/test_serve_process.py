@@ -45,10 +45,11 @@ def asyncio_only(tmp_path_factory) -> dict[str, str]:
 
 @pytest.fixture(scope="module")
 def two_workers(asyncio_only, tmp_path_factory):
-    """Two worker processes; their metrics in a folder the test can look into."""
+    """Two worker processes with their passes on their event loops (the default on 2 cores); their metrics
+    in a folder the test can look into."""
     metrics_dir = tmp_path_factory.mktemp("prometheus")
     env = {**asyncio_only, "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir)}
-    with server_process(str(trained_run()), "--workers", "2", "--samples", "0", env=env,
+    with server_process(str(trained_run()), "--workers", "2", "--passes-on", "loop", "--samples", "0", env=env,
                         startup_timeout=240) as server:
         server.metrics_dir = metrics_dir
         yield server
@@ -225,13 +226,13 @@ def test_an_idle_kept_alive_connection_is_closed_after_the_keep_alive_timeout(on
 
 # --------------------------------------------------------------------------- SIGTERM
 
-@pytest.mark.parametrize("workers", ["1", "2"])
-def test_sigterm_answers_requests_in_flight_stops_accepting_and_exits_0(body, workers):
+@pytest.mark.parametrize("workers,passes", [("1", "thread"), ("1", "loop"), ("2", "loop"), ("2", "thread")])
+def test_sigterm_answers_requests_in_flight_stops_accepting_and_exits_0(body, workers, passes):
     """Requests wait in the batcher for company (--max-wait-ms 1000) when SIGTERM arrives: each is
     answered, new connections are refused (with one worker, while those requests still wait), and the
-    process exits with status 0."""
-    with server_process(str(trained_run()), "--workers", workers, "--samples", "0", "--max-wait-ms", "1000",
-                        startup_timeout=240) as server:
+    process exits with status 0. Passes on an inference thread or on the event loop (a timer then)."""
+    with server_process(str(trained_run()), "--workers", workers, "--passes-on", passes, "--samples", "0",
+                        "--max-wait-ms", "1000", startup_timeout=240) as server:
         answers: list[int] = []
         answered_at: list[float] = []
 
