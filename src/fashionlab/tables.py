@@ -12,6 +12,7 @@ between the markers is ever rewritten, and a file missing its markers is an erro
 
 from __future__ import annotations
 
+import statistics
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
@@ -171,14 +172,23 @@ def _row_cells(row: RecipeRow, seeds: int, runs_dir: str | None) -> list[str]:
     hardest = s["hardest_class"]
     return [f"`{row.recipe}`", f"`{row.model}`", pages.fmt_mean_std(row.accuracies, 100, 2, "%"), n, reported,
             reference_test(row.accuracies, row.reference),
-            f"{hardest} ({s['per_class_accuracy'][hardest]['mean']:.1%})", f"{s['train_seconds']['mean']:,.0f} s"]
+            f"{hardest} ({s['per_class_accuracy'][hardest]['mean']:.1%})",
+            f"{sum(map(steady_train_seconds, row.finished)) / len(row.finished):,.0f} s"]
+
+
+def steady_train_seconds(run: dict[str, Any]) -> float:
+    """A run's training time at its typical pace: the epochs it ran times its median epoch's seconds. An
+    epoch slowed by other work on the machine, or by the run being paused, counts as a typical one, and
+    so does a first epoch that still holds the one-time warm-up (runs trained before it was timed apart)."""
+    seconds = [row["seconds"] for row in run["history"] if "seconds" in row]
+    return statistics.median(seconds) * len(seconds) if seconds else run["metrics"]["train_seconds"]
 
 
 def recipe_table(rows: Sequence[RecipeRow], seeds: int, runs_dir: str | None = None) -> str:
     """The markdown table: one row per (recipe, model)."""
     head = ["recipe", "model", "test accuracy (mean ± sd)", "n (seeds)", "reported by its study",
             f"reported figure within our spread? (one-sample t-test, {ALPHA})", "hardest class (mean recall)",
-            "mean train time"]
+            "mean train time (epochs × median epoch)"]
     lines = ["| " + " | ".join(head) + " |", "|---|---|---:|---:|---:|---|---|---:|"]
     lines += ["| " + " | ".join(_row_cells(r, seeds, runs_dir)) + " |" for r in rows]
     return "\n".join(lines) + "\n"
@@ -212,19 +222,14 @@ def machine_line(rows: Sequence[RecipeRow], cmd: str, cpu: str, date: str) -> st
             f"{recorded(lambda r: env(r).get('threads'))} threads.")
 
 
-def legend(rows: Sequence[RecipeRow]) -> str:
-    """What the columns mean; which runs' train time still holds the one-time warm-up."""
-    text = ("Test accuracy on the 10,000 test images, mean ± sample standard deviation over seeds (the recipe's "
+def legend() -> str:
+    """What the columns mean."""
+    return ("Test accuracy on the 10,000 test images, mean ± sample standard deviation over seeds (the recipe's "
             "seed and the next ones). \"Within\": a one-sample t-test finds the study's reported figure consistent "
             "with our runs' mean; \"outside\": it does not. The hardest class is the one of lowest mean recall. "
-            "Train time is the timed epochs, without the untimed warm-up before the first step, and depends on the "
-            "machine and its load.")
-    runs = [r for row in rows for r in row.finished]
-    older = sum("warmup_seconds" not in r["metrics"] for r in runs)
-    if older:
-        text += (f" {older} of these {len(runs)} runs were trained before the warm-up was timed apart: their "
-                 f"train time includes it.")
-    return text
+            "Train time is each run's epochs times its median epoch's seconds, without the one-time warm-up, so "
+            "that an epoch slowed or paused by other work on the machine counts as a typical one; it depends on "
+            "the machine and the threads.")
 
 
 def render_block(name: str, rows: Sequence[RecipeRow], seeds: int, cpu: str, date: str,
@@ -236,7 +241,7 @@ def render_block(name: str, rows: Sequence[RecipeRow], seeds: int, cpu: str, dat
     comparisons = model_comparisons(shown)
     if comparisons:
         parts.append("Between the models of one recipe:\n\n" + "\n".join(comparisons) + "\n")
-    parts += [legend(shown) + "\n", machine_line(shown, command(None, seeds, runs_dir), cpu, date) + "\n"]
+    parts += [legend() + "\n", machine_line(shown, command(None, seeds, runs_dir), cpu, date) + "\n"]
     return "\n".join(parts)
 
 
