@@ -215,8 +215,10 @@ def passes_on(settings: Settings) -> str:
     the event loop where each worker has a core to spare for it, and on the event loop where it has not
     (as many workers as cores, or more): a worker then has one core, and a pass on its loop costs no
     hand-over between threads and no contention for the GIL. On 2 cores two workers with passes on their
-    loops serve more requests than one worker with its thread or two with theirs (docs/deploy.md,
-    "Workers"); one worker with passes on its loop far fewer, its loop idle while the pass runs."""
+    loops served as many requests as one worker with its thread or more, at every connection count, and
+    more than two with threads but at 32 connections with PyTorch (docs/deploy.md, "Measurements"); one
+    worker with passes on its loop far fewer, its loop idle while the pass runs. One core and one worker
+    (no spare core either) also gets the loop: not measured."""
     if settings.passes_on:
         return settings.passes_on
     return "thread" if _spare_cores_per_worker(settings) >= 1 else "loop"
