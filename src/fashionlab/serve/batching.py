@@ -97,10 +97,11 @@ class Batcher:
             waiting = self._waiting_images
             if self.on_loop:
                 self._schedule_on(loop)
-            elif self._thread is None:
-                self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
-                self._thread.start()
-            self._cond.notify()
+            else:
+                if self._thread is None:
+                    self._thread = threading.Thread(target=self._serve, name=self.name, daemon=True)
+                    self._thread.start()
+                self._cond.notify()  # the inference thread may be waiting for work
         if self.observer:
             self.observer.queued(waiting)
         return await request.future
