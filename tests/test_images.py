@@ -41,6 +41,34 @@ def test_dataset_sized_images_pass_through(real_data):
     assert images.to_dataset_style(faint).max() == 255  # a faint image is stretched to full range
 
 
+def test_dataset_sized_uint8_images_take_the_float_paths_answer(real_data):
+    """The uint8 shortcut for 28x28 images already in the dataset's style returns exactly what the float
+    path does (the same pixels as int16 take the float path), at the edges of both of its conditions."""
+    rng = np.random.default_rng(0)
+    cases = [real_data.test_images[i] for i in range(200)] + [255 - real_data.test_images[i] for i in range(50)]
+    cases += [np.zeros((28, 28), np.uint8), np.full((28, 28), 255, np.uint8)]
+    for peak in (1, 248, 249, 250, 251, 255):  # faint (stretched) below 250, kept from 250
+        img = np.zeros((28, 28), np.uint8)
+        img[10, 10] = peak
+        cases.append(img)
+    medians = set()
+    for dark in range(40, 73):  # border pixels 127 or 128, more of them dark each time: medians 128 to 127
+        img = rng.integers(0, 256, (28, 28)).astype(np.uint8)
+        ring = np.ones((28, 28), bool)
+        ring[1:-1, 1:-1] = False
+        img[ring] = np.where(np.arange(ring.sum()) < dark * 108 // 112, 127, 128).astype(np.uint8)
+        img[14, 14] = 255
+        medians.add(float(images._median(images._border(img).astype(np.float32))))
+        cases.append(img)
+    assert {127.0, 127.5, 128.0} <= medians
+    cases += [rng.integers(0, 256, (28, 28)).astype(np.uint8) for _ in range(50)]
+    for img in cases:
+        got = images.to_dataset_style(img)
+        want = images.to_dataset_style(img.astype(np.int16))
+        assert got.dtype == want.dtype == np.uint8 and np.array_equal(got, want)
+        assert got is not img  # a new array, as from the float path
+
+
 def test_alpha_is_composited_on_white():
     rgba = Image.new("RGBA", (50, 50), (0, 0, 0, 0))
     rgba.paste((0, 0, 0, 255), (10, 10, 40, 40))

@@ -12,6 +12,7 @@ same requests can be sent to any server (the before/after measurements of issue 
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import io
 import json
@@ -398,6 +399,34 @@ def test_a_model_that_breaks_while_serving_is_not_reported_healthy(fake_service)
         assert "not finite" in strict_json(r.content)["error"], (path, r.text)
     predictor.outputs = uniform  # recovered: the health routes' self-test passes again
     assert {p: r.status_code for p, r in calls().items()} == dict.fromkeys(calls(), 200)
+
+
+@pytest.mark.parametrize("passes_on", ["thread", "loop"])
+def test_an_image_the_model_cannot_answer_fails_only_its_own_request(fake_service, passes_on):
+    """The outputs are checked once per pass, row by row: a request whose image gets NaN probabilities is
+    answered 503, and the request that shared its pass gets its answer."""
+    service, predictor = fake_service(passes_on=passes_on, max_wait_ms=50)
+    passes = []
+
+    def outputs_of(batch, batch_size=1000):  # NaN for images whose first pixel is 255
+        passes.append(len(batch))
+        probs = uniform(len(batch))
+        probs[batch[:, 0, 0] == 255] = np.nan
+        return probs, np.full(len(batch), np.nan)
+
+    predictor.infer = outputs_of
+    bad, good = np.full((1, 28, 28), 255, np.uint8), np.zeros((2, 28, 28), np.uint8)
+
+    async def both():
+        return await asyncio.gather(service.infer(bad), service.infer(good), return_exceptions=True)
+
+    passes.clear()
+    failed, answered = asyncio.run(both())
+    service.close()
+    assert passes == [3]  # one pass held both requests' images
+    assert isinstance(failed, service_module.ModelUnavailable) and "not finite" in str(failed)
+    probs, scores = answered
+    assert np.array_equal(probs, uniform(2)) and np.isnan(scores).all()
 
 
 async def _calls(app, calls) -> list[httpx.Response]:

@@ -77,6 +77,8 @@ async def ranked(service: ModelService, settings: Settings, request: Request) ->
 def query_top_k(request: Request) -> str | None:
     """The query's top_k as sent (parse_top_k checks its value), or None; 422 when it is not an integer,
     as for any query parameter of the wrong type."""
+    if not request.scope.get("query_string"):  # the usual request: no query to parse
+        return None
     raw = request.query_params.get("top_k")
     if raw is not None and not INTEGER.fullmatch(raw):
         raise ClientError(422, f"invalid request: query.top_k: expected an integer; got {brief(raw)}")

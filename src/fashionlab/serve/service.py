@@ -70,8 +70,8 @@ class ModelService:
         self.forward, self.passes_note = identical_passes(
             lambda batch: self.predictor.infer(batch, max(1, len(batch))), probe_images(), settings.max_batch)
         self.passes_on = passes_on(settings)
-        self.batcher = Batcher(self.forward, settings.max_batch, settings.max_wait_ms / 1000,
-                               on_loop=self.passes_on == "loop")
+        self.batcher = Batcher(functools.partial(with_usable_rows, self.forward, len(self.class_names)),
+                               settings.max_batch, settings.max_wait_ms / 1000, on_loop=self.passes_on == "loop")
         log.info("batching: up to %d images per pass, %g ms wait, %d threads, passes on the %s; %s",
                  settings.max_batch, settings.max_wait_ms, self.threads,
                  "event loop" if self.passes_on == "loop" else "inference thread", self.passes_note)
@@ -119,7 +119,7 @@ class ModelService:
         """What is wrong with the batched answers for the known images (None when nothing is)."""
         probes = probe_images()
         try:
-            probs, scores = await self.batcher.submit(probes, urgent=True)
+            probs, scores, _ = await self.batcher.submit(probes, urgent=True)
         except BatcherClosed as e:
             return str(e)
         except Exception as e:
@@ -133,11 +133,12 @@ class ModelService:
         model has no detector), row-aligned, from the same forward passes: every route's one call into the
         model, in passes shared with concurrent requests. Checked: unusable outputs are never returned."""
         try:
-            probs, scores = await self.batcher.submit(batch)
+            probs, scores, usable = await self.batcher.submit(batch)
         except BatcherClosed as e:
             raise ModelUnavailable(str(e)) from None
-        failure = output_problem(probs, len(batch), self.class_names) or score_problem(scores, len(batch))
-        if failure:
+        if not usable.all():
+            failure = (output_problem(probs, len(batch), self.class_names) or score_problem(scores, len(batch))
+                       or "the model's outputs for these images are not usable")
             raise ModelUnavailable(f"{failure}; nothing was returned")
         return probs, scores
 
@@ -269,6 +270,22 @@ def probe_images() -> np.ndarray:
     shape[6:22, 9:19] = 220
     noise = np.random.default_rng(0).integers(0, 256, (28, 28), dtype=np.uint8)
     return np.stack([np.zeros((28, 28), np.uint8), np.full((28, 28), 255, np.uint8), shape, noise])
+
+
+def with_usable_rows(forward: Callable[[np.ndarray], tuple[Any, Any]], classes: int,
+                     batch: np.ndarray) -> tuple[Any, Any, np.ndarray]:
+    """forward(batch)'s (probabilities, out-of-distribution scores) and, per image, whether both are
+    usable (what output_problem and score_problem accept), all False when their shapes are wrong: checked
+    once per pass, so a request only looks up its own rows, and a request whose rows are unusable does not
+    fail the others in its pass."""
+    probs, scores = forward(batch)
+    n = len(batch)
+    if getattr(probs, "shape", None) != (n, classes) or getattr(scores, "shape", None) != (n,):
+        return probs, scores, np.zeros(n, bool)
+    with np.errstate(invalid="ignore"):
+        usable = np.isfinite(probs).all(1) & (probs >= 0).all(1) & (np.abs(probs.sum(1) - 1) <= 1e-3)
+        usable &= ~np.isinf(scores) & ~(scores < 0)
+    return probs, scores, usable
 
 
 def output_problem(probs: Any, n: int, class_names: list[str]) -> str | None:
