@@ -56,20 +56,23 @@ def _median(values: np.ndarray) -> np.floating:
     return (ordered[(n - 1) // 2] + ordered[n // 2]) / 2 if n % 2 == 0 else ordered[n // 2]
 
 
+LIGHT_BACKGROUND = 127  # a border median above this is a light background (a photo): inverted
+FULL_PEAK = 250  # a 28x28 image peaking below this is faint and stretched; dataset images peak at 254-255
+
 # _border's pixels of a (28, 28) image, as indices into its flattened pixels: one numpy call, not five
 _BORDER_28 = _border(np.arange(SIDE * SIDE).reshape(SIDE, SIDE))
 
 
 def _already_dataset_style(gray: np.ndarray) -> bool:
     """True when to_dataset_style would return this (28, 28) uint8 image unchanged: its background (the
-    border's median) is dark and it is blank or peaks at 250 or more. Decided on the uint8 pixels, which
+    border's median) is dark and it is blank or peaks at FULL_PEAK or more. Decided on the uint8 pixels, which
     is what a service's every dataset-style request takes (a third of the time of the float path)."""
     border = np.sort(gray.ravel()[_BORDER_28])
     n = len(border)
-    if int(border[(n - 1) // 2]) + int(border[n // 2]) > 254:  # the median, doubled, over 127: light
+    if int(border[(n - 1) // 2]) + int(border[n // 2]) > 2 * LIGHT_BACKGROUND:  # the median, doubled
         return False
     peak = int(gray.max())
-    return peak == 0 or peak >= 250
+    return peak == 0 or peak >= FULL_PEAK
 
 
 def to_dataset_style(gray: np.ndarray) -> np.ndarray:
@@ -85,12 +88,12 @@ def to_dataset_style(gray: np.ndarray) -> np.ndarray:
         return gray.copy()
     a = gray.astype(np.float32)
     background = float(_median(_border(a)))
-    if background > 127:  # light background (a photo): invert so the object is light
+    if background > LIGHT_BACKGROUND:  # a photo: invert so the object is light
         a = 255.0 - a
         background = 255.0 - background
     if a.shape == (SIDE, SIDE):
         peak = float(a.max())
-        if 0 < peak < 250:  # a faint (e.g. coloured) small image; dataset images peak at 254-255 and pass as they are
+        if 0 < peak < FULL_PEAK:  # a faint (e.g. coloured) small image; dataset images pass as they are
             a = a * (255.0 / peak)
         return np.clip(np.rint(a), 0, 255).astype(np.uint8)
     a = np.clip(a - background, 0, None)

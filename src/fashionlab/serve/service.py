@@ -283,9 +283,22 @@ def with_usable_rows(forward: Callable[[np.ndarray], tuple[Any, Any]], classes: 
     if getattr(probs, "shape", None) != (n, classes) or getattr(scores, "shape", None) != (n,):
         return probs, scores, np.zeros(n, bool)
     with np.errstate(invalid="ignore"):
-        usable = np.isfinite(probs).all(1) & (probs >= 0).all(1) & (np.abs(probs.sum(1) - 1) <= 1e-3)
-        usable &= ~np.isinf(scores) & ~(scores < 0)
-    return probs, scores, usable
+        return probs, scores, _finite_rows(probs) & _probability_rows(probs) & _distance_rows(scores)
+
+
+# What output_problem and score_problem accept, per image (row); with_usable_rows asks the same.
+
+def _finite_rows(probs: np.ndarray) -> np.ndarray:
+    return np.isfinite(probs).all(1)
+
+
+def _probability_rows(probs: np.ndarray) -> np.ndarray:
+    return (probs >= 0).all(1) & (np.abs(probs.sum(1) - 1) <= 1e-3)
+
+
+def _distance_rows(scores: np.ndarray) -> np.ndarray:
+    """>= 0 or NaN (a model without a detector); never infinite, so every answer is valid JSON."""
+    return ~np.isinf(scores) & ~(scores < 0)
 
 
 def output_problem(probs: Any, n: int, class_names: list[str]) -> str | None:
@@ -296,9 +309,9 @@ def output_problem(probs: Any, n: int, class_names: list[str]) -> str | None:
     if shape[1] != len(class_names):
         return (f"the model gives {shape[1]} outputs per image but has {len(class_names)} class names; "
                 "model.json's class_names must list one name per output")
-    if not np.isfinite(probs).all():
+    if not _finite_rows(probs).all():
         return "the model's outputs are not finite (NaN or infinity): its weights are damaged"
-    if (probs < 0).any() or np.abs(probs.sum(1) - 1).max() > 1e-3:
+    if not _probability_rows(probs).all():
         return "the model's outputs are not probabilities (each row must be >= 0 and sum to 1)"
     return None
 
@@ -309,6 +322,6 @@ def score_problem(scores: Any, n: int) -> str | None:
     shape = getattr(scores, "shape", None)
     if shape != (n,):
         return f"the model's out-of-distribution scores for {n} images have shape {shape}; expected ({n},)"
-    if np.isinf(scores).any() or (scores < 0).any():
+    if not _distance_rows(scores).all():
         return "the model's out-of-distribution scores are not distances (infinite or negative)"
     return None
