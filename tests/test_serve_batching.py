@@ -196,6 +196,30 @@ def test_on_the_event_loop_the_requests_of_one_turn_share_a_pass_and_no_thread_s
     assert batcher._thread is None and during == before
 
 
+
+def test_on_the_event_loop_a_pass_waits_until_the_previous_answers_are_written():
+    """A woken request writes its answer in the next turn, and the server sends the turn's writes at the
+    end of it (server.CoalescedWrites: a callback of the next turn). The next pass must come after that
+    send, not hold the answer back for its whole length: here each request 'sends' in a callback it
+    schedules once answered, and every pass after the first sees all earlier answers sent."""
+    sent, sent_before_pass = [], []
+
+    def model(batch):
+        sent_before_pass.append(sorted(sent))
+        return row_sums(batch)
+
+    batcher = Batcher(model, max_batch=1, max_wait=0.0, on_loop=True)  # one image a pass: a pass per request
+
+    async def request(i: int) -> None:
+        await batcher.submit(np.full((1, 28, 28), i, np.uint8))
+        asyncio.get_running_loop().call_soon(sent.append, i)  # the write, at the end of the next turn
+
+    async def scenario():
+        await asyncio.gather(*(request(i) for i in range(4)))
+
+    asyncio.run(scenario())
+    assert sent_before_pass == [[], [0], [0, 1], [0, 1, 2]]
+
 @pytest.mark.parametrize("cores,workers,place", [(1, 1, "loop"), (2, 1, "thread"), (2, 2, "loop"), (4, 2, "thread"),
                                                  (16, 8, "thread"), (8, 8, "loop"), (3, 2, "loop")])
 def test_passes_run_on_the_event_loop_where_a_worker_has_no_core_to_spare(monkeypatch, cores, workers, place):

@@ -134,7 +134,7 @@ class Batcher:
             self._next_on_loop = loop.call_at(self._queue[0].arrived - time.monotonic() + loop.time() +
                                               self.max_wait, self._pass_on_loop, loop)
         else:
-            self._next_on_loop = loop.call_soon(self._pass_on_loop, loop)
+            self._next_on_loop = _after_this_turn_and_the_next(loop, self._pass_on_loop, loop)
 
     def _pass_on_loop(self, loop: asyncio.AbstractEventLoop) -> None:
         with self._cond:
@@ -145,7 +145,8 @@ class Batcher:
             self._next_on_loop = None
             self._drop_cancelled()
             if self._queue:
-                self._next_on_loop = loop.call_soon(self._pass_on_loop, loop)  # what queued during this one
+                # what queued during this one (health checks, a request cut across passes)
+                self._next_on_loop = _after_this_turn_and_the_next(loop, self._pass_on_loop, loop)
             self._cond.notify_all()
 
     # ----------------------------------------------------------------------- the inference thread
@@ -241,6 +242,15 @@ class Batcher:
                 loop.call_soon_threadsafe(_deliver, results)
             except RuntimeError:  # that loop has closed: nobody is waiting for these answers
                 pass
+
+
+def _after_this_turn_and_the_next(loop: asyncio.AbstractEventLoop, callback: Callable[..., None], *args: Any
+                                  ) -> asyncio.Handle:
+    """callback(*args), two turns of the event loop on. A pass on the loop runs there: the requests woken
+    by the previous pass write their answers in the next turn, and the writes go out at the end of that
+    turn (server.CoalescedWrites); a pass in that same turn would hold the answers back for its whole
+    length, and the clients' next requests with them. Returns the first turn's handle."""
+    return loop.call_soon(loop.call_soon, callback, *args)
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
