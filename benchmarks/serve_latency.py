@@ -7,9 +7,10 @@ One run prints, on this machine (its description first):
    image to POST /v1/predict (benchmarks/serve_post.lua): requests/s, p50, p99, errors and the server's
    peak RSS, for batching off (--max-batch 1) and on, PyTorch and ONNX Runtime, at 1/8/32/64 connections;
    GET /ping at the most connections, the HTTP stack's own ceiling.
-2. --workers 2 against one worker (batching on), side by side: one worker with its inference thread,
-   two workers with passes on their event loops (the default where workers have no core to spare), and
-   two workers with inference threads.
+2. --workers 2 against one worker, side by side, in rounds: one worker with batching off, then batching
+   on: one worker with its inference thread, two workers with passes on their event loops (the default
+   where workers have no core to spare), and two workers with inference threads; then each batching-on
+   server's req/s as a multiple of the unbatched one's.
 3. Batch throughput, images/s, of the same model in this process at batch 1, 64 and 1000, on the same test
    images: PyTorch in the NCHW layout fp32 training uses (the baseline), predict.Predictor (NHWC on a CPU),
    the same traced as the service runs it (Predictor.trace), and export.OnnxPredictor.
@@ -183,18 +184,28 @@ def batching_rows(run: str, backends: list[str], waits: list[str], connections: 
 
 def worker_rows(run: str, backends: list[str], connections: list[int], seconds: float, body: Path,
                 rounds: int) -> list[list]:
-    """Table 2: one worker with its inference thread, two workers with passes on their event loops, two
-    with threads; every round measures each configuration once, in turn, so that the machine's drift
-    reaches them alike."""
-    configs = [{"backend": b, "batching": "on", "workers": w, "passes": p}
-               for b in backends for w, p in ((1, "thread"), (2, "loop"), (2, "thread"))]
+    """Table 2: one worker with batching off (--max-batch 1), then batching on: one worker with its
+    inference thread, two workers with passes on their event loops, two with threads; every round
+    measures each configuration once, in turn, so that the machine's drift reaches them alike."""
+    servers = (("off", 1, "thread"), ("on", 1, "thread"), ("on", 2, "loop"), ("on", 2, "thread"))
+    configs = [{"backend": b, "batching": batching, "workers": w, "passes": p}
+               for b in backends for batching, w, p in servers]
     measured: list[list[list[dict]]] = [[] for _ in configs]
     for _ in range(rounds):
         for config, results in zip(configs, measured):
             server = ["--backend", config["backend"], "--workers", str(config["workers"]), "--passes-on",
-                      config["passes"]]
+                      config["passes"], *(["--max-batch", "1"] if config["batching"] == "off" else [])]
             results.append(measure(run, server, connections, seconds, body, True))
     return [row for config, results in zip(configs, measured) for row in rows_of(config, results)]
+
+
+def against_unbatched(rows: list[list]) -> list[list]:
+    """Table 2's batching-on rows as multiples of the unbatched server's median req/s (same backend, same
+    connection count, same rounds)."""
+    req_s = lambda row: float(str(row[6]).replace(",", ""))  # noqa: E731
+    unbatched = {(row[0], row[4], row[5]): req_s(row) for row in rows if row[1] == "off"}
+    return [[row[0], row[2], row[3], row[5], f"{req_s(row) / unbatched[row[0], row[4], row[5]]:.2f}"]
+            for row in rows if row[1] == "on" and row[4].startswith("POST")]
 
 
 # --------------------------------------------------------------------------- in-process batch throughput
@@ -214,7 +225,7 @@ def batch_throughput(predict_fns: dict, x: np.ndarray, batch: int, repeats: int)
     return {name: float(np.median(r)) for name, r in rates.items()}
 
 
-def predictors(run: Path) -> dict:
+def predictors(run: Path, threads: int | None = None) -> dict:
     """The run's model four ways: PyTorch in the NCHW layout training uses in fp32 (the baseline), as
     Predictor runs it (NHWC on a CPU), as the service runs it (traced), and ONNX Runtime."""
     from fashionlab.device import Runtime
@@ -225,7 +236,7 @@ def predictors(run: Path) -> dict:
     traced = Predictor.from_run(run, device="cpu", precision="fp32")
     print(f"traced: {traced.trace(probe_images())}")
     return {"nchw": nchw, "torch": Predictor.from_run(run, device="cpu", precision="fp32"), "traced": traced,
-            "onnx": export.OnnxPredictor.from_run(run)}
+            "onnx": export.OnnxPredictor.from_run(run, threads=threads)}
 
 
 # --------------------------------------------------------------------------- the run
@@ -260,6 +271,8 @@ def main(argv=None) -> int:
     ap.add_argument("--batches", default="1,64,1000", help="batch sizes for the in-process throughput")
     ap.add_argument("--images", type=int, default=5000, help="test images per throughput pass")
     ap.add_argument("--repeats", type=int, default=3)
+    ap.add_argument("--threads", type=int, help="threads for the in-process throughput (default: PyTorch's, the "
+                                                "cores; 1 is what each of two workers on 2 cores has)")
     args = ap.parse_args(argv)
     if subprocess.run(["which", "wrk"], capture_output=True).returncode:
         raise SystemExit("wrk is not installed: sudo apt-get install wrk (or bash scripts/setup --all)")
@@ -290,21 +303,28 @@ def main(argv=None) -> int:
         print(table(headers, rows, title=f"load average {os.getloadavg()[0]:.2f} after this table"), flush=True)
 
     if 2 in tables:
-        print(f"\n2. --workers 2 against one worker (batching on), {args.rounds} round(s): each round measures every "
-              "configuration in turn" + ("; figures are medians over the rounds" if args.rounds > 1 else ""))
+        medians = "; figures are medians over the rounds" if args.rounds > 1 else ""
+        print(f"\n2. --workers 2 against one worker, and batching off, {args.rounds} round(s): each round "
+              f"measures every configuration in turn{medians}")
         rows = worker_rows(str(run), backends, connections, args.duration, body, args.rounds)
         heads = headers if args.rounds == 1 else [*headers[:7], "req/s range", *headers[7:]]
         print(table(heads, rows, title=f"load average {os.getloadavg()[0]:.2f} after this table"), flush=True)
+        print("\nbatching on against the unbatched server (one worker, --max-batch 1), same rounds:")
+        print(table(["backend", "workers", "passes on", "connections", "req/s / unbatched req/s"],
+                    against_unbatched(rows)), flush=True)
 
     if 3 in tables:
-        print_throughput(run, ds.test_images[: args.images], map(int, args.batches.split(",")), args.repeats)
+        print_throughput(run, ds.test_images[: args.images], map(int, args.batches.split(",")), args.repeats,
+                         args.threads)
     print(f"\nload average at the end: {os.getloadavg()[0]:.2f}")
     return 0
 
 
-def print_throughput(run: Path, x: np.ndarray, batches, repeats: int) -> None:
+def print_throughput(run: Path, x: np.ndarray, batches, repeats: int, threads: int | None) -> None:
     """Table 3: in-process images/s of the four predictors at each batch size."""
-    models = predictors(run)
+    if threads:
+        torch.set_num_threads(threads)
+    models = predictors(run, threads)
     print(f"\n3. batch throughput in this process, images/s, {len(x)} test images per pass (500 at batch 1), "
           f"median of {repeats} alternating passes, {torch.get_num_threads()} threads")
     rows = []

@@ -8,9 +8,10 @@ once per pass. Passes run on one of two places:
 - an inference thread of the Batcher's own (the default), beside the event loop: the loop reads and
   answers requests while a pass runs. Best when the worker has a core for each.
 - the event loop itself (`on_loop=True`; the Batcher then serves that one loop), in a turn of its
-  own once the requests that arrived in the same turn have queued their images: no hand-over between
-  threads and no contention for the GIL, while the loop waits for the pass. Best when a worker has
-  one core (as many workers as cores; service.passes_on chooses, docs/deploy.md "Workers" measures).
+  own once the requests that arrived in the same turn have queued their images and the answers of
+  the previous pass have been written: no hand-over between threads and no contention for the GIL,
+  while the loop waits for the pass. Best when a worker has one core (as many workers as cores;
+  service.passes_on chooses, docs/deploy.md "Workers" measures).
 
 - Waiting: a pass starts when `max_batch` images are queued, or when the oldest queued request
   has waited `max_wait` seconds, whichever is first. While a pass runs, new requests queue and
@@ -122,9 +123,9 @@ class Batcher:
     # ----------------------------------------------------------------------- passes on the event loop
 
     def _schedule_on(self, loop: asyncio.AbstractEventLoop) -> None:
-        """The next pass, in a turn of the event loop after this one (so that the other requests that
-        arrived in this turn join it), or after max_wait when the model is idle and the pass not full.
-        Called with the lock held."""
+        """The next pass, two turns of the event loop after this one (so that the other requests that
+        arrived in this turn join it, and the answers written in the next go out first), or after
+        max_wait when the model is idle and the pass not full. Called with the lock held."""
         full = self._waiting_images >= self.max_batch
         if self._next_on_loop is not None:
             if not (full and isinstance(self._next_on_loop, asyncio.TimerHandle)):
