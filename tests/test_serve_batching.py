@@ -12,6 +12,7 @@ import time
 
 import numpy as np
 import pytest
+import uvloop
 
 from fashionlab import cli
 from fashionlab.serve import ModelService, Settings
@@ -59,6 +60,9 @@ async def first_pass_running(batcher: Batcher, fn: Recording) -> asyncio.Future:
 
 # Where passes run: an inference thread, or the event loop that submits (one worker per core).
 PLACES = pytest.mark.parametrize("on_loop", [False, True], ids=["thread", "loop"])
+# The event loops a server runs on: asyncio's own, and uvloop (the serve extra's, uvicorn's choice when
+# installed), whose handles are not asyncio's classes.
+EVENT_LOOPS = pytest.mark.parametrize("run", [asyncio.run, uvloop.run], ids=["asyncio", "uvloop"])
 
 
 @PLACES
@@ -89,8 +93,9 @@ def test_a_request_larger_than_the_pass_is_cut_and_answered_whole(on_loop):
     batcher.close()
 
 
+@EVENT_LOOPS
 @PLACES
-def test_requests_arriving_at_an_idle_model_wait_up_to_max_wait_for_company(on_loop):
+def test_requests_arriving_at_an_idle_model_wait_up_to_max_wait_for_company(on_loop, run):
     async def two_apart(batcher):
         first = asyncio.ensure_future(batcher.submit(images(1)))
         await asyncio.sleep(0.02)
@@ -102,18 +107,19 @@ def test_requests_arriving_at_an_idle_model_wait_up_to_max_wait_for_company(on_l
         return time.monotonic() - start
 
     waiting = Recording()
-    asyncio.run(two_apart(Batcher(waiting, max_batch=8, max_wait=0.5, on_loop=on_loop)))
+    run(two_apart(Batcher(waiting, max_batch=8, max_wait=0.5, on_loop=on_loop)))
     assert waiting.sizes == [2]  # the first waited for the second
-    assert asyncio.run(alone(Batcher(Recording(), 8, max_wait=0.3, on_loop=on_loop))) >= 0.29  # no company came
-    assert asyncio.run(alone(Batcher(Recording(), 8, max_wait=0.0, on_loop=on_loop))) < 0.2  # never waits
+    assert run(alone(Batcher(Recording(), 8, max_wait=0.3, on_loop=on_loop))) >= 0.29  # no company came
+    assert run(alone(Batcher(Recording(), 8, max_wait=0.0, on_loop=on_loop))) < 0.2  # never waits
 
 
+@EVENT_LOOPS
 @PLACES
-def test_a_full_pass_does_not_wait(on_loop):
+def test_a_full_pass_does_not_wait(on_loop, run):
     fn = Recording()
     batcher = Batcher(fn, max_batch=4, max_wait=30.0, on_loop=on_loop)
     start = time.monotonic()
-    asyncio.run(submit_all(batcher, [images(2), images(2, seed=1)]))
+    run(submit_all(batcher, [images(2), images(2, seed=1)]))
     assert fn.sizes == [4] and time.monotonic() - start < 10
 
 
@@ -197,7 +203,8 @@ def test_on_the_event_loop_the_requests_of_one_turn_share_a_pass_and_no_thread_s
 
 
 
-def test_on_the_event_loop_a_pass_waits_until_the_previous_answers_are_written():
+@EVENT_LOOPS
+def test_on_the_event_loop_a_pass_waits_until_the_previous_answers_are_written(run):
     """A woken request writes its answer in the next turn, and the server sends the turn's writes at the
     end of it (server.CoalescedWrites: a callback of the next turn). The next pass must come after that
     send, not hold the answer back for its whole length: here each request 'sends' in a callback it
@@ -217,7 +224,7 @@ def test_on_the_event_loop_a_pass_waits_until_the_previous_answers_are_written()
     async def scenario():
         await asyncio.gather(*(request(i) for i in range(4)))
 
-    asyncio.run(scenario())
+    run(scenario())
     assert sent_before_pass == [[], [0], [0, 1], [0, 1, 2]]
 
 @pytest.mark.parametrize("cores,workers,place", [(1, 1, "loop"), (2, 1, "thread"), (2, 2, "loop"), (4, 2, "thread"),

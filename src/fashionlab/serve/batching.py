@@ -78,6 +78,7 @@ class Batcher:
         self._cond = threading.Condition(threading.Lock())
         self._thread: threading.Thread | None = None
         self._next_on_loop: asyncio.Handle | None = None  # the pass scheduled on the event loop (on_loop)
+        self._next_waits = False  # whether that pass waits out max_wait (a timer) or runs in two turns
         self._closing = False
 
     # ----------------------------------------------------------------------- the event loop's side
@@ -128,10 +129,13 @@ class Batcher:
         max_wait when the model is idle and the pass not full. Called with the lock held."""
         full = self._waiting_images >= self.max_batch
         if self._next_on_loop is not None:
-            if not (full and isinstance(self._next_on_loop, asyncio.TimerHandle)):
+            if not (full and self._next_waits):
                 return
             self._next_on_loop.cancel()  # full before its wait is over: no reason to wait
-        if self.max_wait > 0 and not full:
+        # Whether the pass waits is noted, not read from the handle's type: uvloop's timer handles are
+        # not asyncio.TimerHandle instances.
+        self._next_waits = self.max_wait > 0 and not full
+        if self._next_waits:
             self._next_on_loop = loop.call_at(self._queue[0].arrived - time.monotonic() + loop.time() +
                                               self.max_wait, self._pass_on_loop, loop)
         else:
@@ -148,6 +152,7 @@ class Batcher:
             if self._queue:
                 # what queued during this one (health checks, a request cut across passes)
                 self._next_on_loop = _after_this_turn_and_the_next(loop, self._pass_on_loop, loop)
+                self._next_waits = False
             self._cond.notify_all()
 
     # ----------------------------------------------------------------------- the inference thread
