@@ -202,7 +202,6 @@ def test_on_the_event_loop_the_requests_of_one_turn_share_a_pass_and_no_thread_s
     assert batcher._thread is None and during == before
 
 
-
 @EVENT_LOOPS
 def test_on_the_event_loop_a_pass_waits_until_the_previous_answers_are_written(run):
     """A woken request writes its answer in the next turn, and the server sends the turn's writes at the
@@ -226,6 +225,7 @@ def test_on_the_event_loop_a_pass_waits_until_the_previous_answers_are_written(r
 
     run(scenario())
     assert sent_before_pass == [[], [0], [0, 1], [0, 1, 2]]
+
 
 @pytest.mark.parametrize("cores,workers,place", [(1, 1, "loop"), (2, 1, "thread"), (2, 2, "loop"), (4, 2, "thread"),
                                                  (16, 8, "thread"), (8, 8, "loop"), (3, 2, "loop")])
