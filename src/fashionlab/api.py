@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import html
 import math
+import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Iterator, Sequence
 
-from . import config, data as data_mod, models, recipes, run as run_mod, tracking
-from .atomic import check_writable
+from . import config, data as data_mod, models, recipes, run as run_mod, runlock, tracking
+from .atomic import OutputError, check_writable
 from .run import RunFolder
 from .training import Callback
 
@@ -116,8 +118,8 @@ class Run(RunFolder):
         and how it was calibrated."""
         from . import ood
         ood.check_rate(false_alarm_rate)
-        self._check_output(None)
-        detector = run_mod.calibrate_ood(self, dataset, false_alarm_rate, device, data_dir, offline)
+        with self._writing(None, "calibrate"):
+            detector = run_mod.calibrate_ood(self, dataset, false_alarm_rate, device, data_dir, offline)
         self.__dict__.pop("_predictors", None)  # loaded predictors hold the old detector
         return detector.describe()
 
@@ -133,24 +135,24 @@ class Run(RunFolder):
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
             raise ValueError(f"tolerance={tolerance!r}: expected a finite number >= 0 (the largest allowed "
                              f"probability difference)")
-        self._check_output(path)
-        ds = dataset or self.dataset(data_dir, offline)
-        n = min(parity_images, len(ds.test_images))
-        return export.export_onnx(self.path, ds.test_images[:n], path, tolerance)
+        with self._writing(path, "export"):
+            ds = dataset or self.dataset(data_dir, offline)
+            n = min(parity_images, len(ds.test_images))
+            return export.export_onnx(self.path, ds.test_images[:n], path, tolerance)
 
     def package(self, out: str | Path | None = None) -> dict[str, Any]:
         """The model.tar.gz SageMaker expects (default RUN/model.tar.gz)."""
         from . import export
-        self._check_output(out)
-        return export.package(self.path, out)
+        with self._writing(out, "package"):
+            return export.package(self.path, out)
 
     def report(self, out: str | Path | None = None, with_explain: bool = True,
                dataset: data_mod.Dataset | None = None, device: str = "auto", data_dir=None,
                offline: bool | None = None) -> Path:
         """Write report.html (figures embedded, PNGs beside it); returns its path."""
         from . import report
-        self._check_output(out)
-        return report.write_run_report(self.path, dataset, out, with_explain, data_dir, offline, device)
+        with self._writing(out, "report"):
+            return report.write_run_report(self.path, dataset, out, with_explain, data_dir, offline, device)
 
     def figures(self, which: Sequence[str] | None = None, dataset: data_mod.Dataset | None = None,
                 device: str = "auto") -> "Figures":
@@ -161,13 +163,23 @@ class Run(RunFolder):
         view = report.RunView(self.require_finished(), dataset or self.dataset(), device)
         return Figures(report.run_figures(view, which), {k: v[0] for k, v in report.FIGURES.items()})
 
-    def _check_output(self, out: str | Path | None) -> None:
-        """Before any work: the run is finished, and `out` (default: a file in the run folder) can be written."""
+    @contextmanager
+    def _writing(self, out: str | Path | None, command: str) -> Iterator[None]:
+        """Before any work: the run is finished, `out` (default: a file in the run folder) can be written,
+        and, when it goes into the run folder, no other process writes there (its lock is held for the
+        block; runlock.RunBusy names the process that holds it). A write that fails (a full disk) says
+        that the finished run is as it was and which command writes the file later."""
         self.require_finished()
         if out:
             check_writable(out)
         else:
             check_writable(self.path, folder=True)
+        with runlock.writing_into(self.path, out):
+            try:
+                yield
+            except OutputError as e:
+                raise e.with_note(f"the finished run is unchanged; `fashionlab {command} {self.path}` writes it "
+                                  f"{'once there is space' if e.disk_full else 'once that can be written'}") from None
 
     def _repr_html_(self) -> str:
         return run_summary_html(self)
@@ -210,7 +222,9 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
     the valid names (`fashionlab.TrainConfig` lists them with their help).
 
     reuse=True makes re-running cheap: a finished run in `out` trained with exactly these settings is
-    returned as it is, an interrupted one is resumed, and one with other settings is an error.
+    returned as it is, an interrupted one is resumed, and one with other settings is an error. A run
+    that another process is training in `out` is waited for (said once on stderr), then reused;
+    without reuse, another process writing into `out` raises RunBusy at once, naming it.
 
     track logs the run to experiment trackers as it trains: "tensorboard[=DIR]", "mlflow[=URI]", a
     list of them or a comma-separated string (fashionlab.tracking). Tracking is not a training setting:
@@ -226,7 +240,8 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
         callbacks = [*callbacks, *trackers]
         if not reuse:
             return Run(run_mod.train_run(cfg, out, dataset, callbacks, quiet, data_dir, offline).path)
-        return Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline)[0].path)
+        return Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline,
+                                          wait=lambda line: print(line, file=sys.stderr, flush=True))[0].path)
 
 
 # --------------------------------------------------------------------------- many runs

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import secrets
 import tempfile
 from contextlib import contextmanager, suppress
 from pathlib import Path
@@ -15,7 +16,20 @@ from .errors import UserError
 
 class OutputError(UserError, OSError):
     """An output place that cannot be written: the message names the path and why. It is an OSError
-    too, so a caller that tolerates a failed write (a read-only cache costs only speed) still can."""
+    too, so a caller that tolerates a failed write (a read-only cache costs only speed) still can;
+    `errno` is the cause's (ENOSPC for a full disk, EROFS, EACCES, ...) where there was one."""
+
+    def __init__(self, message: str, cause_errno: int | None = None):
+        super().__init__(message)
+        self.errno = cause_errno
+
+    @property
+    def disk_full(self) -> bool:
+        return self.errno in (errno.ENOSPC, errno.EDQUOT)
+
+    def with_note(self, note: str) -> "OutputError":
+        """The same error, its message followed by what was kept and how to go on."""
+        return type(self)(f"{self}; {note}", self.errno)
 
 
 def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
@@ -67,6 +81,20 @@ def _names(e: OSError, tmp: Path) -> bool:
     return str(tmp) in {os.fspath(f) for f in (e.filename, e.filename2) if f is not None}
 
 
+def _new_temporary(path: Path) -> Path:
+    """An empty new file beside path, created with mode 0666 less the umask, as any file the user
+    writes (mkstemp's 0600 would survive the rename: a run nobody else could read)."""
+    for _ in range(100):
+        tmp = path.parent / f".{path.name}.{secrets.token_hex(4)}.part"
+        try:
+            fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o666)
+        except FileExistsError:
+            continue
+        os.close(fd)
+        return tmp
+    raise FileExistsError(errno.EEXIST, f"no free temporary name beside {path}")
+
+
 @contextmanager
 def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
     """Yield a temporary sibling of path to write; rename it onto path if the block succeeds,
@@ -76,20 +104,18 @@ def atomic_write(path: str | os.PathLike) -> Iterator[Path]:
         if path.is_dir():  # os.replace would refuse only after the whole file was written
             raise OutputError(f"cannot write {path}: it is a folder; expected a file name")
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".part")
+        tmp_path = _new_temporary(path)
     except OutputError:
         raise
     except OSError as e:
-        raise OutputError(f"cannot write {path}: {why_not_writable(path) or e.strerror or e}") from None
-    os.close(fd)
-    tmp_path = Path(tmp)
+        raise OutputError(f"cannot write {path}: {why_not_writable(path) or e.strerror or e}", e.errno) from None
     try:
         yield tmp_path
         os.replace(tmp_path, path)
     except OSError as e:
         if isinstance(e, OutputError) or not (_names(e, tmp_path) or e.errno in (errno.ENOSPC, errno.EDQUOT)):
             raise
-        raise OutputError(f"cannot write {path}: {e.strerror or e}") from None
+        raise OutputError(f"cannot write {path}: {e.strerror or e}", e.errno) from None
     finally:
         tmp_path.unlink(missing_ok=True)
 

@@ -14,10 +14,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, save
 
 from . import models, schema
-from .atomic import atomic_write, write_text
+from .atomic import write_bytes, write_text
 from .schema import RunError, read_json
 
 
@@ -26,9 +26,11 @@ def write_json(path: Path, obj: Any) -> None:
 
 
 def _save_tensors(path: Path, tensors: dict[str, torch.Tensor], metadata: dict[str, str] | None = None) -> None:
-    with atomic_write(path) as tmp:
-        # safetensors wants contiguous, non-shared tensors; clone detaches from the live model.
-        save_file({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, str(tmp), metadata)
+    # safetensors wants contiguous, non-shared tensors; clone detaches from the live model. The file is
+    # made in memory and written by Python, so a full disk is an OSError that names the file (atomic.py),
+    # not a traceback from inside the writer's own file handling.
+    blob = save({k: v.detach().to("cpu").contiguous().clone() for k, v in tensors.items()}, metadata)
+    write_bytes(path, blob)
 
 
 def write_model(weights: Path, description: Path, model: torch.nn.Module, info: dict[str, Any]) -> None:

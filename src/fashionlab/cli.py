@@ -51,6 +51,13 @@ def _track_option(p: argparse.ArgumentParser) -> None:
                         "beside the runs); repeat the flag or separate with commas for both")
 
 
+def _refuse_if_busy(run: str, out: str | None = None) -> None:
+    """A command about to write into a run folder another process is writing fails before torch loads."""
+    from .runlock import check_free
+    if out is None:
+        check_free(run)
+
+
 def load_data(args):
     from . import api
     return api.load_data(args.data_dir, args.offline, getattr(args, "class_names", None),
@@ -117,6 +124,7 @@ def args_train(p):
 
 
 def cmd_train(args) -> int:
+    _refuse_if_busy(args.resume or args.out)
     from . import api, config
     if args.resume:
         run = api.Run(args.resume).resume(args.quiet, data_dir=args.data_dir, offline=args.offline, track=args.track)
@@ -235,6 +243,7 @@ def args_calibrate(p):
 def cmd_calibrate(args) -> int:
     from . import api, ood, run as run_mod
     ood.check_rate(args.false_alarm_rate, "--false-alarm-rate")  # before loading anything
+    _refuse_if_busy(args.run)
     run = api.Run(args.run)
     run.calibrate_ood(args.false_alarm_rate, device=args.device, data_dir=args.data_dir, offline=args.offline)
     print(run_mod.describe_ood(run.read_ood()) + f"\nwrote {run.ood_path}")
@@ -295,6 +304,7 @@ def args_export(p):
 
 
 def cmd_export(args) -> int:
+    _refuse_if_busy(args.run, args.out)
     from . import api
     r = api.Run(args.run).export(args.out, args.format, args.parity_images, args.tolerance,
                                  data_dir=args.data_dir, offline=args.offline)
@@ -309,6 +319,7 @@ def args_package(p):
 
 
 def cmd_package(args) -> int:
+    _refuse_if_busy(args.run, args.out)
     from . import api
     result = api.Run(args.run).package(args.out)
     print(f"wrote {result['path']} ({result['bytes']:,} bytes): {', '.join(result['files'])}")
@@ -384,6 +395,7 @@ def args_report(p):
 
 
 def cmd_report(args) -> int:
+    _refuse_if_busy(args.run, args.out)
     from . import api
     path = api.Run(args.run).report(args.out, not args.no_explain, device=args.device, data_dir=args.data_dir,
                                     offline=args.offline)
@@ -396,6 +408,7 @@ def args_explain(p):
 
 
 def cmd_explain(args) -> int:
+    _refuse_if_busy(args.run, args.out)
     from . import api, explain
     from .atomic import check_writable
     run = api.Run(args.run).require_finished()

@@ -7,6 +7,7 @@ cache can be trusted without the original archive.
 
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import http.client
@@ -23,7 +24,7 @@ from typing import BinaryIO
 
 import numpy as np
 
-from .atomic import atomic_write, write_bytes
+from .atomic import OutputError, atomic_write, write_bytes
 from .errors import UserError
 
 SPLITS = ("train", "test")
@@ -417,6 +418,8 @@ def _fetch(url: str, out: BinaryIO, cap: int, deadline: float) -> str:
         raise DataError(f"download of {url} was cut short: {received + len(e.partial)} bytes received, "
                         f"{e.expected} more expected") from None
     except (urllib.error.URLError, http.client.HTTPException, OSError) as e:
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT):
+            raise  # writing the file failed, not the network: atomic_write names the file
         if isinstance(e, TimeoutError) or isinstance(getattr(e, "reason", None), TimeoutError):  # urlopen wraps it
             _time_left(url, deadline, received)  # a read cut short by the deadline says so
             raise DataError(f"download of {url} stalled: no data for {READ_TIMEOUT_S:g} s "
@@ -447,6 +450,22 @@ def download(spec: DatasetSpec, dest: Path, base_url: str | None = None, progres
     if not base:
         raise DataError(f"dataset {spec.name!r} has no download address")
     deadline = time.monotonic() + DOWNLOAD_DEADLINE_S
+    try:
+        _download_files(spec, dest, base, deadline, progress)
+    except OutputError as e:
+        raise e.with_note(_download_kept(spec, dest, e)) from None
+
+
+def _download_kept(spec: DatasetSpec, dest: Path, e: OutputError) -> str:
+    """What a download stopped by a write error leaves: never half a file, the files already verified."""
+    kept = [p.name for f in spec.files.values() for p in (dest / (f.name + ".gz"), dest / f.name) if p.is_file()]
+    until = "once there is space" if e.disk_full else "once the folder can be written"
+    if not kept:
+        return f"nothing was kept; the next load downloads it {until}"
+    return f"the verified files {', '.join(kept)} are kept; the next load downloads the rest {until}"
+
+
+def _download_files(spec: DatasetSpec, dest: Path, base: str, deadline: float, progress) -> None:
     for (split, kind), f in spec.files.items():
         target = dest / (f.name + ".gz")
         if target.exists() or (dest / f.name).exists():

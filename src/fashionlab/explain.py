@@ -15,7 +15,7 @@ import numpy as np
 import torch
 import torch.nn as nn
 
-from . import evaluate, pages
+from . import evaluate, pages, runlock
 from .device import resolve
 from .run import RunFolder
 
@@ -270,8 +270,9 @@ def write_explanation(run_dir: str | Path, dataset, out: str | Path | None = Non
     """`fashionlab explain RUN`: explain.html (and its PNGs) in the run folder."""
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / "explain.html"
-    model, info = load_for_explanation(run_dir, device)
-    figs = pages.FigureWriter(out.parent)
-    sections = explain_sections(model, dataset.test_images, dataset.test_labels, dataset.class_names, figs)
-    name = info["architecture"].get("name", "model")
-    return pages.write_page(out, f"Inside {name}", sections, subtitle=f"Run {run_dir}")
+    with runlock.writing_into(run_dir, out):  # no other process writes the run folder meanwhile
+        model, info = load_for_explanation(run_dir, device)
+        figs = pages.FigureWriter(out.parent)
+        sections = explain_sections(model, dataset.test_images, dataset.test_labels, dataset.class_names, figs)
+        name = info["architecture"].get("name", "model")
+        return pages.write_page(out, f"Inside {name}", sections, subtitle=f"Run {run_dir}")

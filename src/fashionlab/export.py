@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from . import __version__, run, schema
+from . import __version__, run, runlock, schema
 from .run import RunFolder
 from .device import resolve
 from .ood import OodDetector
@@ -111,7 +111,12 @@ def export_onnx(run_dir: str | Path, images: np.ndarray, out: str | Path | None 
     """
     run_dir = Path(run_dir)
     out = Path(out) if out else run_dir / ONNX_FILE
-    folder = RunFolder(run_dir)
+    with runlock.writing_into(run_dir, out):  # no other process writes the run folder meanwhile
+        return _export_onnx(RunFolder(run_dir), images, out, tolerance)
+
+
+def _export_onnx(folder: RunFolder, images: np.ndarray, out: Path, tolerance: float) -> dict[str, Any]:
+    run_dir = folder.path
     model, info = folder.load_model()  # fp32 on CPU: the reference the file must match
     detector = folder.read_ood(feature_layer(model).in_features, len(info["class_names"])) \
         if folder.ood_path.exists() else None
@@ -261,10 +266,15 @@ def package(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any
     model.onnx is included when the run has been exported, so `serve --backend onnx` works too, and
     ood.safetensors when it exists, so predictions carry their out-of-distribution scores.
     """
-    import tarfile
     run_dir = Path(run_dir)
     RunFolder(run_dir).load_model()  # refuse to package a run that cannot be served
     out = Path(out) if out else run_dir / "model.tar.gz"
+    with runlock.writing_into(run_dir, out):  # no other process writes the run folder meanwhile
+        return _package(run_dir, out)
+
+
+def _package(run_dir: Path, out: Path) -> dict[str, Any]:
+    import tarfile
     present = [name for name in PACKAGE_FILES if (run_dir / name).is_file()]
     with atomic_write(out) as tmp, tarfile.open(tmp, "w:gz") as tar:
         for name in present:

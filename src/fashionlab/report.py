@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import data as data_mod, explain, models, pages, schema
+from . import data as data_mod, explain, models, pages, runlock, schema
 from .predict import Predictor
 from .run import RunFolder
 
@@ -410,9 +410,14 @@ def write_run_report(run_dir: str | Path, dataset: data_mod.Dataset | None = Non
     """Write `report.html` (default: in the run folder) and its PNG figures beside it."""
     folder = RunFolder(run_dir).require_finished()
     out = Path(out) if out else folder.report_path
-    dataset = dataset or folder.dataset(data_dir, offline)
-    figs = pages.FigureWriter(out.parent)
-    sections = run_sections(folder, dataset, figs, with_explain, device)
+    with runlock.writing_into(folder.path, out):  # no other process writes the run folder meanwhile
+        dataset = dataset or folder.dataset(data_dir, offline)
+        figs = pages.FigureWriter(out.parent)
+        sections = run_sections(folder, dataset, figs, with_explain, device)
+        return _write_run_page(folder, out, sections)
+
+
+def _write_run_page(folder: RunFolder, out: Path, sections) -> Path:
     m = folder.metrics
     return pages.write_page(out, f"Run {folder.path.name}: {m.get('model')} — test accuracy {m['test_accuracy']:.2%}",
                             sections, subtitle=f"{folder.path.resolve()} · recipe {m.get('recipe') or 'none'} · "

@@ -29,7 +29,8 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import checkpoint, data as data_mod, device as device_mod, evaluate, ood, schema
+from . import checkpoint, data as data_mod, device as device_mod, evaluate, ood, runlock, schema
+from .atomic import OutputError
 from .checkpoint import write_json
 from .schema import RunError, read_json
 from .config import TrainConfig, settings_of
@@ -203,7 +204,8 @@ class RunFolder:
         self.discard_model()
         for path in (self.config_path, self.history_path):
             path.unlink(missing_ok=True)
-        if remove_folder and self.path.is_dir() and not any(self.path.iterdir()):
+        if remove_folder and self.path.is_dir() and {p.name for p in self.path.iterdir()} <= {runlock.LOCK_FILE}:
+            (self.path / runlock.LOCK_FILE).unlink(missing_ok=True)  # a writer waiting on it opens it anew
             self.path.rmdir()
 
     def discard_model(self) -> None:
@@ -292,7 +294,8 @@ def calibrate_ood(folder: RunFolder, dataset: data_mod.Dataset | None = None,
     except ValueError as e:  # a model without a linear last layer has no features to score
         raise ood.OodError(str(e)) from None
     if write:
-        folder.write_ood(detector)
+        with runlock.writing(folder.path):
+            folder.write_ood(detector)
     return detector
 
 
@@ -358,8 +361,10 @@ def load_ood(folder: RunFolder, feature_size: int | None, num_classes: int | Non
         return _no_ood(f"{folder.path}: no out-of-distribution detector: {_first_line(e)}; "
                        f"predictions carry no ood_score or unsure flag")
     try:
-        folder.write_ood(detector)
-    except OSError as e:  # a read-only model folder (a container's, say): the detector serves this process only
+        with runlock.writing(folder.path):
+            folder.write_ood(detector)
+    except (OSError, runlock.RunBusy) as e:  # a read-only model folder (a container's, say), or one another
+        # process is writing: the detector serves this process only
         ood_log.warning("%s: not kept (%s); it is calibrated again next time", folder.ood_path, _first_line(e))
     return detector, ""
 
@@ -401,63 +406,101 @@ def default_run_dir(model: str) -> Path:
 def train_run(cfg: TrainConfig, out: str | Path | None = None, dataset: DatasetArg = None,
               callbacks: Sequence[Callback] = (), quiet: bool = False, data_dir=None,
               offline: bool | None = None) -> RunFolder:
-    """Train cfg into a new run folder (default runs/<time>-<model>); returns the finished run."""
+    """Train cfg into a new run folder (default runs/<time>-<model>); returns the finished run.
+    Another process writing into that folder is refused at once (runlock.RunBusy)."""
     cfg.validate()
     folder = RunFolder(out or default_run_dir(cfg.model))
-    if folder.model_json_path.exists():
-        raise FileExistsError(f"{folder.path} already holds a finished run; choose another --out")
-    if folder.checkpoint_path.exists():
-        raise FileExistsError(f"{folder.path} holds an interrupted run; continue it with --resume {folder.path}")
-    return _train(cfg, folder, dataset, callbacks, quiet, data_dir, offline, resume=False)
+    created = not folder.path.exists()
+    with runlock.writing(folder.path, create=True):  # the check and the training are one step: no one else writes here
+        if folder.model_json_path.exists():
+            raise FileExistsError(f"{folder.path} already holds a finished run; choose another --out")
+        if folder.checkpoint_path.exists():
+            raise FileExistsError(f"{folder.path} holds an interrupted run; continue it with --resume {folder.path}")
+        return _train(cfg, folder, dataset, callbacks, quiet, data_dir, offline, resume=False, created=created)
 
 
 def resume_run(path: str | Path, dataset: DatasetArg = None, callbacks: Sequence[Callback] = (),
                quiet: bool = False, data_dir=None, offline: bool | None = None) -> RunFolder:
     """Continue an interrupted run from its checkpoint, with its recorded settings."""
     folder = RunFolder(path)
-    if folder.status == FINISHED:
-        raise RunError(f"{folder.path} is already finished (metrics.json exists); nothing to resume")
-    if folder.status == NEW:
-        raise RunError(f"{folder.checkpoint_path}: no checkpoint to resume from")
-    cfg = folder.config  # validated, model_args included, as `train` validates them
-    # What the settings make a resume read beyond what load_state checks against the model and optimiser
-    schema.check_resume(folder.checkpoint_path, cfg)
-    return _train(cfg, folder, dataset, callbacks, quiet, data_dir, offline, resume=True)
+    if not folder.path.is_dir():
+        raise RunError(f"{folder.path}: no such run folder")
+    with runlock.writing(folder.path):
+        if folder.status == FINISHED:
+            raise RunError(f"{folder.path} is already finished (metrics.json exists); nothing to resume")
+        if folder.status == NEW:
+            raise RunError(f"{folder.checkpoint_path}: no checkpoint to resume from")
+        cfg = folder.config  # validated, model_args included, as `train` validates them
+        # What the settings make a resume read beyond what load_state checks against the model and optimiser
+        schema.check_resume(folder.checkpoint_path, cfg)
+        return _train(cfg, folder, dataset, callbacks, quiet, data_dir, offline, resume=True)
 
 
 def train_or_reuse(cfg: TrainConfig, path: str | Path, dataset: DatasetArg = None,
                    callbacks: Sequence[Callback] = (), quiet: bool = True, data_dir=None,
-                   offline: bool | None = None) -> tuple[RunFolder, str]:
+                   offline: bool | None = None, wait: Callable[[str], None] | None = None
+                   ) -> tuple[RunFolder, str]:
     """The run of cfg in path: reused when finished, resumed when interrupted, trained when new.
     A folder holding a run of other settings is an error, never overwritten.
+    Another process writing into path (training the same run, say) is refused at once (RunBusy); with
+    `wait` (a function given one line to log) this waits for it, says so once, then looks again: a
+    run the other process finished is reused.
     Returns the folder and what was done: "reused", "resumed" or "trained"."""
     folder = RunFolder(path)
-    if folder.config_path.exists():
+    if folder.finished:  # reading a finished run needs no lock
         folder.check_same_settings(cfg)
-    status = folder.status
-    if status == FINISHED:
         return folder, "reused"
-    if status == INTERRUPTED:
-        return resume_run(path, dataset, callbacks, quiet, data_dir, offline), "resumed"
-    folder.discard_model()
-    return _train(cfg, folder, dataset, callbacks, quiet, data_dir, offline, resume=False), "trained"
+    created = not folder.path.exists()
+    on_wait = (lambda holder: wait(f"{folder.path} is being written by {runlock.describe_holder(holder)}; "
+                                   f"waiting for it to finish")) if wait else None
+    with runlock.writing(folder.path, wait=bool(wait), on_wait=on_wait, create=True):
+        if folder.config_path.exists():
+            folder.check_same_settings(cfg)
+        status = folder.status
+        if status == FINISHED:
+            return folder, "reused"
+        if status == INTERRUPTED:
+            return resume_run(path, dataset, callbacks, quiet, data_dir, offline), "resumed"
+        folder.discard_model()
+        return _train(cfg, folder, dataset, callbacks, quiet, data_dir, offline, resume=False,
+                      created=created), "trained"
 
 
 def _train(cfg: TrainConfig, folder: RunFolder, dataset: DatasetArg, callbacks: Sequence[Callback], quiet: bool,
-           data_dir, offline, resume: bool) -> RunFolder:
-    created = not folder.path.exists()
-    folder.path.mkdir(parents=True, exist_ok=True)
+           data_dir, offline, resume: bool, created: bool = False) -> RunFolder:
+    """Train under the folder's writer lock (the caller holds it). `created`: the folder was made for
+    this run, so a new run that fails takes it away again when nothing else is in it."""
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))  # flushed: lines reach a log as they happen
     try:
         ds = _dataset(dataset, cfg, data_dir, offline, log)
         cbs = list(callbacks) + ([] if quiet else [ProgressBar()])
         Trainer.set_up(cfg, folder, ds, cbs, log, resume=resume).run(resume=resume)
+    except OutputError as e:  # a full disk, a folder made read-only: say what is kept and how to go on
+        if not folder.finished:
+            folder.discard_model()  # a model written before its metrics failed is not a finished run
+        if not resume:
+            folder.discard_unusable(remove_folder=created)
+        raise e.with_note(what_is_kept(folder, e)) from None
     except BaseException:
         if not resume:
             folder.discard_unusable(remove_folder=created)
         raise
     _calibrate_finished(folder, ds, log)
     return folder
+
+
+def what_is_kept(folder: RunFolder, e: OutputError) -> str:
+    """After a write into a training run failed: what is left of it and the command that goes on."""
+    until = "once there is space" if e.disk_full else "once the folder can be written"
+    if folder.status == INTERRUPTED:
+        try:
+            epochs = f"of epoch {schema.checkpoint_state(folder.checkpoint_path)['epoch']} "
+        except UserError:
+            epochs = ""
+        return (f"the checkpoint {epochs}is kept; `fashionlab train --resume {folder.path}` continues {until}")
+    if folder.finished:
+        return f"the run is finished and kept in {folder.path}"
+    return f"no checkpoint had been written yet, so nothing is kept: train again {until}"
 
 
 def _calibrate_finished(folder: RunFolder, ds: data_mod.Dataset, log: Callable[..., None]) -> None:
@@ -468,6 +511,9 @@ def _calibrate_finished(folder: RunFolder, ds: data_mod.Dataset, log: Callable[.
     except ood.OodError as e:
         log(f"no out-of-distribution detector: {e}")
         return
+    except OutputError as e:
+        raise e.with_note(f"the run is finished and kept; `fashionlab calibrate {folder.path}` fits its "
+                          f"out-of-distribution detector {'once there is space' if e.disk_full else 'later'}") from None
     log(describe_ood(detector) + f" -> {folder.ood_path}")
 
 

@@ -383,6 +383,14 @@ def _check_extras(header: Header, params: dict[str, torch.Tensor], state: dict[s
         raise RunError(f"{where}: unexpected tensor(s) {_few(unknown, '')}")
 
 
+def checkpoint_state(path: Path) -> dict[str, Any]:
+    """A checkpoint's training state (epochs done, step, ...), checked, read from its header alone."""
+    meta, _ = tensor_header(path, "checkpoint")
+    if "state" not in meta:
+        raise RunError(f"{path}: metadata 'state' is missing (the training state, which a resume needs)")
+    return train_state(parse_json(meta["state"], f"{path}: metadata 'state'"), f"{path}: metadata 'state'")
+
+
 def check_resume(path: Path, cfg) -> None:
     """What the run's settings (cfg, from config.json) make a resume read beyond what load_state checks
     against the model and optimiser: the moving average's weights (ema) and the best epoch's (early

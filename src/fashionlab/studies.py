@@ -21,7 +21,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import checkpoint, data as data_mod, models, pages, report, run as run_mod, stats, tracking
+from . import checkpoint, data as data_mod, models, pages, report, run as run_mod, runlock, stats, tracking
 from .config import TrainConfig, make_config
 from .recipes import get_recipe
 from .training import Callback
@@ -133,7 +133,9 @@ def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, over
         if status != run_mod.FINISHED:
             log(f"{tag}: {'resuming' if status == run_mod.INTERRUPTED else 'training'} {cfg.epochs} epochs -> {run_dir}")
         with tracks.run(run_dir) as trackers:  # a reused run is logged from its files
-            folder, action = run_mod.train_or_reuse(cfg, run_dir, dataset, callbacks=[StudyLog(tag, log), *trackers])
+            # A run another process is writing (the same study started twice) is waited for, then reused.
+            folder, action = run_mod.train_or_reuse(cfg, run_dir, dataset, callbacks=[StudyLog(tag, log), *trackers],
+                                                    wait=lambda line: log(f"{tag}: {line}"))
         m = folder.metrics
         if action == "reused":
             log(f"{tag}: finished earlier (test accuracy {m['test_accuracy']:.4f}), reusing {run_dir}")
@@ -148,7 +150,9 @@ def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, over
         for d in run_dirs:
             if not run_mod.RunFolder(d).report_path.exists():
                 log(f"writing {run_mod.RunFolder(d).report_path}")
-                report.write_run_report(d, dataset=dataset() if callable(dataset) else dataset)
+                with runlock.writing(d, wait=True, on_wait=lambda h: log(f"{d} is being written by "
+                                                                         f"{runlock.describe_holder(h)}; waiting")):
+                    report.write_run_report(d, dataset=dataset() if callable(dataset) else dataset)
     seed_list = study_seeds(study, seeds)
     references, caveats = _references_if_recipe_unchanged(study, overrides or {})
     page, summary = write_comparison(run_dirs, out_dir / "report.html", title=f"Study {study.name}",

@@ -10,7 +10,7 @@ import sys
 from .. import tracking
 from .progress import ProgressLine, Tally
 from .spec import Spec
-from .storage import open_storage, open_study
+from .storage import full_disk_is_one_line, open_storage, open_study
 from .worker import Worker
 
 
@@ -18,7 +18,8 @@ def run_sweep(spec: Spec, storage_url: str | None = None, workers: int = 1, hear
               grace_period: int = 30, max_retry: int = 2, threads: int | None = None, worker_only: bool = False,
               quiet: bool = False, stream=None, track=None) -> Tally:
     """`fashionlab sweep`: run N local workers against the storage and show progress; returns the final tally.
-    `track` names experiment trackers (tracking.parse_track): every trial's run is logged, grouped by sweep."""
+    `track` names experiment trackers (tracking.parse_track): every trial's run is logged, grouped by sweep.
+    A storage whose disk is full ends the sweep with one line (atomic.OutputError)."""
     stream = stream or sys.stderr
     spec.folder.mkdir(parents=True, exist_ok=True)
     url = storage_url or spec.default_storage()
@@ -26,6 +27,13 @@ def run_sweep(spec: Spec, storage_url: str | None = None, workers: int = 1, hear
         raise ValueError(f"--workers {workers}: expected an integer >= 1")
     if heartbeat_interval < 1 or grace_period <= heartbeat_interval:
         raise ValueError(f"--grace-period {grace_period} must exceed --heartbeat-interval {heartbeat_interval} (>= 1 s)")
+    with full_disk_is_one_line(url):
+        return _run(spec, url, workers, heartbeat_interval, grace_period, max_retry, threads, worker_only, quiet,
+                    stream, track)
+
+
+def _run(spec: Spec, url: str, workers: int, heartbeat_interval: int, grace_period: int, max_retry: int,
+         threads: int | None, worker_only: bool, quiet: bool, stream, track) -> Tally:
     storage = open_storage(url, heartbeat_interval, grace_period, max_retry)
     tracks = tracking.open_tracking(track, tracking.Group.sweep(spec.name, spec.folder))  # before any worker starts
     if threads:

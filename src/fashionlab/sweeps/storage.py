@@ -10,6 +10,7 @@ atomic). TPE asks the sampler for new points and enqueues each new point's other
 from __future__ import annotations
 
 import contextlib
+import errno
 import time
 import warnings
 from pathlib import Path
@@ -40,6 +41,34 @@ def open_storage(url: str, heartbeat_interval: int = 10, grace_period: int = 30,
     if url.startswith("sqlite"):
         _serialise_sqlite(storage.engine)
     return storage
+
+
+_FULL = ("database or disk is full", "no space left on device", "could not extend file", "disk quota exceeded")
+
+
+@contextlib.contextmanager
+def full_disk_is_one_line(url: str):
+    """A storage that cannot grow (SQLite's file or PostgreSQL's disk is full) reaches the user as one
+    line naming the storage, not as the database driver's traceback; everything finished is kept."""
+    from ..atomic import OutputError
+    try:
+        yield
+    except Exception as e:
+        if isinstance(e, OutputError) or not _disk_full(e):  # an OutputError already names its file
+            raise
+        from ..tracking import redact
+        raise OutputError(f"cannot write the sweep's storage {url_path(url) or redact(url)}: the disk is full; the "
+                          f"trainings finished so far are kept in their run folders and the storage: run the same "
+                          f"command again once there is space", errno.ENOSPC) from None
+
+
+def _disk_full(e: BaseException | None) -> bool:
+    seen = 0
+    while e is not None and seen < 20:  # the driver's error sits a few causes down
+        if getattr(e, "errno", None) in (errno.ENOSPC, errno.EDQUOT) or any(m in str(e).lower() for m in _FULL):
+            return True
+        e, seen = e.__cause__ or e.__context__, seen + 1
+    return False
 
 
 def sqlite_url(path: Path) -> str:

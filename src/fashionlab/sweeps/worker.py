@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 from .. import run as run_mod, tracking
+from ..atomic import OutputError
 from .design import Point, point_id, trial_attrs, trial_config, trial_key
 from .progress import Tally, tally
 from .spec import Spec, SpecError
@@ -139,12 +140,21 @@ class Worker:
             run_dir = self.spec.folder / "runs" / key
             self.log(f"{self.ident}: trial {trial.number} {key}")
             try:
-                metrics, reused = run_point(self.spec, point, seed, run_dir, self._get_dataset, self.tracking)
+                metrics, reused = run_point(self.spec, point, seed, run_dir, self._get_dataset, self.tracking,
+                                            wait=lambda line: print(f"\n{self.ident}: trial {trial.number}: {line}",
+                                                                    file=sys.stderr, flush=True))
             except TrainingInterrupted:
                 self.study.tell(trial, state=TrialState.FAIL)
                 self._requeue(trial_id)  # an interruption by the user is no failure: queue it again
                 raise
             except Exception as e:
+                if isinstance(e, OutputError) and e.disk_full:
+                    # Not the point's failure, and every next trial would meet the same disk: queue it again
+                    # (first, so that a storage on the same full disk leaves it running, to be retried once
+                    # its heartbeat is stale) and stop this worker with the one line.
+                    self._requeue(trial_id)
+                    self.study.tell(trial, state=TrialState.FAIL)
+                    raise e.with_note("the trial is queued again: run the same sweep command to continue") from None
                 trial.set_user_attr("error", f"{type(e).__name__}: {e}")
                 print(f"\n{self.ident}: trial {trial.number} ({key}) failed: {type(e).__name__}: {e}", file=sys.stderr)
                 self.study.tell(trial, state=TrialState.FAIL)
@@ -231,10 +241,13 @@ class Worker:
 
 
 def run_point(spec: Spec, point: Point, seed: int, run_dir: Path, get_dataset,
-              tracks=None) -> tuple[dict[str, Any], bool]:
+              tracks=None, wait: Callable[[str], None] | None = None) -> tuple[dict[str, Any], bool]:
     """Train one (point, seed) into run_dir; returns (metrics with the last validation scores, reused).
     Finished runs are reused, interrupted ones resumed (run.train_or_reuse); `tracks` (tracking.Tracking)
-    logs the run, a reused one from its files."""
+    logs the run, a reused one from its files. A run folder another process is writing (a worker
+    thought lost that is still training) is waited for, said through `wait`, and then reused: the
+    trial's heartbeat goes on meanwhile, so it is not queued again."""
     with (tracks or tracking.Tracking()).run(run_dir) as trackers:
-        folder, action = run_mod.train_or_reuse(trial_config(spec, point, seed), run_dir, get_dataset, trackers)
+        folder, action = run_mod.train_or_reuse(trial_config(spec, point, seed), run_dir, get_dataset, trackers,
+                                                wait=wait)
     return {**folder.metrics, **folder.validation_scores()}, action == "reused"
