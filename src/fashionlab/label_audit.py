@@ -104,9 +104,10 @@ def out_of_sample(cfg: TrainConfig, ds: data_mod.Dataset, folds: int, out: Path,
     for k, held in enumerate(held_out, 1):
         fold_cfg = replace(cfg, exclude=[int(i) for i in held]).validate()
         path, tag = fold_dir(out, k), f"[fold {k}/{folds}]"
-        if run_mod.RunFolder(path).status != run_mod.FINISHED:
-            log(f"{tag} training on {len(ds.train_labels) - len(held):,} images, predicting the other "
-                f"{len(held):,} -> {path}")
+        status = run_mod.RunFolder(path).status
+        if status != run_mod.FINISHED:
+            log(f"{tag} {'resuming' if status == run_mod.INTERRUPTED else 'training'} on "
+                f"{len(ds.train_labels) - len(held):,} images, predicting the other {len(held):,} -> {path}")
         folder, action = run_mod.train_or_reuse(fold_cfg, path, ds, [FoldLog(tag, log), *callbacks])
         trained += action != "reused"
         model, rt = run_mod.load_for_inference(folder, device)
@@ -140,10 +141,11 @@ def per_class_thresholds(probs: np.ndarray, labels: np.ndarray) -> np.ndarray:
 
 def confident_joint(probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     """Counts C[given, true]: an image counts where it is confidently some class (a probability at or
-    above that class's threshold), for the most probable such class; images confidently nothing do not count."""
+    above that class's threshold): that class, or the most probable class where several are; images
+    confidently nothing do not count. (cleanlab's count.compute_confident_joint, uncalibrated.)"""
     above = probs >= thresholds - 1e-6  # a class's own mean may sit a rounding error above every member
     confident = above.any(1)
-    true = np.where(above, probs, -np.inf).argmax(1)
+    true = np.where(above.sum(1) > 1, probs.argmax(1), above.argmax(1))
     joint = np.zeros((probs.shape[1],) * 2, dtype=np.int64)
     np.add.at(joint, (labels[confident], true[confident]), 1)
     return joint
@@ -151,10 +153,22 @@ def confident_joint(probs: np.ndarray, labels: np.ndarray, thresholds: np.ndarra
 
 def calibrated_joint(joint: np.ndarray, labels: np.ndarray) -> np.ndarray:
     """The confident joint scaled so each row sums to that class's image count: the estimated number of
-    images of each given label whose true label is each class."""
+    images of each given label whose true label is each class, in whole images (each row rounded so that
+    it keeps its total, as cleanlab rounds it)."""
     counts = np.bincount(labels, minlength=len(joint)).astype(float)
     rows = joint.sum(1).astype(float)
-    return np.divide(joint * counts[:, None], rows[:, None], out=np.zeros(joint.shape), where=rows[:, None] > 0)
+    scaled = np.divide(joint * counts[:, None], rows[:, None], out=np.zeros(joint.shape), where=rows[:, None] > 0)
+    return np.stack([_round_keeping_sum(row) for row in scaled])
+
+
+def _round_keeping_sum(values: np.ndarray) -> np.ndarray:
+    """Whole numbers near values with the same (rounded) sum: the ones rounded furthest are moved."""
+    ints = np.rint(values)
+    short = int(np.rint(values.sum() - ints.sum()))
+    if short:
+        order = np.argsort(values - ints, kind="stable")  # most rounded up first
+        ints[(order[::-1] if short > 0 else order)[:abs(short)]] += np.sign(short)
+    return ints.astype(np.int64)
 
 
 @dataclass
@@ -182,27 +196,22 @@ def find_label_issues(probs: np.ndarray, labels: np.ndarray) -> Findings:
     thresholds = per_class_thresholds(probs, labels)
     joint = confident_joint(probs, labels, thresholds)
     calibrated = calibrated_joint(joint, labels)
-    to_prune = np.rint(calibrated).astype(np.int64)
+    to_prune = calibrated.copy()
     np.fill_diagonal(to_prune, 0)
     suspect = np.zeros(len(labels), dtype=bool)
     for i in range(probs.shape[1]):
         members = np.flatnonzero(labels == i)
-        budget = max(0, len(members) - 1)
-        for j in np.argsort(-to_prune[i], kind="stable"):  # the largest estimated flows first
-            take = min(int(to_prune[i, j]), budget)
-            if take == 0:
-                continue
+        for j in np.flatnonzero(to_prune[i]):
+            take = min(int(to_prune[i, j]), len(members) - 1)  # never every image of a class
             margin = probs[members, j] - probs[members, i]
             suspect[members[np.argsort(-margin, kind="stable")[:take]]] = True
-            budget -= take
     predicted = probs.argmax(1)
     suspect &= predicted != labels
     index = np.flatnonzero(suspect)
     p_given = probs[index, labels[index]]
     index = index[np.argsort(p_given, kind="stable")]
     return Findings(index, labels[index], predicted[index], probs[index, labels[index]],
-                    probs[index, predicted[index]], thresholds, joint,
-                    float(calibrated.sum() - np.trace(calibrated)))
+                    probs[index, predicted[index]], thresholds, joint, float(to_prune.sum()))
 
 
 # --------------------------------------------------------------------------- the audit

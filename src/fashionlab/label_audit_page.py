@@ -22,7 +22,7 @@ CSS = """
 .groups{display:flex;flex-direction:column;gap:.2em}
 .group h3{font-size:1em;margin:.9em 0 .3em}.group h3 .count{color:#555;font-weight:400}
 .tiles{display:flex;flex-wrap:wrap;gap:6px}
-.tile{width:64px;font-size:11px;line-height:1.2;text-align:center;color:#333}
+.tile{width:74px;font-size:11px;line-height:1.2;text-align:center;color:#333}
 .tile img{width:56px;height:56px;image-rendering:pixelated;border:1px solid #ccc;display:block;margin:0 auto 2px}
 .tile .p{font-variant-numeric:tabular-nums;color:#555}
 """
@@ -63,7 +63,7 @@ def _summary_section(summary: dict[str, Any], found: dict, names: list[str]) -> 
                       f"{summary['seed']}"),
             ("data", f"{summary['dataset']} from {summary['source']} (training set sha256 "
                      f"{summary['train_sha256'][:16]}...)"),
-            ("time", f"{summary['seconds']:,.0f} s")]
+            ("time", f"{summary['seconds']:,.0f} s in this call (folds reused cost nothing)")]
     return pages.Section("Summary", [
         pages.key_values(rows),
         pages.note("Each image shows its index, then the probability the out-of-sample model gives its given "
