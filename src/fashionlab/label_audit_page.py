@@ -59,8 +59,8 @@ def _summary_section(summary: dict[str, Any], found: dict, names: list[str]) -> 
                                        f"of {n['test']:,} test images"),
             ("out-of-sample accuracy", f"training images {acc['train']:.2%} (each predicted by the fold that "
                                        f"left it out); test images {acc['test']:.2%} (mean of the fold models)"),
-            ("folds", f"{summary['folds']} ({summary['folds_trained']} trained now, the others reused), seed "
-                      f"{summary['seed']}"),
+            ("folds", f"{summary['folds']} ({summary['folds_trained']} trained now, "
+                      f"{summary['folds'] - summary['folds_trained']} reused), seed {summary['seed']}"),
             ("data", f"{summary['dataset']} from {summary['source']} (training set sha256 "
                      f"{summary['train_sha256'][:16]}...)"),
             ("time", f"{summary['seconds']:,.0f} s in this call (folds reused cost nothing)")]

@@ -524,9 +524,10 @@ def write_comparison(run_dirs: Sequence[str | Path], out: str | Path, title: str
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The side-by-side table as terminal text."""
-    lines = [f"{'model':<14} {'runs':>4} {'test accuracy %':>17} {'params':>10} {'train s':>14} {'images/s':>16}"]
+    w = max([14, *map(len, summary)])  # "fast without 1,111 images" and the like stay in their column
+    lines = [f"{'model':<{w}} {'runs':>4} {'test accuracy %':>17} {'params':>10} {'train s':>14} {'images/s':>16}"]
     for k, s in summary.items():
-        lines.append(f"{k:<14} {s['runs']:>4} {_ms(s['test_accuracy'], 100):>17} {s['params']:>10,} "
+        lines.append(f"{k:<{w}} {s['runs']:>4} {_ms(s['test_accuracy'], 100):>17} {s['params']:>10,} "
                      f"{_ms(s['train_seconds'], 1, 1):>14} {_ms(s['images_per_s'], 1, 0):>16}")
     for k, s in summary.items():
         pc = s["per_class_accuracy"]
