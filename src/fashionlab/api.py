@@ -219,13 +219,16 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
     exclude trains without some training images: an audit's CSV (a path, or the AuditResult `audit`
     returns; its training suspects, checked against the dataset) or a list of image indices. config.json
     records the indices themselves, so reuse and resume know exactly which images were left out."""
-    settings, dataset = _with_exclusions(settings, recipe, model, dataset, data_dir, offline)
+    exclude = settings.pop("exclude", None)
     cfg = config.make_config(recipe=recipe, model=model, **settings)
     if reuse and out is None:
         raise ValueError("reuse=True needs out: the run folder to reuse")
     out = out or run_mod.default_run_dir(cfg.model)
     if not (reuse and RunFolder(out).finished):  # reusing a finished run writes nothing
         check_writable(out, folder=True)  # before loading data or training: a bad --out fails at once
+    if exclude is not None:  # read and checked against the data before any training
+        settings, dataset = _with_exclusions({**settings, "exclude": exclude}, cfg, dataset, data_dir, offline)
+        cfg = config.make_config(recipe=recipe, model=model, **settings)
     tracks = tracking.open_tracking(track, tracking.Group.single(out))  # so is a tracker that cannot be used
     with tracks.run(out) as trackers:
         callbacks = [*callbacks, *trackers]
@@ -234,17 +237,15 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
         return Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline)[0].path)
 
 
-def _with_exclusions(settings: dict[str, Any], recipe: str | None, model: str | None,
-                     dataset: data_mod.Dataset | None, data_dir, offline: bool | None
-                     ) -> tuple[dict[str, Any], data_mod.Dataset | None]:
+def _with_exclusions(settings: dict[str, Any], cfg: config.TrainConfig, dataset: data_mod.Dataset | None,
+                     data_dir, offline: bool | None) -> tuple[dict[str, Any], data_mod.Dataset | None]:
     """settings with `exclude` as the sorted image indices config.json keeps, read from an audit's CSV (or
-    checked as given) against the dataset the settings train on, which is loaded for that and returned."""
+    checked as given) against the dataset cfg trains on, which is loaded for that and returned."""
     if settings.get("exclude") is None:
         return settings, dataset
     from . import label_audit as audit_mod
-    rest = {k: v for k, v in settings.items() if k != "exclude"}
-    ds = dataset or run_mod.dataset_for(config.make_config(recipe=recipe, model=model, **rest), data_dir, offline)
-    return {**rest, "exclude": audit_mod.exclusions(settings["exclude"], ds)}, ds
+    ds = dataset or run_mod.dataset_for(cfg, data_dir, offline)
+    return {**settings, "exclude": audit_mod.exclusions(settings["exclude"], ds)}, ds
 
 
 # --------------------------------------------------------------------------- the label audit
@@ -342,7 +343,9 @@ def study(name: str, seeds: int = 3, out: str | Path | None = None, *, run_repor
     track: as for `train`; every run is logged, reused ones from their files, grouped by study."""
     from . import studies
     out = check_writable(out or Path("studies") / name, folder=True)  # before any training
-    settings, dataset = _with_exclusions(settings, studies.get_study(name).recipe, None, dataset, data_dir, offline)
+    if settings.get("exclude") is not None:  # the study's dataset: Fashion-MNIST
+        settings, dataset = _with_exclusions(settings, config.make_config(recipe=studies.get_study(name).recipe),
+                                             dataset, data_dir, offline)
     result = studies.run_study(name, out, seeds=seeds, dataset=dataset, overrides=settings,
                                log=log, run_reports=run_reports, data_dir=data_dir, offline=offline, track=track)
     return StudyResult(name, [Run(d) for d in result["runs"]], [Run(d) for d in result["trained"]],
