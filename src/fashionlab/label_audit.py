@@ -246,7 +246,8 @@ def audit_dataset(cfg: TrainConfig, ds: data_mod.Dataset, out: str | Path, folds
         "estimated_label_errors": {s: round(f.estimated_errors, 1) for s, f in found.items()},
         "out_of_sample_accuracy": {"train": float((oos.train.argmax(1) == ds.train_labels).mean()),
                                    "test": float((oos.test.argmax(1) == ds.test_labels).mean())},
-        "thresholds": {s: [float(t) for t in f.thresholds] for s, f in found.items()},
+        # a class with no images in a split has no threshold (null: JSON has no infinity)
+        "thresholds": {s: [float(t) if np.isfinite(t) else None for t in f.thresholds] for s, f in found.items()},
         "confident_joint": {s: f.joint.tolist() for s, f in found.items()},
         "seconds": round(time.perf_counter() - started, 1),
     }
