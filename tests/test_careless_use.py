@@ -219,6 +219,7 @@ COMMANDS_THAT_WRITE = {  # each command's arguments around its output option
     "explore": lambda r, spec: ["explore", "--out"],
     "study": lambda r, spec: ["study", "dense-vs-conv", "--seeds", "1", "--out"],
     "compare": lambda r, spec: ["compare", r.path, "--out"],
+    "audit": lambda r, spec: ["audit", "--out"],
     "sweep": lambda r, spec: ["sweep", spec, "--out"],
     "sweep-report": lambda r, spec: ["sweep-report", spec, "--html"],
 }

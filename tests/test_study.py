@@ -60,7 +60,7 @@ def test_cnn_vs_rnn_seeds_start_at_the_recipe_seed():
     assert study.study_seeds(study.get_study("cnn-vs-rnn"), 3) == [4, 5, 6]
     assert study.study_seeds(study.get_study("dense-vs-conv"), 2) == [0, 1]
     assert set(study.get_study("zoo").model_names()) >= {"mlp", "cnn", "cnn_small", "lstm", "vgg"}
-    with pytest.raises(study.StudyError, match="unknown study 'nope'; known studies: cnn-vs-rnn, dense-vs-conv, zoo"):
+    with pytest.raises(study.StudyError, match="unknown study 'nope'; known studies: audit-exclude, cnn-vs-rnn, dense-vs-conv, zoo"):
         study.get_study("nope")
 
 

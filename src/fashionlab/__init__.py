@@ -18,7 +18,7 @@ __version__ = "0.1.0"
 _PUBLIC = {
     "load_data": "api", "explore": "api", "list_models": "api", "list_recipes": "api", "build_model": "api", "train": "api",
     "Run": "api", "study": "api", "compare": "api", "sweep": "api", "Figures": "api",
-    "StudyResult": "api", "Comparison": "api", "SweepResult": "api",
+    "StudyResult": "api", "Comparison": "api", "SweepResult": "api", "audit": "api", "AuditResult": "api",
     "Callback": "training", "TrainConfig": "config", "make_config": "config",
 }
 

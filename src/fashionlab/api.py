@@ -228,13 +228,21 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
 
     track logs the run to experiment trackers as it trains: "tensorboard[=DIR]", "mlflow[=URI]", a
     list of them or a comma-separated string (fashionlab.tracking). Tracking is not a training setting:
-    it changes nothing in the run and is not recorded in config.json."""
+    it changes nothing in the run and is not recorded in config.json.
+
+    exclude trains without some training images: an audit's CSV (a path, or the AuditResult `audit`
+    returns; its training suspects, checked against the dataset) or a list of image indices. config.json
+    records the indices themselves, so reuse and resume know exactly which images were left out."""
+    exclude = settings.pop("exclude", None)
     cfg = config.make_config(recipe=recipe, model=model, **settings)
     if reuse and out is None:
         raise ValueError("reuse=True needs out: the run folder to reuse")
     out = out or run_mod.default_run_dir(cfg.model)
     if not (reuse and RunFolder(out).finished):  # reusing a finished run writes nothing
         check_writable(out, folder=True)  # before loading data or training: a bad --out fails at once
+    if exclude is not None:  # read and checked against the data before any training
+        settings, dataset = _with_exclusions({**settings, "exclude": exclude}, cfg, dataset, data_dir, offline)
+        cfg = config.make_config(recipe=recipe, model=model, **settings)
     tracks = tracking.open_tracking(track, tracking.Group.single(out))  # so is a tracker that cannot be used
     with tracks.run(out) as trackers:
         callbacks = [*callbacks, *trackers]
@@ -242,6 +250,66 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
             return Run(run_mod.train_run(cfg, out, dataset, callbacks, quiet, data_dir, offline).path)
         return Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline,
                                           wait=lambda line: print(line, file=sys.stderr, flush=True))[0].path)
+
+
+def _with_exclusions(settings: dict[str, Any], cfg: config.TrainConfig, dataset: data_mod.Dataset | None,
+                     data_dir, offline: bool | None) -> tuple[dict[str, Any], data_mod.Dataset | None]:
+    """settings with `exclude` as the sorted image indices config.json keeps, read from an audit's CSV (or
+    checked as given) against the dataset cfg trains on, which is loaded for that and returned."""
+    if settings.get("exclude") is None:
+        return settings, dataset
+    from . import label_audit as audit_mod
+    ds = dataset or run_mod.dataset_for(cfg, data_dir, offline)
+    return {**settings, "exclude": audit_mod.exclusions(settings["exclude"], ds)}, ds
+
+
+# --------------------------------------------------------------------------- the label audit
+
+@dataclass
+class AuditResult:
+    """A label audit: its folder, the suspected label errors (training and test images, most certain first)
+    and the files that show them. `suspects` is one dict per suspect, as audit.csv has it."""
+    folder: Path
+    csv: Path
+    page: Path
+    summary: dict[str, Any]
+    suspects: list[dict[str, Any]]
+    folds: list[Run]
+
+    def _repr_html_(self) -> str:
+        s = self.summary
+        return (f"<p><b>Label audit</b> of {html.escape(s['dataset'])} ({s['folds']} folds, "
+                f"{html.escape(str(s['recipe'] or s['model']))}): {s['suspects']['train']:,} suspected label errors "
+                f"among {s['images']['train']:,} training images, {s['suspects']['test']:,} among "
+                f"{s['images']['test']:,} test images; page <code>{html.escape(str(self.page))}</code>, "
+                f"CSV <code>{html.escape(str(self.csv))}</code></p>")
+
+
+def audit(recipe: str | None = "fast", model: str | None = None, out: str | Path | None = None, *,
+          folds: int = 5, dataset: data_mod.Dataset | None = None, data_dir=None, offline: bool | None = None,
+          class_names: Sequence[str] | None = None, device: str = "auto", log=None,
+          callbacks: Sequence[Callback] = (), **settings) -> AuditResult:
+    """Audit the training labels: out-of-sample probabilities for every training image by `folds`-fold
+    cross-validation with `recipe` (each fold an ordinary run folder under out/folds, reused when
+    finished, resumed when interrupted), the test images' as the mean of the fold models', then the
+    suspected label errors by confident learning. Writes out/audit.csv, audit.html, audit.json and
+    probabilities.npz (out default: audits/<recipe or model>). settings override the recipe (epochs, seed,
+    ...); class_names with data_dir audit a custom IDX dataset."""
+    from . import label_audit as audit_mod
+    audit_mod.check_folds(folds)
+    if "exclude" in settings:
+        raise audit_mod.AuditError("the audit chooses each fold's held-out images itself: exclude is not a "
+                                   "setting of an audit")
+    if class_names and not data_dir and dataset is None:
+        raise data_mod.DataError("class_names describes a custom dataset: give its folder as data_dir")
+    if class_names:
+        settings["class_names"] = list(class_names)
+    cfg = config.make_config(recipe=recipe, model=model, device=device, **settings)  # folds train where they predict
+    out = check_writable(out or Path("audits") / (recipe or cfg.model), folder=True)  # before any training
+    ds = dataset or run_mod.dataset_for(cfg, data_dir, offline, log)
+    result = audit_mod.audit_dataset(cfg, ds, out, folds, log, device, callbacks)
+    return AuditResult(out, out / audit_mod.CSV_NAME, out / audit_mod.PAGE_NAME, result["summary"],
+                       result["suspects"], [Run(p) for p in result["summary"]["fold_runs"]])
 
 
 # --------------------------------------------------------------------------- many runs
@@ -285,9 +353,14 @@ def study(name: str, seeds: int = 3, out: str | Path | None = None, *, run_repor
           log=None, track: str | Sequence[str] | None = None, **settings) -> StudyResult:
     """A reference study (`dense-vs-conv`, `cnn-vs-rnn`, `zoo`) over several seeds, resumable: finished
     runs in `out` (default studies/<name>) are reused. settings override the recipe (epochs, subset, ...).
+    `audit-exclude` trains the fast recipe with and without a label audit's suspects (exclude=, as for
+    `train`: the audit's CSV) and tests the difference.
     track: as for `train`; every run is logged, reused ones from their files, grouped by study."""
     from . import studies
     out = check_writable(out or Path("studies") / name, folder=True)  # before any training
+    if settings.get("exclude") is not None:  # the study's dataset: Fashion-MNIST
+        settings, dataset = _with_exclusions(settings, config.make_config(recipe=studies.get_study(name).recipe),
+                                             dataset, data_dir, offline)
     result = studies.run_study(name, out, seeds=seeds, dataset=dataset, overrides=settings,
                                log=log, run_reports=run_reports, data_dir=data_dir, offline=offline, track=track)
     return StudyResult(name, [Run(d) for d in result["runs"]], [Run(d) for d in result["trained"]],

@@ -437,12 +437,14 @@ def cmd_explore(args) -> int:
 
 
 def args_study(p):
-    p.add_argument("name", help="study name: dense-vs-conv, cnn-vs-rnn or zoo")
+    p.add_argument("name", help="study name: dense-vs-conv, cnn-vs-rnn, zoo or audit-exclude (with --exclude)")
     p.add_argument("--seeds", type=int, default=3, help="runs per model, seeds offset from the recipe's (default 3)")
     p.add_argument("--out", help="study folder (default studies/<name>); finished runs in it are reused")
     p.add_argument("--epochs", type=int, help="override the recipe's epochs (quick looks)")
     p.add_argument("--subset", type=int, metavar="N", help="train on a stratified subset of N images (quick looks)")
     p.add_argument("--no-run-reports", action="store_true", help="skip each run's report.html (faster)")
+    p.add_argument("--exclude", metavar="AUDIT_CSV", help="train without the training images a label audit lists "
+                   "(`fashionlab audit`); audit-exclude trains each seed with and without them")
     p.add_argument("--device", choices=DEVICES)
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"))
     _track_option(p)
@@ -454,6 +456,7 @@ def cmd_study(args) -> int:
     try:
         result = api.study(args.name, args.seeds, args.out, run_reports=not args.no_run_reports,
                            data_dir=args.data_dir, offline=args.offline, epochs=args.epochs, subset=args.subset,
+                           exclude=args.exclude,
                            device=args.device, precision=args.precision, track=args.track)
     except TrainingInterrupted as e:
         print(f"\nfashionlab study: {e}; finished runs are kept: run `fashionlab {' '.join(sys.argv[1:])}` again "
@@ -461,6 +464,45 @@ def cmd_study(args) -> int:
         return 128 + e.signum
     print("\n".join(studies.summary_lines(result.summary)))
     print(f"\ntrained {len(result.trained)} run(s), reused {len(result.reused)}; report: {result.report}")
+    return 0
+
+
+def args_audit(p):
+    p.add_argument("--recipe", default="fast", help="the recipe each fold trains with (default fast; see "
+                   "`fashionlab recipes`)")
+    p.add_argument("--model", help="override the recipe's model")
+    p.add_argument("--folds", type=int, default=5, help="cross-validation folds, 2 to 20 (default 5): each fold's "
+                   "model predicts the training images it left out")
+    p.add_argument("--seed", type=int, help="seed of the folds and of every fold's training (default: the recipe's)")
+    p.add_argument("--epochs", type=int, help="override the recipe's epochs")
+    p.add_argument("--out", help="audit folder (default audits/<recipe>); finished folds in it are reused")
+    p.add_argument("--quiet", action="store_true", help="no progress lines")
+    _device_option(p)
+    _data_options(p)
+
+
+def cmd_audit(args) -> int:
+    from . import api
+    log = (lambda m: None) if args.quiet else (lambda m: print(m, file=sys.stderr, flush=True))
+    try:
+        result = api.audit(args.recipe, args.model, args.out, folds=args.folds, data_dir=args.data_dir,
+                           offline=args.offline, class_names=args.class_names, device=args.device, log=log,
+                           seed=args.seed, epochs=args.epochs)
+    except TrainingInterrupted as e:
+        print(f"\nfashionlab audit: {e}; finished folds are kept: run `fashionlab {' '.join(sys.argv[1:])}` again "
+              f"to continue", file=sys.stderr)
+        return 128 + e.signum
+    s = result.summary
+    acc = s["out_of_sample_accuracy"]
+    print(f"suspected label errors: {s['suspects']['train']:,} of {s['images']['train']:,} training images, "
+          f"{s['suspects']['test']:,} of {s['images']['test']:,} test images\n"
+          f"out-of-sample accuracy: training images {acc['train']:.4f}, test images {acc['test']:.4f} "
+          f"({s['folds']} folds, {s['folds_trained']} trained now)")
+    for row in result.suspects[:10]:
+        print(f"  {row['split']:<5} #{row['index']:<6} {row['given_name']} ({row['p_given']:.2f}) -> "
+              f"{row['suggested_name']} ({row['p_suggested']:.2f})")
+    print(f"page: {result.page}\ncsv: {result.csv}\ntrain without the suspects: "
+          f"fashionlab train --recipe {args.recipe} --exclude {result.csv}")
     return 0
 
 
@@ -509,6 +551,8 @@ COMMANDS = [
             args_explore),
     Command("study", "train a study's models over several seeds and compare them in one report", cmd_study,
             args_study),
+    Command("audit", "find suspected label errors by cross-validation and confident learning (audit.html, "
+            "audit.csv)", cmd_audit, args_audit),
     Command("compare", "compare finished runs side by side (mean and std over runs of a model)", cmd_compare,
             args_compare),
 ]

@@ -64,6 +64,12 @@ def _fraction(v) -> bool:
     return 0 <= v < 1
 
 
+def _ascending_indices(v) -> bool:
+    # Sorted and distinct, so one set of images has one spelling in config.json and "the same settings"
+    # compares sets, not orders.
+    return len(v) >= 1 and v[0] >= 0 and all(a < b for a, b in zip(v, v[1:]))
+
+
 def _distinct_names(v) -> bool:
     # Two classes of one name would be one row of the per-class scores and one label for two outputs.
     return len(v) >= 2 and len(set(v)) == len(v) and all(n.strip() for n in v)
@@ -159,6 +165,10 @@ class TrainConfig:
                                             group="data", check=_distinct_names,
                                             expected="a list of at least 2 distinct, non-blank names",
                                             cli_type="names")
+    exclude: list[int] | None = setting(None, "train without these training images: the suspects an audit's CSV lists "
+                                        "(`fashionlab audit`); config.json keeps their indices", group="data",
+                                        check=_ascending_indices, expected="a sorted list of distinct image indices >= 0",
+                                        metavar="AUDIT_CSV", cli_type="path")
     # ---- runtime (speed only: results never depend on these beyond floating-point rounding)
     device: str = setting("auto", "where to train", group="runtime", choices=device_mod.DEVICES)
     precision: str = setting("auto", "auto: bf16 autocast where the CPU or GPU supports it (conv nets run channels_last "
@@ -204,20 +214,23 @@ def _type_ok(f, value) -> bool:
         return isinstance(value, str)
     if kind.startswith("dict"):
         return isinstance(value, dict)
+    if kind.startswith("list[int]"):
+        return isinstance(value, (list, tuple)) and all(isinstance(x, int) and not isinstance(x, bool) for x in value)
     if kind.startswith("list"):
         return isinstance(value, (list, tuple)) and all(isinstance(x, str) for x in value)
     return True
 
 
 _TYPE_WORDS = {"bool": "true or false", "int": "an integer", "float": "a number", "str": "a string",
-               "dict": "a mapping of names to values", "list": "a list of strings"}
+               "dict": "a mapping of names to values", "list": "a list of strings", "list[int]": "a list of integers"}
 
 
 def _check_field(f, value) -> None:
     meta = f.metadata
     if not _type_ok(f, value):
-        words = _TYPE_WORDS.get(str(f.type).split("[")[0].split(" ")[0], str(f.type))
-        raise ConfigError(f"{f.name}={value!r}: expected {words}")
+        kind = str(f.type).split(" ")[0]
+        words = _TYPE_WORDS.get(kind, _TYPE_WORDS.get(kind.split("[")[0], str(f.type)))
+        raise ConfigError(f"{f.name}={shown_value(value)}: expected {words}")
     if value is None:
         return
     choices = meta.get("choices")
@@ -228,7 +241,7 @@ def _check_field(f, value) -> None:
             raise ConfigError(f"{f.name}={value!r}: {what}{', '.join(allowed)}")
     check = meta.get("check")
     if check is not None and not check(value):
-        raise ConfigError(f"{f.name}={value!r}: expected {meta['expected']}")
+        raise ConfigError(f"{f.name}={shown_value(value)}: expected {meta['expected']}")
     validator = meta.get("validator")
     if validator is not None:
         try:
@@ -339,6 +352,15 @@ def _json(value: Any) -> str:
         return repr(value)
 
 
+def shown_value(value: Any, limit: int = 8) -> str:
+    """A setting's value for a message, a page or a table: a long list (the images `exclude` names) as its
+    first items and its length, not thousands of numbers."""
+    if isinstance(value, (list, tuple)) and len(value) > limit:
+        head = ", ".join(json.dumps(v) for v in value[:limit // 2])
+        return f"[{head}, ... {len(value):,} items]"
+    return repr(value)
+
+
 def check_setting(name: str, value: Any) -> None:
     """One setting's value on its own (type, allowed values, range); ConfigError names it."""
     check_names({name: value})
@@ -402,6 +424,8 @@ def add_train_flags(parser) -> None:
             kw["type"] = _flag_parser(flag_name(f), parse_key_values)
         elif meta.get("cli_type") == "names":
             kw["type"] = parse_names
+        elif meta.get("cli_type") == "path":  # read where the data is known (api.train), not here
+            kw["type"] = str
         elif kind.startswith("int"):
             kw["type"] = int
         elif kind.startswith("float"):

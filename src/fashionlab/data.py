@@ -328,6 +328,14 @@ def sha256(data: bytes | bytearray | np.ndarray) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def train_sha256(ds: "Dataset") -> str:
+    """The training images and labels named by their content (any IDX dataset, with or without reference
+    checksums): what says that a list of training-image indices, an audit's, belongs to this data."""
+    digest = hashlib.sha256(np.ascontiguousarray(ds.train_images, dtype=np.uint8))
+    digest.update(np.ascontiguousarray(ds.train_labels, dtype=np.int64))
+    return digest.hexdigest()
+
+
 def verify(data: bytes | bytearray | np.ndarray, f: IdxFile, name: str | os.PathLike) -> None:
     if f.sha256 is None:
         return

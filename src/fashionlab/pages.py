@@ -169,8 +169,9 @@ def _anchor(title: str, i: int) -> str:
     return f"s{i}-{slug}"
 
 
-def html_page(title: str, sections: Sequence[Section], subtitle: str = "") -> str:
-    """One self-contained HTML document: inline CSS, embedded images, no scripts, no fetches."""
+def html_page(title: str, sections: Sequence[Section], subtitle: str = "", css: str = "") -> str:
+    """One self-contained HTML document: inline CSS (the shared style, then `css`), embedded images, no
+    scripts, no fetches."""
     anchors = [s.anchor or _anchor(s.title, i) for i, s in enumerate(sections)]
     nav = "".join(f'<a href="#{a}">{esc(s.title)}</a>' for a, s in zip(anchors, sections))
     body = "".join(f'<section id="{a}"><h2>{esc(s.title)}</h2>{"".join(s.parts)}</section>'
@@ -180,7 +181,7 @@ def html_page(title: str, sections: Sequence[Section], subtitle: str = "") -> st
     return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
             "<meta name=\"viewport\" content=\"width=device-width, initial-scale=1\">"
             "<link rel=\"icon\" href=\"data:,\">"
-            f"<title>{esc(title)}</title><style>{_CSS}</style></head>"
+            f"<title>{esc(title)}</title><style>{_CSS}{css}</style></head>"
             f"<body><h1>{esc(title)}</h1>{sub}<nav>{nav}</nav>{body}</body></html>\n")
 
 
@@ -189,8 +190,8 @@ def write_bytes(path: str | Path, data: bytes) -> Path:
     return atomic.write_bytes(path, data)
 
 
-def write_page(path: str | Path, title: str, sections: Sequence[Section], subtitle: str = "") -> Path:
-    return write_bytes(path, html_page(title, sections, subtitle).encode("utf-8"))
+def write_page(path: str | Path, title: str, sections: Sequence[Section], subtitle: str = "", css: str = "") -> Path:
+    return write_bytes(path, html_page(title, sections, subtitle, css).encode("utf-8"))
 
 
 def fmt_mean_std(values: Sequence[float], scale: float = 1.0, digits: int = 2, unit: str = "") -> str:

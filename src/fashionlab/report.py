@@ -18,6 +18,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from . import data as data_mod, explain, models, pages, runlock, schema
+from .config import shown_value
 from .predict import Predictor
 from .run import RunFolder
 
@@ -293,6 +294,8 @@ def run_figures(view: RunView, which: Sequence[str] | None = None) -> dict[str, 
 def _fmt(v: Any) -> str:
     if isinstance(v, float):
         return f"{v:.6g}"
+    if isinstance(v, list) and v:
+        return shown_value(v)  # exclude's thousands of image indices as their first few and their count
     if isinstance(v, (dict, list)):
         return json.dumps(v) if v else "—"
     return "—" if v is None else str(v)

@@ -37,6 +37,9 @@ class Study:
     description: str
     recipe: str
     models: tuple[str, ...] | None = None  # None: every registered model (the zoo)
+    # Each model trained twice per seed, on every training image and without the images `exclude` names
+    # (an audit's suspects): the study asks whether leaving them out changes the test accuracy.
+    with_and_without_exclusions: bool = False
 
     def model_names(self) -> tuple[str, ...]:
         return self.models if self.models is not None else tuple(models.MODELS)
@@ -55,6 +58,9 @@ register(Study("dense-vs-conv", "A dense network against a small CNN: where conv
 register(Study("cnn-vs-rnn", "A small CNN against an LSTM reading image rows (the reference study's claim: the CNN "
                "wins, 88.0% vs 86.2%, and Shirt is the hardest class).", "cnn-vs-rnn", get_recipe("cnn-vs-rnn").models))
 register(Study("zoo", "Every registered model under one recipe (dense-vs-conv's settings).", "dense-vs-conv", None))
+register(Study("audit-exclude", "The fast recipe on every training image against the same recipe without the "
+               "suspected label errors a label audit lists (--exclude audit.csv).", "fast", ("fast",),
+               with_and_without_exclusions=True))
 
 
 def get_study(name: str) -> Study:
@@ -90,8 +96,16 @@ class StudyLog(Callback):
 def study_plan(study: Study, out_dir: Path, seeds: int, overrides: dict[str, Any]) -> list[tuple[TrainConfig, Path]]:
     """Every (settings, run folder) of the study, seed-major: a study stopped early still has every
     model at its first seeds."""
-    return [(make_config(recipe=study.recipe, model=model, seed=seed, **overrides), run_folder(out_dir, model, seed))
-            for seed in study_seeds(study, seeds) for model in study.model_names()]
+    if not study.with_and_without_exclusions:
+        return [(make_config(recipe=study.recipe, model=model, seed=seed, **overrides), run_folder(out_dir, model, seed))
+                for seed in study_seeds(study, seeds) for model in study.model_names()]
+    if not overrides.get("exclude"):
+        raise StudyError(f"study {study.name} compares training with and without a label audit's suspects: "
+                         f"give the audit's CSV (--exclude audit.csv, or exclude= in the API)")
+    every = {k: v for k, v in overrides.items() if k != "exclude"}
+    return [(make_config(recipe=study.recipe, model=model, seed=seed, **settings), run_folder(out_dir / arm, model, seed))
+            for seed in study_seeds(study, seeds) for model in study.model_names()
+            for arm, settings in (("all-images", every), ("without-suspects", overrides))]
 
 
 def _references_if_recipe_unchanged(study: Study, overrides: dict[str, Any]) -> tuple[dict[str, float], list[str]]:
@@ -102,7 +116,8 @@ def _references_if_recipe_unchanged(study: Study, overrides: dict[str, Any]) -> 
                if v is not None and k not in ("device", "precision") and recipe.settings.get(k, getattr(TrainConfig, k, None)) != v}
     if not changed or not recipe.reference:
         return dict(recipe.reference), []
-    shown = ", ".join(f"{k} {v}" for k, v in changed.items())
+    from .config import shown_value
+    shown = ", ".join(f"{k} {shown_value(v) if isinstance(v, list) else v}" for k, v in changed.items())
     return {}, [f"The reference study's figures ({', '.join(f'{m} {a:.2%}' for m, a in recipe.reference.items())}) "
                 f"are for the full {study.recipe} recipe; these runs changed it ({shown}), so they are not compared "
                 f"with them."]
@@ -128,7 +143,7 @@ def run_study(name: str, out_dir: str | Path, seeds: int = 3, dataset=None, over
     trained, reused = [], []
     started = time.perf_counter()
     for i, (cfg, run_dir) in enumerate(plan, 1):
-        tag = f"[{i}/{len(plan)}] {cfg.model} seed {cfg.seed}"
+        tag = f"[{i}/{len(plan)}] {cfg.model}{' without suspects' if cfg.exclude else ''} seed {cfg.seed}"
         status = run_mod.RunFolder(run_dir).status
         if status != run_mod.FINISHED:
             log(f"{tag}: {'resuming' if status == run_mod.INTERRUPTED else 'training'} {cfg.epochs} epochs -> {run_dir}")
@@ -180,6 +195,8 @@ def group_runs(runs: Sequence[dict]) -> dict[str, list[dict]]:
         label = r["metrics"].get("model") or r["config"]["model"]
         if len(recipes) > 1:
             label += f" ({r['config'].get('recipe') or 'no recipe'})"
+        if r["config"].get("exclude"):  # trained without an audit's suspects: its own group
+            label += f" without {len(r['config']['exclude']):,} images"
         groups.setdefault(label, []).append(r)
     return groups
 
@@ -263,10 +280,12 @@ def _against_reference(model: str, reported: float, values: list[float]) -> str:
 
 def training_differences(runs: Sequence[dict]) -> list[str]:
     """A caveat naming the settings (other than model and seed) in which the runs were not trained alike."""
-    from .config import settings_of
+    from .config import settings_of, shown_value
     per_run = [settings_of(r["config"]) for r in runs]
-    ignore = {"model", "model_args", "seed", "device", "precision", "compile", "cache_stem", "eval_batch_size"}
-    differ = {k: sorted({json.dumps(s.get(k)) for s in per_run}) for k in per_run[0] if k not in ignore}
+    # exclude is in every group's label (group_runs): runs with and without the suspects are told apart there
+    ignore = {"model", "model_args", "seed", "device", "precision", "compile", "cache_stem", "eval_batch_size", "exclude"}
+    differ = {k: sorted({shown_value(s.get(k)) if isinstance(s.get(k), list) else json.dumps(s.get(k))
+                         for s in per_run}) for k in per_run[0] if k not in ignore}
     differ = {k: v for k, v in differ.items() if len(v) > 1}
     if not differ:
         return []
@@ -509,9 +528,10 @@ def write_comparison(run_dirs: Sequence[str | Path], out: str | Path, title: str
 
 def summary_lines(summary: dict[str, Any]) -> list[str]:
     """The side-by-side table as terminal text."""
-    lines = [f"{'model':<14} {'runs':>4} {'test accuracy %':>17} {'params':>10} {'train s':>14} {'images/s':>16}"]
+    w = max([14, *map(len, summary)])  # "fast without 1,111 images" and the like stay in their column
+    lines = [f"{'model':<{w}} {'runs':>4} {'test accuracy %':>17} {'params':>10} {'train s':>14} {'images/s':>16}"]
     for k, s in summary.items():
-        lines.append(f"{k:<14} {s['runs']:>4} {_ms(s['test_accuracy'], 100):>17} {s['params']:>10,} "
+        lines.append(f"{k:<{w}} {s['runs']:>4} {_ms(s['test_accuracy'], 100):>17} {s['params']:>10,} "
                      f"{_ms(s['train_seconds'], 1, 1):>14} {_ms(s['images_per_s'], 1, 0):>16}")
     for k, s in summary.items():
         pc = s["per_class_accuracy"]

@@ -107,10 +107,11 @@ class Split:
 
 
 def split_data(cfg: TrainConfig, ds: data_mod.Dataset, device: torch.device) -> Split:
-    """A stratified subset, then a stratified validation split, all seeded by cfg.seed."""
-    pool = np.arange(len(ds.train_labels))
+    """The training images left after `exclude`, a stratified subset of them, then a stratified validation
+    split, all seeded by cfg.seed."""
+    pool = kept_indices(cfg, len(ds.train_labels))
     if cfg.subset:
-        pool = data_mod.stratified_subset(ds.train_labels, min(cfg.subset, len(pool)), cfg.seed)
+        pool = pool[data_mod.stratified_subset(ds.train_labels[pool], min(cfg.subset, len(pool)), cfg.seed)]
     tr_rel, va_rel = data_mod.stratified_split(ds.train_labels[pool], cfg.val_split, cfg.seed)
     tr_idx, va_idx = pool[tr_rel], pool[va_rel]
     check_split(cfg, len(pool), len(tr_idx), len(va_idx))
@@ -119,10 +120,25 @@ def split_data(cfg: TrainConfig, ds: data_mod.Dataset, device: torch.device) -> 
                  torch.from_numpy(ds.train_images[va_idx]), torch.from_numpy(ds.train_labels[va_idx]))
 
 
+def kept_indices(cfg: TrainConfig, n_images: int) -> np.ndarray:
+    """The training images cfg trains on before any subset or split: all of them but those `exclude` names
+    (each of which must be one of the n_images: an index beyond them means another, larger dataset)."""
+    pool = np.arange(n_images)
+    if not cfg.exclude:
+        return pool
+    if cfg.exclude[-1] >= n_images:
+        raise ConfigError(f"exclude: image index {cfg.exclude[-1]} is beyond this dataset's {n_images:,} training "
+                          f"images; the list was made for another dataset")
+    keep = np.ones(n_images, dtype=bool)
+    keep[np.asarray(cfg.exclude, dtype=np.int64)] = False
+    return pool[keep]
+
+
 def check_split(cfg: TrainConfig, pool: int, n_train: int, n_val: int) -> None:
     """Both parts of the split hold images: on a small dataset or subset, a val_split near 1 leaves
     nothing to train on, and one near 0 leaves a validation set of no images (rounded per class)."""
-    where = f"{pool:,} training images" + (f" (subset={cfg.subset})" if cfg.subset else "")
+    where = (f"{pool:,} training images" + (f" (subset={cfg.subset})" if cfg.subset else "")
+             + (f" left after excluding {len(cfg.exclude):,}" if cfg.exclude else ""))
     if n_train == 0:
         raise ConfigError(f"val_split={cfg.val_split} leaves none of the {where} to train on; "
                           "lower val_split")
