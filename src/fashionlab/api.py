@@ -20,6 +20,7 @@ from typing import Any, Sequence
 
 from . import config, data as data_mod, models, recipes, run as run_mod, tracking
 from .atomic import check_writable
+from .errors import ArgumentError
 from .run import RunFolder
 from .training import Callback
 
@@ -127,11 +128,11 @@ class Run(RunFolder):
         """An ONNX file (default RUN/model.onnx), written only after it matches PyTorch on test images."""
         from . import export
         if format != "onnx":
-            raise ValueError(f"format={format!r}: only 'onnx' is supported")
+            raise ArgumentError(f"format={format!r}: only 'onnx' is supported")
         if isinstance(parity_images, bool) or not isinstance(parity_images, int) or parity_images < 1:
-            raise ValueError(f"parity_images={parity_images!r}: expected an integer >= 1 (test images compared)")
+            raise ArgumentError(f"parity_images={parity_images!r}: expected an integer >= 1 (test images compared)")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
-            raise ValueError(f"tolerance={tolerance!r}: expected a finite number >= 0 (the largest allowed "
+            raise ArgumentError(f"tolerance={tolerance!r}: expected a finite number >= 0 (the largest allowed "
                              f"probability difference)")
         self._check_output(path)
         ds = dataset or self.dataset(data_dir, offline)
@@ -152,14 +153,15 @@ class Run(RunFolder):
         self._check_output(out)
         return report.write_run_report(self.path, dataset, out, with_explain, data_dir, offline, device)
 
-    def figures(self, which: Sequence[str] | None = None, dataset: data_mod.Dataset | None = None,
+    def figures(self, which: str | Sequence[str] | None = None, dataset: data_mod.Dataset | None = None,
                 device: str = "auto") -> "Figures":
         """matplotlib Figures by name: curves, confusion, per_class, probabilities, filters,
-        feature_maps, gradcam, embedding (those the model has). Each shows inline in Jupyter, and so
-        does the whole set."""
+        feature_maps, gradcam, embedding (those the model has). which: None for all, one name or a
+        list of names. Each shows inline in Jupyter, and so does the whole set."""
         from . import report
+        names = report.figure_names(which)  # checked before the run's model and data are loaded
         view = report.RunView(self.require_finished(), dataset or self.dataset(), device)
-        return Figures(report.run_figures(view, which), {k: v[0] for k, v in report.FIGURES.items()})
+        return Figures(report.run_figures(view, names), {k: v[0] for k, v in report.FIGURES.items()})
 
     def _check_output(self, out: str | Path | None) -> None:
         """Before any work: the run is finished, and `out` (default: a file in the run folder) can be written."""
@@ -203,7 +205,7 @@ class Figures(dict):
 def train(recipe: str | None = None, model: str | None = None, out: str | Path | None = None, *,
           reuse: bool = False, dataset: data_mod.Dataset | None = None, callbacks: Sequence[Callback] = (),
           quiet: bool = False, data_dir=None, offline: bool | None = None,
-          track: str | Sequence[str] | None = None, **settings) -> Run:
+          track: str | Sequence[str] | None = None, report: bool = False, **settings) -> Run:
     """Train and evaluate on the test set; returns the finished Run (folder `out`, default
     runs/<time>-<model>). Any training setting is a keyword (epochs=3, lr=0.01, augment={"flip": 0.5},
     ...); recipe values come first and explicit settings override them. Unknown settings raise with
@@ -214,10 +216,13 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
 
     track logs the run to experiment trackers as it trains: "tensorboard[=DIR]", "mlflow[=URI]", a
     list of them or a comma-separated string (fashionlab.tracking). Tracking is not a training setting:
-    it changes nothing in the run and is not recorded in config.json."""
+    it changes nothing in the run and is not recorded in config.json.
+
+    report=True also writes the run's report.html, as `fashionlab train` does unless --no-report; it is
+    off here because a notebook shows the same figures with `run.figures()`."""
     cfg = config.make_config(recipe=recipe, model=model, **settings)
     if reuse and out is None:
-        raise ValueError("reuse=True needs out: the run folder to reuse")
+        raise ArgumentError("reuse=True needs out: the run folder to reuse")
     out = out or run_mod.default_run_dir(cfg.model)
     if not (reuse and RunFolder(out).finished):  # reusing a finished run writes nothing
         check_writable(out, folder=True)  # before loading data or training: a bad --out fails at once
@@ -225,8 +230,12 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
     with tracks.run(out) as trackers:
         callbacks = [*callbacks, *trackers]
         if not reuse:
-            return Run(run_mod.train_run(cfg, out, dataset, callbacks, quiet, data_dir, offline).path)
-        return Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline)[0].path)
+            run = Run(run_mod.train_run(cfg, out, dataset, callbacks, quiet, data_dir, offline).path)
+        else:
+            run = Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline)[0].path)
+    if report:
+        run.report(dataset=dataset, data_dir=data_dir, offline=offline)
+    return run
 
 
 # --------------------------------------------------------------------------- many runs
@@ -272,6 +281,7 @@ def study(name: str, seeds: int = 3, out: str | Path | None = None, *, run_repor
     runs in `out` (default studies/<name>) are reused. settings override the recipe (epochs, subset, ...).
     track: as for `train`; every run is logged, reused ones from their files, grouped by study."""
     from . import studies
+    studies.get_study(name)  # an unknown name fails before any folder is made
     out = check_writable(out or Path("studies") / name, folder=True)  # before any training
     result = studies.run_study(name, out, seeds=seeds, dataset=dataset, overrides=settings,
                                log=log, run_reports=run_reports, data_dir=data_dir, offline=offline, track=track)
@@ -283,8 +293,10 @@ def compare(runs: Sequence[str | Path | RunFolder], out: str | Path = "compare.h
             title: str = "Comparison of runs") -> Comparison:
     """Finished runs side by side (grouped by model: mean and spread over seeds) on one page."""
     from . import studies
+    if isinstance(runs, (str, Path, RunFolder)) or not runs:
+        raise ArgumentError(f"runs={runs!r}: expected a non-empty list of finished run folders")
     check_writable(out)  # the page, its PNGs and summary.json go there
-    paths = [Path(r) for r in runs]
+    paths = [Path(r.path if isinstance(r, RunFolder) else r) for r in runs]
     page, summary = studies.write_comparison(paths, out, title=title)
     return Comparison([Run(p) for p in paths], Path(page), summary)
 
