@@ -1,0 +1,382 @@
+"""Every example in README.md and docs/*.md runs here, so the docs cannot drift from the code.
+
+Pages are found by their names (README.md and every docs/*.md, a new page included) and read with
+Sybil, which finds the fenced code blocks and runs a page's examples in order, sharing one
+namespace and one working folder per page. An indented code block is refused: fence it.
+
+What is an example (the block's language, the first word after the fence):
+
+    ```python    run; later blocks of the page see its names.
+    ```sh        each line a command that must exit 0; its output is not compared.
+    ```console   `$ COMMAND` lines, each followed by the output it prints (compared as below).
+    ```toml      a sweep spec: loaded by fashionlab.sweeps.load_spec (every field checked; nothing trains).
+    ```text, a bare ``` and any other language: a listing, not run.
+
+Options after the language, `name="value"` (Markdown shows only the language):
+
+    not-run="KIND: why"   the block is not run; KIND is one of NOT_RUN_KINDS. Every such block is
+                          listed in NOT_RUN below, and test_the_examples_not_run_are_exactly_the_listed_ones
+                          fails until a new one is added there: nothing is skipped silently.
+    figures="MACHINE"     the printed figures depend on the machine and precision (say which in the
+                          page's text too): numbers and class names are compared for form only.
+    exit=N                the commands exit with status N (default 0).
+
+How output is compared (```console): line by line, exactly, after the trailing spaces; a line `...`
+stands for any number of lines. With figures=..., every number matches any number with the same
+number of decimals, and every class name any class name.
+
+How commands run: a line starting `fashionlab` runs in this process (`fashionlab.cli.main`), after
+dropping `[optional parts]` and expanding `*` globs; any other line runs in bash. A page's folder holds
+what its examples name: `RUN` (a finished run of the `fast` model), `DIR` (two images), `shirt.png`
+(test image 4, a shirt), `blank.png` (a white 300x200 PNG), `runs/20260101-120000-cnn` (a copy of RUN)
+and `experiments` (the repository's).
+
+Small data, so the whole page set runs in about a minute: the real Fashion-MNIST is used (so class
+names and shapes are real), with the test set cut to its first TEST_IMAGES images; `fashionlab train`
+and `fashionlab study` get `--subset SUBSET --epochs 1` appended (train: `--no-report` too, the report
+being run by docs/reports.md's own examples; study: `--seeds 1 --no-run-reports`), and
+`fl.train(...)` / `fl.study(...)` calls get subset=SUBSET, epochs=1 (seeds=1); the rest is as written.
+Each command's CPU seconds are printed (pytest -s) to keep an eye on the suite's time.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import glob
+import io
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import pytest
+from markdown_it import MarkdownIt
+from sybil import Document, Region, Sybil
+from sybil.parsers.markdown.lexers import RawFencedCodeBlockLexer
+
+from fashionlab import api, cli, data
+
+ROOT = Path(__file__).resolve().parents[1]
+PAGES = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+RUN_LANGUAGES = {"python", "sh", "console", "toml"}
+NOT_RUN_KINDS = ("docker", "gpu", "postgresql", "server", "installs", "long", "suite")
+TEST_IMAGES, SUBSET = 300, 600
+
+# Every example the suite does not run, by page and first line; the reason is in the page.
+NOT_RUN = {
+    ('README.md', 'bash scripts/quickstart'),
+    ('README.md', 'bash scripts/test'),
+    ('README.md', 'fashionlab study cnn-vs-rnn --seeds 3 --track tensorboard,mlflow=http://mlflow.example:5000'),
+    ('README.md', 'bash scripts/test                       # everything, as CI runs it'),
+    ('api.md', 'run = fl.train(recipe="fast", track=["tensorboard", "mlflow=http://mlflow.example:5000"])'),
+    ('deploy.md', 'fashionlab serve RUN --host 127.0.0.1 --port 8080 [--backend torch|onnx] [--workers N]'),
+    ('deploy.md', "$ curl -s --data-binary @shirt.png -H 'Content-Type: image/png' 'localhost:8080/v1/predict?top_k=2'"),
+    ('deploy.md', 'import numpy as np, tritonclient.http as triton'),
+    ('deploy.md', 'fashionlab serve RUN --backend onnx            # serves it with ONNX Runtime'),
+    ('deploy.md', 'docker build -t fashionlab .                   # the Dockerfile at the repository root'),
+    ('deploy.md', 'mkdir -p model && tar xzf RUN/model.tar.gz -C model'),
+    ('deploy.md', 'PYTHONPATH=src python benchmarks/serve_latency.py RUN --duration 10'),
+    ('records.md', 'fashionlab train --recipe best --model wrn16_4 --lr 0.2 --epochs 30   # a wide ResNet, for a GPU (untested)'),
+    ('records.md', 'PYTHONPATH=src python benchmarks/time_to_accuracy.py --seeds 3 --epochs 2 6 7'),
+    ('records.md', 'PYTHONPATH=src python benchmarks/floor.py      # one thread, CPU seconds, synthetic batches'),
+    ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 1 --first-seed 1 --threads 1 --set \'model_args={"stem":16}\''),
+    ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 3 --out runs/best --set \'model_args={"stem":0}\''),
+    ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 1 --first-seed 1 --threads 1 --set sam_rho=0.1 --set sam_start=0.5'),
+    ('records.md', 'PYTHONPATH=src python benchmarks/time_to_accuracy.py --seeds 3 --epochs 2 6 7 [--threads 1]'),
+    ('reports.md', "fashionlab study zoo --seeds 3                          # every registered model, dense-vs-conv's recipe"),
+    ('sweeps.md', 'fashionlab sweep experiments/conv-layers.toml                 # SQLite in the experiment folder, 1 worker'),
+    ('sweeps.md', 'sudo apt-get install postgresql'),
+    ('sweeps.md', 'PG=$(ls -d /usr/lib/postgresql/*/bin | sort -V | tail -1)'),
+    ('sweeps.md', 'fashionlab sweep experiments/conv-layers.toml --storage postgresql://sweeper:secret@db-host/sweeps --workers 2'),
+    ('sweeps.md', 'fashionlab sweep-report experiments/conv-layers.toml --storage postgresql://sweeper:secret@db-host/sweeps'),
+    ('sweeps.md', 'fashionlab sweep experiments/conv-layers-small.toml --workers 1 --threads 1 --out runs/sweeps/small-w1t1'),
+    ('sweeps.md', 'fashionlab sweep experiments/conv-layers-small.toml --workers 1 --out runs/sweeps/small-w1              # torch default: 2 threads'),
+    ('sweeps.md', 'PYTHONPATH=src python -m pytest tests/test_sweep.py'),
+}
+
+
+# --------------------------------------------------------------------------- reading the pages
+
+@dataclass
+class Block:
+    """One fenced code block: its language, options and source, where it is."""
+    page: str
+    line: int
+    language: str
+    options: dict[str, str]
+    source: str
+
+    @property
+    def first_line(self) -> str:
+        return self.source.splitlines()[0] if self.source.strip() else ""
+
+    @property
+    def runs(self) -> bool:
+        return self.language in RUN_LANGUAGES and "not-run" not in self.options
+
+
+INFO = re.compile(r"(?P<language>[\w-]*)(?P<options>[^\n]*)$\n", re.MULTILINE)
+
+
+def parse_options(text: str, where: str) -> dict[str, str]:
+    options = {}
+    for word in shlex.split(text):
+        name, eq, value = word.partition("=")
+        if not eq or name not in {"not-run", "figures", "exit"}:
+            raise ValueError(f"{where}: unknown block option {word!r}; expected not-run=, figures= or exit=")
+        options[name] = value
+    if "not-run" in options and not options["not-run"].startswith(tuple(k + ":" for k in NOT_RUN_KINDS)):
+        raise ValueError(f"{where}: not-run={options['not-run']!r}: start it with one of "
+                         f"{', '.join(k + ':' for k in NOT_RUN_KINDS)}")
+    return options
+
+
+class BlockParser:
+    """Sybil parser: every fenced block becomes a region evaluated by `run_block`."""
+
+    lexer = RawFencedCodeBlockLexer(info_pattern=INFO)
+
+    def __call__(self, document: Document):
+        page = Path(document.path).name
+        for region in self.lexer(document):
+            line = document.text.count("\n", 0, region.start) + 1
+            lex = region.lexemes
+            block = Block(page, line, lex["language"], parse_options(lex["options"], f"{page}:{line}"),
+                          str(lex["source"]))
+            yield Region(region.start, region.end, block, run_block)
+
+
+SYBIL = Sybil(parsers=[BlockParser()])
+
+
+def blocks(page: Path) -> list[Block]:
+    return [example.parsed for example in SYBIL.parse(page)]
+
+
+# --------------------------------------------------------------------------- running them
+
+@dataclass
+class Workspace:
+    """A page's working folder and what its examples printed."""
+    folder: Path
+    class_names: list[str]
+    log: list[str] = field(default_factory=list)
+
+
+def run_block(example) -> None:
+    block: Block = example.parsed
+    if not block.runs:
+        return
+    ws: Workspace = example.namespace["__workspace__"]
+    where = f"{block.page}:{block.line}"
+    if block.language == "python":
+        code = compile(block.source, f"{block.page} line {block.line}", "exec")
+        exec(code, example.namespace)
+    elif block.language == "toml":
+        from fashionlab import sweeps
+        spec = ws.folder / f"{block.page}-{block.line}.toml"
+        spec.write_text(block.source)
+        sweeps.load_spec(spec)
+    elif block.language == "sh":
+        for command in commands(block.source):
+            status, _ = run_command(command, ws)
+            assert status == int(block.options.get("exit", 0)), f"{where}: `{command}` exited {status}"
+    else:
+        for command, expected in console_sessions(block.source):
+            status, printed = run_command(command, ws)
+            assert status == int(block.options.get("exit", 0)), f"{where}: `{command}` exited {status}:\n{printed}"
+            check_output(printed, expected, "figures" in block.options, ws.class_names, f"{where}: `{command}`")
+
+
+def commands(source: str) -> list[str]:
+    """The command lines of a ```sh block: comment-only and blank lines dropped."""
+    return [line for line in source.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+
+
+def console_sessions(source: str) -> list[tuple[str, list[str]]]:
+    """`$ command` lines of a ```console block, each with the lines it prints."""
+    sessions: list[tuple[str, list[str]]] = []
+    for line in source.splitlines():
+        if line.startswith("$ "):
+            sessions.append((line[2:], []))
+        elif sessions:
+            sessions[-1][1].append(line)
+    return sessions
+
+
+def run_command(command: str, ws: Workspace) -> tuple[int, str]:
+    """Run one command line in the page's folder: (exit status, stdout)."""
+    start = time.process_time()
+    try:
+        return _run_command(command, ws)
+    finally:
+        print(f"docs example: {time.process_time() - start:6.1f} CPU s  {command}", file=sys.__stderr__)
+
+
+def _run_command(command: str, ws: Workspace) -> tuple[int, str]:
+    words = shlex.split(command, comments=True)
+    if words and words[0] == "fashionlab":
+        args = [w for w in shlex.split(re.sub(r"\s\[[^\]]*\]", "", command), comments=True)[1:]]
+        args = [x for w in args for x in (sorted(glob.glob(w)) or [w] if "*" in w else [w])]
+        args += small_data_arguments(args)
+        out = io.StringIO()
+        with contextlib.redirect_stdout(out):
+            try:
+                status = cli.main(args)
+            except SystemExit as e:  # argparse: --help, or a usage error
+                status = e.code if isinstance(e.code, int) else 2
+        return status, out.getvalue()
+    proc = subprocess.run(["bash", "-c", command], cwd=ws.folder, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
+                               "PYTHONPATH": str(ROOT / "src")})
+    return proc.returncode, proc.stdout
+
+
+def small_data_arguments(args: list[str]) -> list[str]:
+    """What a training command gets appended so that it runs on small data (later flags win)."""
+    if args[:1] == ["train"] and "--resume" not in args and "--help" not in args:
+        return ["--subset", str(SUBSET), "--epochs", "1", "--no-report"]
+    if args[:1] == ["study"]:
+        return ["--subset", str(SUBSET), "--epochs", "1", "--seeds", "1", "--no-run-reports"]
+    return []
+
+
+NUMBER = re.compile(r"\d[\d,]*(?:\.(\d+))?")
+
+
+def form(line: str, class_names: list[str]) -> re.Pattern:
+    """A pattern of the line with its figures free: numbers (same decimals) and class names."""
+    names = sorted(class_names, key=len, reverse=True)
+    pattern, pos = "", 0
+    tokens = re.compile("|".join([NUMBER.pattern, *map(re.escape, names)]))
+    for m in tokens.finditer(line):
+        pattern += re.escape(line[pos:m.start()])
+        if m.group(0)[0].isdigit():
+            pattern += r"\d[\d,]*" + (rf"\.\d{{{len(m.group(1))}}}" if m.group(1) else "")
+        else:
+            pattern += "(?:" + "|".join(map(re.escape, names)) + ")"
+        pos = m.end()
+    return re.compile(pattern + re.escape(line[pos:]) + "$")
+
+
+def check_output(printed: str, expected: list[str], figures_free: bool, class_names: list[str], where: str) -> None:
+    got = [line.rstrip() for line in printed.rstrip("\n").splitlines()]
+    want = [line.rstrip() for line in expected]
+
+    def same(g: str, w: str) -> bool:
+        return bool(form(w, class_names).match(g)) if figures_free else g == w
+
+    def match(gi: int, wi: int) -> bool:
+        if wi == len(want):
+            return gi == len(got)
+        if want[wi] == "...":
+            return any(match(k, wi + 1) for k in range(gi, len(got) + 1))
+        return gi < len(got) and same(got[gi], want[wi]) and match(gi + 1, wi + 1)
+
+    assert match(0, 0), f"{where} printed:\n" + "\n".join(got) + "\n\nthe page shows:\n" + "\n".join(want)
+
+
+# --------------------------------------------------------------------------- the page's folder
+
+@pytest.fixture(scope="module")
+def small_data(real_data_module):
+    ds = real_data_module
+    return dataclasses.replace(ds, test_images=ds.test_images[:TEST_IMAGES], test_labels=ds.test_labels[:TEST_IMAGES])
+
+
+@pytest.fixture(scope="module")
+def real_data_module(tmp_path_factory):
+    """The real dataset (the `real_data` rule: missing fails under CI, skips elsewhere), found as a
+    fresh machine finds it: not in $FASHIONLAB_DATA nor the user's cache."""
+    try:
+        with pytest.MonkeyPatch.context() as env:
+            env.setenv("FASHIONLAB_CACHE", str(tmp_path_factory.mktemp("cache")))
+            env.delenv("FASHIONLAB_DATA", raising=False)
+            return data.load(data.FASHION_MNIST, offline=True)
+    except data.DataError as e:
+        if os.environ.get("CI", "").lower() in {"1", "true", "yes"}:
+            pytest.fail(f"the real dataset is required under CI and is missing: {e}")
+        pytest.skip(f"real dataset not installed: {e}")
+
+
+@pytest.fixture(scope="module")
+def finished_run(small_data, tmp_path_factory) -> Path:
+    run = api.train(recipe="fast", dataset=small_data, out=tmp_path_factory.mktemp("docs") / "RUN", quiet=True,
+                    subset=SUBSET, epochs=1)
+    return run.path
+
+
+def page_folder(folder: Path, run: Path, ds) -> None:
+    from PIL import Image
+    shutil.copytree(run, folder / "RUN")
+    shutil.copytree(run, folder / "runs" / "20260101-120000-cnn")
+    Image.fromarray(ds.test_images[4]).save(folder / "shirt.png")
+    Image.new("RGB", (300, 200), "white").save(folder / "blank.png")
+    (folder / "DIR").mkdir()
+    for i in range(2):
+        Image.fromarray(ds.test_images[i]).save(folder / "DIR" / f"test-{i}.png")
+    (folder / "experiments").symlink_to(ROOT / "experiments")
+
+
+@pytest.fixture
+def small_world(monkeypatch, small_data):
+    """Every load of the dataset gives the cut one; train and study calls get the small-data settings."""
+    monkeypatch.setattr(data, "load", lambda *a, **k: small_data)
+    train, study = api.train, api.study
+    monkeypatch.setattr(api, "train", lambda *a, **k: train(*a, **{**k, "subset": SUBSET, "epochs": 1}))
+    monkeypatch.setattr(api, "study", lambda name, seeds=3, out=None, **k: study(name, 1, out, **{
+        **k, "subset": SUBSET, "epochs": 1}))
+    import fashionlab
+    for name in ("train", "study"):
+        monkeypatch.setattr(fashionlab, name, getattr(api, name), raising=False)
+
+
+# --------------------------------------------------------------------------- the tests
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_every_example_of_the_page_runs_as_shown(page, small_world, small_data, finished_run, tmp_path, monkeypatch):
+    page_folder(tmp_path, finished_run, small_data)
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
+    document = SYBIL.parse(page)
+    document.namespace["__workspace__"] = Workspace(tmp_path, list(small_data.class_names))
+    for example in document:
+        example.evaluate()
+
+
+def test_the_examples_not_run_are_exactly_the_listed_ones():
+    marked = {(b.page, b.first_line) for page in PAGES for b in blocks(page) if "not-run" in b.options}
+    assert marked == NOT_RUN, (f"marked not-run but not listed in NOT_RUN: {sorted(marked - NOT_RUN)}; "
+                               f"listed but not marked (or gone): {sorted(NOT_RUN - marked)}")
+
+
+def test_code_blocks_are_fenced_so_that_they_are_found():
+    md = MarkdownIt("commonmark")
+    indented = [f"{page.name}:{t.map[0] + 1}" for page in PAGES for t in md.parse(page.read_text())
+                if t.type == "code_block"]
+    assert not indented, f"indented code blocks (fence them, with a language): {', '.join(indented)}"
+
+
+def test_form_comparison_frees_only_figures_and_class_names():
+    names = ["Shirt", "T-shirt/top", "Coat"]
+    pattern = form("shirt.png: Shirt 0.743, T-shirt/top 0.153  ood 10.86", names)
+    assert pattern.match("shirt.png: Coat 0.101, Shirt 0.099  ood 9.02")
+    assert not pattern.match("shirt.png: Coat 0.1, Shirt 0.099  ood 9.02")  # another number of decimals
+    assert not pattern.match("blank.png: Coat 0.101, Shirt 0.099  ood 9.02")  # file names are compared
+
+
+def test_every_flag_the_pages_give_a_command_is_one_it_takes():
+    """Prose and tables too: `fashionlab COMMAND ... --flag` on one line names a flag of that command."""
+    commands = next(a for a in cli.build_parser()._actions if a.__class__.__name__ == "_SubParsersAction").choices
+    takes = {name: {o for a in p._actions for o in a.option_strings} for name, p in commands.items()}
+    unknown = [f"{page.name}: fashionlab {m[1]} {flag}" for page in PAGES
+               for m in re.finditer(r"fashionlab ([a-z-]+)([^`\n|]*)", page.read_text()) if m[1] in takes
+               for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", m[2]) if flag not in takes[m[1]]]
+    assert not unknown, f"flags the command does not take: {unknown}"
