@@ -15,6 +15,7 @@ import pytest
 
 import fashionlab as fl
 from fashionlab import cli
+from fashionlab.atomic import OutputError
 from fashionlab.config import ConfigError
 from fashionlab.data import DataError
 from fashionlab.errors import ArgumentError, UnknownNameError, UserError
@@ -22,7 +23,6 @@ from fashionlab.images import ImageError
 from fashionlab.schema import RunError
 from fashionlab.studies import StudyError
 from fashionlab.sweeps import SpecError
-from fashionlab.atomic import OutputError
 
 from conftest import synthetic_dataset
 

@@ -36,7 +36,9 @@ names and shapes are real), with the test set cut to its first TEST_IMAGES image
 and `fashionlab study` get `--subset SUBSET --epochs 1` appended (train: `--no-report` too, the report
 being run by docs/reports.md's own examples; study: `--seeds 1 --no-run-reports`), and
 `fl.train(...)` / `fl.study(...)` calls get subset=SUBSET, epochs=1 (seeds=1); the rest is as written.
-Each command's CPU seconds are printed (pytest -s) to keep an eye on the suite's time.
+Each command's CPU seconds are printed (pytest -s) to keep an eye on the suite's time. A new command
+or function that trains (folds, repeats, ...) gets its own small-data arguments in
+small_data_arguments() and small_world(), or its example is marked not-run="long: ...".
 """
 
 from __future__ import annotations
@@ -52,10 +54,9 @@ import shutil
 import subprocess
 import sys
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import pytest
 from markdown_it import MarkdownIt
 from sybil import Document, Region, Sybil
@@ -164,10 +165,9 @@ def blocks(page: Path) -> list[Block]:
 
 @dataclass
 class Workspace:
-    """A page's working folder and what its examples printed."""
+    """A page's working folder and the class names its runs have."""
     folder: Path
     class_names: list[str]
-    log: list[str] = field(default_factory=list)
 
 
 def run_block(example) -> None:
