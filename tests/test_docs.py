@@ -380,3 +380,20 @@ def test_every_flag_the_pages_give_a_command_is_one_it_takes():
                for m in re.finditer(r"fashionlab ([a-z-]+)([^`\n|]*)", page.read_text()) if m[1] in takes
                for flag in re.findall(r"(?<![\w-])(--[a-z][a-z0-9-]*)", m[2]) if flag not in takes[m[1]]]
     assert not unknown, f"flags the command does not take: {unknown}"
+
+
+def test_the_service_settings_table_gives_the_defaults_the_server_uses():
+    """docs/deploy.md's settings table: each flag's stated default (a number or a `word`) is Settings'."""
+    from fashionlab.serve.settings import Settings
+    text = (ROOT / "docs" / "deploy.md").read_text()
+    table = text[text.index("| setting | flag | environment | default |"):].split("\n\n")[0].splitlines()[2:]
+    defaults = {f.name: f.default for f in dataclasses.fields(Settings)}
+    checked = 0
+    for row in table:
+        flags, stated = row.split(" | ")[1], row.rstrip(" |").split(" | ")[-1]
+        for flag, value in zip(re.findall(r"`--([a-z-]+)`", flags), stated.split(", ")):
+            if re.fullmatch(r"`[^`]+`|[\d.]+", value):
+                actual = defaults[flag.replace("-", "_")]
+                assert str(actual) in {value.strip("`"), f"{value}.0"}, f"--{flag}: the table says {value}, Settings {actual}"
+                checked += 1
+    assert checked >= 15
