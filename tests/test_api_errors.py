@@ -89,6 +89,7 @@ def test_bad_input_raises_a_documented_user_error_naming_the_argument(run, tmp_p
     for name, call, expected, named in bad_calls(run, tmp_path):
         with pytest.raises(UserError) as err:
             call()
+            pytest.fail(f"{name}: no error for bad input")
         e = err.value
         where = f"{name}: {type(e).__name__}: {e}"
         assert isinstance(e, expected), where

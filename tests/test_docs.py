@@ -22,11 +22,15 @@ Options after the language, `name="value"` (Markdown shows only the language):
     exit=N                the commands exit with status N (default 0).
 
 How output is compared (```console): line by line, exactly, after the trailing spaces; a line `...`
-stands for any number of lines. With figures=..., every number matches any number with the same
-number of decimals, and every class name any class name.
+stands for any number of lines. With figures=..., every number matches any number with as many
+decimals (any number of them when the page shows over 4: a float printed in full), every class name
+any class name, and `true` / `false` either.
 
 How commands run: a line starting `fashionlab` runs in this process (`fashionlab.cli.main`), after
-dropping `[optional parts]` and expanding `*` globs; any other line runs in bash. A page's folder holds
+dropping `[optional parts]` and expanding `*` globs; any other line runs in bash. `fashionlab serve`
+starts a real server in the background (`--samples 0`: the page's sample images are not loaded), on a
+free port that replaces `localhost:8080` in the page's later examples; a later `fashionlab serve`
+replaces it, and the page's end stops it. A page's folder holds
 what its examples name: `RUN` (a finished run of the `fast` model), `DIR` (two images), `shirt.png`
 (test image 4, a shirt), `blank.png` (a white 300x200 PNG), `runs/20260101-120000-cnn` (a copy of RUN)
 and `experiments` (the repository's).
@@ -77,10 +81,6 @@ NOT_RUN = {
     ('README.md', 'fashionlab study cnn-vs-rnn --seeds 3 --track tensorboard,mlflow=http://mlflow.example:5000'),
     ('README.md', 'bash scripts/test                       # everything, as CI runs it'),
     ('api.md', 'run = fl.train(recipe="fast", track=["tensorboard", "mlflow=http://mlflow.example:5000"])'),
-    ('deploy.md', 'fashionlab serve RUN --host 127.0.0.1 --port 8080 [--backend torch|onnx] [--workers N]'),
-    ('deploy.md', "$ curl -s --data-binary @shirt.png -H 'Content-Type: image/png' 'localhost:8080/v1/predict?top_k=2'"),
-    ('deploy.md', 'import numpy as np, tritonclient.http as triton'),
-    ('deploy.md', 'fashionlab serve RUN --backend onnx            # serves it with ONNX Runtime'),
     ('deploy.md', 'docker build -t fashionlab .                   # the Dockerfile at the repository root'),
     ('deploy.md', 'mkdir -p model && tar xzf RUN/model.tar.gz -C model'),
     ('deploy.md', 'PYTHONPATH=src python benchmarks/serve_latency.py RUN --duration 10'),
@@ -165,9 +165,23 @@ def blocks(page: Path) -> list[Block]:
 
 @dataclass
 class Workspace:
-    """A page's working folder and the class names its runs have."""
+    """A page's working folder, the class names its runs have, and its server (while one runs)."""
     folder: Path
     class_names: list[str]
+    server: contextlib.ExitStack = dataclasses.field(default_factory=contextlib.ExitStack)
+    port: int | None = None
+
+    def local(self, text: str) -> str:
+        """The page's text with the documented server address pointing at the running server."""
+        return text.replace("localhost:8080", f"127.0.0.1:{self.port}") if self.port else text
+
+    def serve(self, args: list[str]) -> None:
+        from serve_support import free_port, server_process
+        self.server.close()
+        self.port = free_port()
+        if "--port" in args:
+            del args[args.index("--port"):args.index("--port") + 2]
+        self.server.enter_context(server_process(*args, "--samples", "0", port=self.port))
 
 
 def run_block(example) -> None:
@@ -177,7 +191,7 @@ def run_block(example) -> None:
     ws: Workspace = example.namespace["__workspace__"]
     where = f"{block.page}:{block.line}"
     if block.language == "python":
-        code = compile(block.source, f"{block.page} line {block.line}", "exec")
+        code = compile(ws.local(block.source), f"{block.page} line {block.line}", "exec")
         exec(code, example.namespace)
     elif block.language == "toml":
         from fashionlab import sweeps
@@ -225,6 +239,9 @@ def _run_command(command: str, ws: Workspace) -> tuple[int, str]:
     if words and words[0] == "fashionlab":
         args = [w for w in shlex.split(re.sub(r"\s\[[^\]]*\]", "", command), comments=True)[1:]]
         args = [x for w in args for x in (sorted(glob.glob(w)) or [w] if "*" in w else [w])]
+        if args[:1] == ["serve"]:
+            ws.serve(args[1:])
+            return 0, ""
         args += small_data_arguments(args)
         out = io.StringIO()
         with contextlib.redirect_stdout(out):
@@ -233,7 +250,7 @@ def _run_command(command: str, ws: Workspace) -> tuple[int, str]:
             except SystemExit as e:  # argparse: --help, or a usage error
                 status = e.code if isinstance(e.code, int) else 2
         return status, out.getvalue()
-    proc = subprocess.run(["bash", "-c", command], cwd=ws.folder, capture_output=True, text=True, timeout=300,
+    proc = subprocess.run(["bash", "-c", ws.local(command)], cwd=ws.folder, capture_output=True, text=True, timeout=300,
                           env={**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
                                "PYTHONPATH": str(ROOT / "src")})
     return proc.returncode, proc.stdout
@@ -249,17 +266,21 @@ def small_data_arguments(args: list[str]) -> list[str]:
 
 
 NUMBER = re.compile(r"\d[\d,]*(?:\.(\d+))?")
+BOOLEAN = re.compile(r"\b(?:true|false)\b")
 
 
 def form(line: str, class_names: list[str]) -> re.Pattern:
     """A pattern of the line with its figures free: numbers (same decimals) and class names."""
     names = sorted(class_names, key=len, reverse=True)
     pattern, pos = "", 0
-    tokens = re.compile("|".join([NUMBER.pattern, *map(re.escape, names)]))
+    tokens = re.compile("|".join([NUMBER.pattern, BOOLEAN.pattern, *map(re.escape, names)]))
     for m in tokens.finditer(line):
         pattern += re.escape(line[pos:m.start()])
+        decimals = len(m.group(1) or "")
         if m.group(0)[0].isdigit():
-            pattern += r"\d[\d,]*" + (rf"\.\d{{{len(m.group(1))}}}" if m.group(1) else "")
+            pattern += r"\d[\d,]*" + (r"\.\d+" if decimals > 4 else rf"\.\d{{{decimals}}}" if decimals else "")
+        elif BOOLEAN.fullmatch(m.group(0)):
+            pattern += "(?:true|false)"
         else:
             pattern += "(?:" + "|".join(map(re.escape, names)) + ")"
         pos = m.end()
@@ -328,14 +349,20 @@ def page_folder(folder: Path, run: Path, ds) -> None:
 @pytest.fixture
 def small_world(monkeypatch, small_data):
     """Every load of the dataset gives the cut one; train and study calls get the small-data settings."""
+    import fashionlab
     monkeypatch.setattr(data, "load", lambda *a, **k: small_data)
     train, study = api.train, api.study
-    monkeypatch.setattr(api, "train", lambda *a, **k: train(*a, **{**k, "subset": SUBSET, "epochs": 1}))
-    monkeypatch.setattr(api, "study", lambda name, seeds=3, out=None, **k: study(name, 1, out, **{
-        **k, "subset": SUBSET, "epochs": 1}))
-    import fashionlab
-    for name in ("train", "study"):
-        monkeypatch.setattr(fashionlab, name, getattr(api, name), raising=False)
+
+    def small_train(*args, **kwargs):
+        return train(*args, **{**kwargs, "subset": SUBSET, "epochs": 1})
+
+    def small_study(name, seeds=3, out=None, **kwargs):
+        return study(name, 1, out, **{**kwargs, "subset": SUBSET, "epochs": 1})
+
+    # The package first: reading its lazy name gives api's, which must still be the real one to be restored.
+    for module in (fashionlab, api):
+        monkeypatch.setattr(module, "train", small_train)
+        monkeypatch.setattr(module, "study", small_study)
 
 
 # --------------------------------------------------------------------------- the tests
@@ -346,9 +373,10 @@ def test_every_example_of_the_page_runs_as_shown(page, small_world, small_data, 
     monkeypatch.chdir(tmp_path)
     monkeypatch.setenv("OMP_NUM_THREADS", os.environ.get("OMP_NUM_THREADS", "1"))
     document = SYBIL.parse(page)
-    document.namespace["__workspace__"] = Workspace(tmp_path, list(small_data.class_names))
-    for example in document:
-        example.evaluate()
+    workspace = document.namespace["__workspace__"] = Workspace(tmp_path, list(small_data.class_names))
+    with workspace.server:  # a server an example started stops with the page
+        for example in document:
+            example.evaluate()
 
 
 def test_the_examples_not_run_are_exactly_the_listed_ones():
@@ -370,6 +398,8 @@ def test_form_comparison_frees_only_figures_and_class_names():
     assert pattern.match("shirt.png: Coat 0.101, Shirt 0.099  ood 9.02")
     assert not pattern.match("shirt.png: Coat 0.1, Shirt 0.099  ood 9.02")  # another number of decimals
     assert not pattern.match("blank.png: Coat 0.101, Shirt 0.099  ood 9.02")  # file names are compared
+    full = form('{"label":"Shirt","score":0.67432129383087158,"unsure":false}', names)
+    assert full.match('{"label":"Coat","score":0.1,"unsure":true}') and not full.match('{"label":"Coat","score":1}')
 
 
 def test_every_flag_the_pages_give_a_command_is_one_it_takes():
