@@ -18,7 +18,7 @@ class ArgumentError(UserError, ValueError):
 
 
 class UnknownNameError(UserError, KeyError):
-    """A name (model, model family, recipe, figure) that is not among the known ones; the message lists them."""
+    """A name (model, model family, recipe) that is not among the known ones; the message lists them."""
 
     def __str__(self) -> str:
         # KeyError's str() is the repr of its argument (quotes and escaped quotes); the message is meant to be read.
