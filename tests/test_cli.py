@@ -113,6 +113,25 @@ def test_train_prints_progress_and_accuracy(trained_run):
     assert (out / "ood.safetensors").is_file()
 
 
+def test_a_run_trained_from_python_holds_the_same_files_but_the_report_unless_asked(trained_run, tmp_path):
+    import fashionlab as fl
+    out, folder, names, _, _ = trained_run
+    run = fl.train(model="cnn_small", epochs=1, batch_size=32, data_dir=folder, class_names=names.split(","),
+                   offline=True, out=tmp_path / "api", quiet=True)
+    from_cli, from_api = ({p.name for p in d.iterdir()} for d in (out, run.path))
+    assert from_cli - from_api == {"report.html"} | {n for n in from_cli if n.endswith(".png")}  # docs/api.md
+    assert from_api <= from_cli
+    run.report(data_dir=folder, offline=True)  # what train(report=True) does
+    files = {p.name for p in run.path.iterdir()}
+    assert {n for n in files if not n.endswith(".png")} == {n for n in from_cli if not n.endswith(".png")}
+    assert any(n.endswith(".png") for n in files)  # the report's figures (which ones depends on its mistakes)
+
+
+def test_explain_help_says_what_it_writes_and_takes_no_report_flags():
+    help_text = run_cli("explain", "--help", check=True).stdout
+    assert "RUN/explain.html" in help_text and "report.html" not in help_text and "--no-explain" not in help_text
+
+
 def test_evaluate_reproduces_metrics(trained_run, tmp_path):
     out, folder, names, _, _ = trained_run
     res = run_cli("evaluate", str(out), "--data-dir", str(folder), "--offline", check=True)  # the run knows its classes

@@ -113,6 +113,7 @@ def test_metrics_count_requests_by_route_and_status_and_describe_the_model(one_w
         assert httpx.post(url + "/v1/predict", content=body, headers={"content-type": "image/png"}).status_code == 200
     assert httpx.post(url + "/v1/predict", content=b"junk", headers={"content-type": "image/png"}).status_code == 400
     assert httpx.get(url + "/no/such/path").status_code == 404
+    assert httpx.get(url + "/static/app.js").status_code == 200  # a file of the page: a route, not unmatched
     infer = {"inputs": [{"name": "input", "datatype": "UINT8", "shape": [3, 28, 28], "data": [0] * (3 * 784)}]}
     assert httpx.post(url + "/v2/models/fashionlab/infer", json=infer).status_code == 200
     scrape = httpx.get(url + "/metrics")
@@ -122,6 +123,8 @@ def test_metrics_count_requests_by_route_and_status_and_describe_the_model(one_w
     assert requests[(("method", "POST"), ("route", "/v1/predict"), ("status", "200"))] >= 5
     assert requests[(("method", "POST"), ("route", "/v1/predict"), ("status", "400"))] >= 1
     assert requests[(("method", "GET"), ("route", "unmatched"), ("status", "404"))] >= 1  # no series per path
+    assert requests[(("method", "GET"), ("route", "/static/{path}"), ("status", "200"))] >= 1
+    assert not any(dict(k)["route"] == "unmatched" and dict(k)["status"] == "200" for k in requests)
     assert requests[(("method", "POST"), ("route", "/v2/models/{name}/infer"), ("status", "200"))] >= 1
     latency = samples["fashionlab_request_duration_seconds_bucket"]
     buckets = sorted((float(dict(k)["le"]), v) for k, v in latency.items() if dict(k)["route"] == "/v1/predict")

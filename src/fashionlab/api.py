@@ -22,6 +22,7 @@ from typing import Any, Iterator, Sequence
 
 from . import config, data as data_mod, models, recipes, run as run_mod, runlock, tracking
 from .atomic import OutputError, check_writable
+from .errors import ArgumentError
 from .run import RunFolder
 from .training import Callback
 
@@ -129,11 +130,11 @@ class Run(RunFolder):
         """An ONNX file (default RUN/model.onnx), written only after it matches PyTorch on test images."""
         from . import export
         if format != "onnx":
-            raise ValueError(f"format={format!r}: only 'onnx' is supported")
+            raise ArgumentError(f"format={format!r}: only 'onnx' is supported")
         if isinstance(parity_images, bool) or not isinstance(parity_images, int) or parity_images < 1:
-            raise ValueError(f"parity_images={parity_images!r}: expected an integer >= 1 (test images compared)")
+            raise ArgumentError(f"parity_images={parity_images!r}: expected an integer >= 1 (test images compared)")
         if isinstance(tolerance, bool) or not isinstance(tolerance, (int, float)) or not 0 <= tolerance < math.inf:
-            raise ValueError(f"tolerance={tolerance!r}: expected a finite number >= 0 (the largest allowed "
+            raise ArgumentError(f"tolerance={tolerance!r}: expected a finite number >= 0 (the largest allowed "
                              f"probability difference)")
         with self._writing(path, "export"):
             ds = dataset or self.dataset(data_dir, offline)
@@ -154,14 +155,15 @@ class Run(RunFolder):
         with self._writing(out, "report"):
             return report.write_run_report(self.path, dataset, out, with_explain, data_dir, offline, device)
 
-    def figures(self, which: Sequence[str] | None = None, dataset: data_mod.Dataset | None = None,
+    def figures(self, which: str | Sequence[str] | None = None, dataset: data_mod.Dataset | None = None,
                 device: str = "auto") -> "Figures":
         """matplotlib Figures by name: curves, confusion, per_class, probabilities, filters,
-        feature_maps, gradcam, embedding (those the model has). Each shows inline in Jupyter, and so
-        does the whole set."""
+        feature_maps, gradcam, embedding (those the model has). which: None for all, one name or a
+        list of names. Each shows inline in Jupyter, and so does the whole set."""
         from . import report
+        names = report.figure_names(which)  # checked before the run's model and data are loaded
         view = report.RunView(self.require_finished(), dataset or self.dataset(), device)
-        return Figures(report.run_figures(view, which), {k: v[0] for k, v in report.FIGURES.items()})
+        return Figures(report.run_figures(view, names), {k: v[0] for k, v in report.FIGURES.items()})
 
     @contextmanager
     def _writing(self, out: str | Path | None, command: str) -> Iterator[None]:
@@ -215,7 +217,7 @@ class Figures(dict):
 def train(recipe: str | None = None, model: str | None = None, out: str | Path | None = None, *,
           reuse: bool = False, dataset: data_mod.Dataset | None = None, callbacks: Sequence[Callback] = (),
           quiet: bool = False, data_dir=None, offline: bool | None = None,
-          track: str | Sequence[str] | None = None, **settings) -> Run:
+          track: str | Sequence[str] | None = None, report: bool = False, **settings) -> Run:
     """Train and evaluate on the test set; returns the finished Run (folder `out`, default
     runs/<time>-<model>). Any training setting is a keyword (epochs=3, lr=0.01, augment={"flip": 0.5},
     ...); recipe values come first and explicit settings override them. Unknown settings raise with
@@ -232,11 +234,14 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
 
     exclude trains without some training images: an audit's CSV (a path, or the AuditResult `audit`
     returns; its training suspects, checked against the dataset) or a list of image indices. config.json
-    records the indices themselves, so reuse and resume know exactly which images were left out."""
+    records the indices themselves, so reuse and resume know exactly which images were left out.
+
+    report=True also writes the run's report.html, as `fashionlab train` does unless --no-report; it is
+    off here because a notebook shows the same figures with `run.figures()`."""
     exclude = settings.pop("exclude", None)
     cfg = config.make_config(recipe=recipe, model=model, **settings)
     if reuse and out is None:
-        raise ValueError("reuse=True needs out: the run folder to reuse")
+        raise ArgumentError("reuse=True needs out: the run folder to reuse")
     out = out or run_mod.default_run_dir(cfg.model)
     if not (reuse and RunFolder(out).finished):  # reusing a finished run writes nothing
         check_writable(out, folder=True)  # before loading data or training: a bad --out fails at once
@@ -247,9 +252,13 @@ def train(recipe: str | None = None, model: str | None = None, out: str | Path |
     with tracks.run(out) as trackers:
         callbacks = [*callbacks, *trackers]
         if not reuse:
-            return Run(run_mod.train_run(cfg, out, dataset, callbacks, quiet, data_dir, offline).path)
-        return Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline,
-                                          wait=lambda line: print(line, file=sys.stderr, flush=True))[0].path)
+            run = Run(run_mod.train_run(cfg, out, dataset, callbacks, quiet, data_dir, offline).path)
+        else:
+            run = Run(run_mod.train_or_reuse(cfg, out, dataset, callbacks, quiet, data_dir, offline,
+                                             wait=lambda line: print(line, file=sys.stderr, flush=True))[0].path)
+    if report:
+        run.report(dataset=dataset, data_dir=data_dir, offline=offline)
+    return run
 
 
 def _with_exclusions(settings: dict[str, Any], cfg: config.TrainConfig, dataset: data_mod.Dataset | None,
@@ -357,6 +366,7 @@ def study(name: str, seeds: int = 3, out: str | Path | None = None, *, run_repor
     `train`: the audit's CSV) and tests the difference.
     track: as for `train`; every run is logged, reused ones from their files, grouped by study."""
     from . import studies
+    studies.get_study(name)  # an unknown name fails before any folder is made
     out = check_writable(out or Path("studies") / name, folder=True)  # before any training
     if settings.get("exclude") is not None:  # the study's dataset: Fashion-MNIST
         settings, dataset = _with_exclusions(settings, config.make_config(recipe=studies.get_study(name).recipe),
@@ -371,8 +381,10 @@ def compare(runs: Sequence[str | Path | RunFolder], out: str | Path = "compare.h
             title: str = "Comparison of runs") -> Comparison:
     """Finished runs side by side (grouped by model: mean and spread over seeds) on one page."""
     from . import studies
+    if isinstance(runs, (str, Path, RunFolder)) or not runs:
+        raise ArgumentError(f"runs={runs!r}: expected a non-empty list of finished run folders")
     check_writable(out)  # the page, its PNGs and summary.json go there
-    paths = [Path(r) for r in runs]
+    paths = [Path(r.path if isinstance(r, RunFolder) else r) for r in runs]
     page, summary = studies.write_comparison(paths, out, title=title)
     return Comparison([Run(p) for p in paths], Path(page), summary)
 

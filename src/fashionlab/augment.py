@@ -13,6 +13,8 @@ from dataclasses import asdict, dataclass, field, fields
 import torch
 import torch.nn.functional as F
 
+from .errors import ArgumentError
+
 MAX_CROP = 14  # half the image side
 
 
@@ -51,11 +53,11 @@ class Augment:
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(d) - set(known))
         if unknown:
-            raise ValueError(f"unknown augmentation {', '.join(unknown)}; known: {', '.join(sorted(known))}")
+            raise ArgumentError(f"unknown augmentation {', '.join(unknown)}; known: {', '.join(sorted(known))}")
         for name, value in d.items():
             meta = known[name].metadata
             if not meta["check"](value):
-                raise ValueError(f"{name}={value!r}: expected {meta['expected']}")
+                raise ArgumentError(f"{name}={value!r}: expected {meta['expected']}")
         return cls(**d)
 
     def to_dict(self) -> dict:

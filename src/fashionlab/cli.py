@@ -130,11 +130,12 @@ def cmd_train(args) -> int:
         run = api.Run(args.resume).resume(args.quiet, data_dir=args.data_dir, offline=args.offline, track=args.track)
     else:
         run = api.train(out=args.out, quiet=args.quiet, data_dir=args.data_dir, offline=args.offline,
-                        track=args.track, **config.settings_from_flags(args))
+                        track=args.track, report=not args.no_report, **config.settings_from_flags(args))
     if not args.no_report:
-        path = run.report(data_dir=args.data_dir, offline=args.offline)
+        if args.resume:
+            run.report(data_dir=args.data_dir, offline=args.offline)
         if not args.quiet:
-            print(f"report: {path}")
+            print(f"report: {run.path / 'report.html'}")
     return 0
 
 
@@ -404,7 +405,10 @@ def cmd_report(args) -> int:
 
 
 def args_explain(p):
-    args_report(p)
+    p.add_argument("run")
+    p.add_argument("--out", help="HTML file to write (default RUN/explain.html)")
+    _device_option(p)
+    _data_options(p, class_names=False)
 
 
 def cmd_explain(args) -> int:

@@ -25,7 +25,7 @@ from typing import BinaryIO
 import numpy as np
 
 from .atomic import OutputError, atomic_write, write_bytes
-from .errors import UserError
+from .errors import ArgumentError, UserError
 
 SPLITS = ("train", "test")
 KINDS = ("images", "labels")
@@ -579,7 +579,7 @@ def clear_cache(spec: DatasetSpec = FASHION_MNIST) -> None:
 def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tuple[np.ndarray, np.ndarray]:
     """Seeded split keeping each class's share: returns sorted (train_idx, val_idx)."""
     if not 0.0 <= val_fraction < 1.0:
-        raise ValueError(f"validation fraction must be in [0, 1), got {val_fraction}")
+        raise ArgumentError(f"validation fraction must be in [0, 1), got {val_fraction}")
     if val_fraction == 0:
         return np.arange(len(labels)), np.empty(0, dtype=np.int64)
     rng = np.random.default_rng(seed)
@@ -597,7 +597,7 @@ def stratified_split(labels: np.ndarray, val_fraction: float, seed: int) -> tupl
 def stratified_subset(labels: np.ndarray, n: int, seed: int) -> np.ndarray:
     """Seeded subset of n indices with class shares as in labels (largest-remainder rounding)."""
     if not 0 < n <= len(labels):
-        raise ValueError(f"subset size must be between 1 and {len(labels)}, got {n}")
+        raise ArgumentError(f"subset size must be between 1 and {len(labels)}, got {n}")
     classes, counts = np.unique(labels, return_counts=True)
     exact = counts * n / len(labels)
     take = np.floor(exact).astype(int)

@@ -13,6 +13,8 @@ from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from .errors import ArgumentError
+
 if TYPE_CHECKING:
     import torch
 
@@ -32,7 +34,7 @@ def cpu_has_bf16() -> bool:
 def resolve_device(name: str = "auto") -> torch.device:
     import torch
     if name not in DEVICES:
-        raise ValueError(f"device must be one of {', '.join(DEVICES)}; got {name!r}")
+        raise ArgumentError(f"device must be one of {', '.join(DEVICES)}; got {name!r}")
     if name == "auto":
         if torch.cuda.is_available():
             return torch.device("cuda")
@@ -40,9 +42,9 @@ def resolve_device(name: str = "auto") -> torch.device:
             return torch.device("mps")
         return torch.device("cpu")
     if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device is available to this PyTorch build")
+        raise ArgumentError("--device cuda: no CUDA device is available to this PyTorch build")
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
-        raise ValueError("--device mps: MPS is not available on this machine")
+        raise ArgumentError("--device mps: MPS is not available on this machine")
     return torch.device(name)
 
 
@@ -76,11 +78,11 @@ class Runtime:
 def resolve(device: str = "auto", precision: str = "auto", conv_model: bool = True) -> Runtime:
     dev = resolve_device(device)
     if precision not in PRECISIONS:
-        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
+        raise ArgumentError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "auto":
         precision = "bf16" if bf16_supported(dev) else "fp32"
     elif precision == "bf16" and dev.type == "mps":
-        raise ValueError("--precision bf16 is not supported on MPS here; use fp32")
+        raise ArgumentError("--precision bf16 is not supported on MPS here; use fp32")
     # NHWC: on a CPU at any precision (in fp32, NCHW max-pooling runs about 14x slower; conv nets train
     # 1.35 to 2x faster in NHWC, one thread: a step of 256 images took cnn 233 -> 119 ms, fast 194 -> 127,
     # best 611 -> 451), and on a GPU where bf16 uses its tensor cores.

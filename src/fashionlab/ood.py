@@ -34,7 +34,7 @@ import numpy as np
 
 from . import data as data_mod, schema
 from .atomic import write_bytes
-from .errors import UserError
+from .errors import ArgumentError, UserError
 
 FIT_IMAGES = 10_000  # training images the class means and covariance are fitted on (stratified)
 SEED = 0  # of the stratified draws: the fit subset and the halves of the test set
@@ -57,7 +57,7 @@ def check_rate(false_alarm_rate: Any, name: str = "false_alarm_rate") -> float:
     """The target false-alarm rate: a number strictly between 0 and 1."""
     if isinstance(false_alarm_rate, bool) or not isinstance(false_alarm_rate, (int, float)) \
             or not 0 < false_alarm_rate < 1:
-        raise ValueError(f"{name}={false_alarm_rate!r}: expected a number between 0 and 1 (exclusive), the share "
+        raise ArgumentError(f"{name}={false_alarm_rate!r}: expected a number between 0 and 1 (exclusive), the share "
                          f"of in-distribution images flagged unsure, e.g. 0.05")
     return float(false_alarm_rate)
 

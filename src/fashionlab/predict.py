@@ -18,6 +18,7 @@ import torch
 from . import evaluate, images, run as run_mod
 from .atomic import write_text
 from .device import Runtime
+from .errors import ArgumentError
 from .ood import OodDetector
 from .run import RunFolder
 
@@ -125,7 +126,7 @@ class Predictor:
     def rank(self, probs: np.ndarray, top_k: int | None = None, scores: np.ndarray | None = None) -> list[Ranked]:
         """Each image's top_k classes (None: all), best first, with its score and flag when given."""
         if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-            raise ValueError(f"top_k={top_k!r}: expected an integer >= 1 (or None for every class)")
+            raise ArgumentError(f"top_k={top_k!r}: expected an integer >= 1 (or None for every class)")
         k = len(self.class_names) if top_k is None else min(top_k, len(self.class_names))
         flags = self.ood.unsure(scores) if self.ood is not None and scores is not None else None
         out = []

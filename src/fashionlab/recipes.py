@@ -8,6 +8,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any
 
+from .errors import UnknownNameError
+
 
 @dataclass(frozen=True)
 class Recipe:
@@ -30,7 +32,7 @@ def get_recipe(name: str) -> Recipe:
     try:
         return RECIPES[name]
     except KeyError:
-        raise KeyError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}") from None
+        raise UnknownNameError(f"unknown recipe {name!r}; known recipes: {', '.join(sorted(RECIPES))}") from None
 
 
 register(Recipe(

@@ -19,6 +19,7 @@ import numpy as np
 
 from . import data as data_mod, explain, models, pages, runlock, schema
 from .config import shown_value
+from .errors import ArgumentError
 from .predict import Predictor
 from .run import RunFolder
 
@@ -215,7 +216,7 @@ class RunView:
         self.model, self.folder.history, self.folder.record  # noqa: B018
         names = self.folder.class_names
         if list(self.dataset.class_names) != names:
-            raise ValueError(f"{self.folder.path}: the run's classes {names} differ from the dataset's "
+            raise ArgumentError(f"{self.folder.path}: the run's classes {names} differ from the dataset's "
                              f"{list(self.dataset.class_names)}")
         self.metrics  # noqa: B018  (per-class rows for the dataset's classes)
 
@@ -276,13 +277,25 @@ FIGURES: dict[str, tuple[str, Callable[[RunView], Any]]] = {
 }
 
 
-def run_figures(view: RunView, which: Sequence[str] | None = None) -> dict[str, Any]:
-    """The named figures (all by default) as matplotlib Figures; kinds the model lacks are left out."""
-    unknown = sorted(set(which or ()) - set(FIGURES))
+def figure_names(which: str | Sequence[str] | None) -> list[str]:
+    """`which` as a list of figure names: None for all, one name, or a list of names; checked."""
+    if which is None:
+        return list(FIGURES)
+    names = [which] if isinstance(which, str) else which
+    if not isinstance(names, (list, tuple)) or not names or not all(isinstance(n, str) for n in names):
+        raise ArgumentError(f"which={which!r}: expected a figure name or a list of them ({', '.join(FIGURES)})")
+    unknown = [n for n in names if n not in FIGURES]
     if unknown:
-        raise ValueError(f"unknown figure(s) {', '.join(unknown)}; available: {', '.join(FIGURES)}")
+        raise ArgumentError(f"which={which!r}: unknown figure(s) {', '.join(map(repr, unknown))}; "
+                            f"available: {', '.join(FIGURES)}")
+    return list(names)
+
+
+def run_figures(view: RunView, which: str | Sequence[str] | None = None) -> dict[str, Any]:
+    """The named figures (all by default; a name or a list of names) as matplotlib Figures; kinds the
+    model lacks are left out."""
     out = {}
-    for name in which or FIGURES:
+    for name in figure_names(which):
         fig = FIGURES[name][1](view)
         if fig is not None:
             out[name] = fig

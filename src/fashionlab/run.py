@@ -400,7 +400,14 @@ def _sha256(path: Path) -> str:
 # --------------------------------------------------------------------------- making runs
 
 def default_run_dir(model: str) -> Path:
-    return Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{model}"
+    """runs/<time>-<model>, with -2, -3, ... when a run of that model started in the same second
+    (short runs one after the other, from a script), which would otherwise be refused as existing."""
+    base = Path("runs") / f"{datetime.now().strftime('%Y%m%d-%H%M%S')}-{model}"
+    path, n = base, 1
+    while path.exists():
+        n += 1
+        path = base.with_name(f"{base.name}-{n}")
+    return path
 
 
 def train_run(cfg: TrainConfig, out: str | Path | None = None, dataset: DatasetArg = None,

@@ -23,11 +23,12 @@ import numpy as np
 
 from . import checkpoint, data as data_mod, models, pages, report, run as run_mod, runlock, stats, tracking
 from .config import TrainConfig, make_config
+from .errors import UserError
 from .recipes import get_recipe
 from .training import Callback
 
 
-class StudyError(ValueError):
+class StudyError(UserError, ValueError):
     """A study name, run folder or setting that cannot be used; the message says which."""
 
 
@@ -72,7 +73,7 @@ def get_study(name: str) -> Study:
 
 def study_seeds(study: Study, n: int) -> list[int]:
     if n < 1:
-        raise StudyError(f"--seeds {n}: expected an integer >= 1")
+        raise StudyError(f"seeds={n!r} (--seeds): expected an integer >= 1")
     base = get_recipe(study.recipe).settings.get("seed", TrainConfig.seed)
     return [base + i for i in range(n)]
 

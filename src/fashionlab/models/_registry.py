@@ -17,6 +17,8 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
+from ..errors import ArgumentError, UnknownNameError
+
 
 @dataclass(frozen=True)
 class ModelEntry:
@@ -48,26 +50,29 @@ def build_model(name: str, **overrides) -> nn.Module:
     try:
         entry = MODELS[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}") from None
-    return build_from_spec(entry.family, {**entry.kwargs, **overrides})
+        raise UnknownNameError(f"unknown model {name!r}; registered models: {', '.join(sorted(MODELS))}") from None
+    try:
+        return build_from_spec(entry.family, {**entry.kwargs, **overrides})
+    except ArgumentError as e:
+        raise ArgumentError(f"model {name!r}: {e}") from None  # the name the caller gave, beside its family
 
 
 def build_from_spec(family: str, kwargs: dict[str, Any]) -> nn.Module:
     """Rebuild any model from its family and full arguments (what a checkpoint records)."""
     if not isinstance(family, str) or family not in FAMILIES:
-        raise KeyError(f"unknown model family {family!r}; known families: {', '.join(sorted(FAMILIES))}")
+        raise UnknownNameError(f"unknown model family {family!r}; known families: {', '.join(sorted(FAMILIES))}")
     builder = FAMILIES[family]
     unknown, valid = _unknown_arguments(builder, kwargs)
     if unknown:
         # Checked before building so a typo is named with the valid spellings, not as Python's bare TypeError.
-        raise ValueError(f"bad arguments for model family {family!r}: unknown argument(s) {', '.join(unknown)}; "
+        raise ArgumentError(f"bad arguments for model family {family!r}: unknown argument(s) {', '.join(unknown)}; "
                          f"valid arguments: {', '.join(valid)}")
     try:
         return builder(**kwargs)
     except Exception as e:
         # Whatever a builder trips over (a missing argument's TypeError, a negative size's RuntimeError, a
         # range's ValueError) is a bad argument: callers catch ValueError for all of them.
-        raise ValueError(f"bad arguments for model family {family!r}: {e}") from None
+        raise ArgumentError(f"bad arguments for model family {family!r}: {e}") from None
 
 
 # Limits on a model rebuilt from a description someone else may have written (a run's model.json): generous

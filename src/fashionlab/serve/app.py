@@ -132,9 +132,20 @@ class RequestGuard:
         finally:
             seconds = time.perf_counter() - start
             self.metrics.in_flight.dec()
-            route = getattr(scope.get("route"), "path", UNMATCHED)  # the template: /v2/models/{name}/infer
-            self.metrics.answered(route, scope.get("method", ""), exchange.status, seconds)
+            self.metrics.answered(route_label(scope), scope.get("method", ""), exchange.status, seconds)
             log.info("%s %s %d %.1fms", scope.get("method"), scope.get("path"), exchange.status, seconds * 1000)
+
+
+def route_label(scope) -> str:
+    """The metrics' route label of an answered request: the path template of the route that answered
+    (/v2/models/{name}/infer); for a mounted app, which Starlette routes without a route object (the
+    page's files under /static), the mount's path and {path}; `unmatched` when nothing answered."""
+    route = scope.get("route")
+    if route is not None:
+        return route.path
+    if scope.get("endpoint") is not None and scope.get("root_path"):  # set by the Mount that matched
+        return f"{scope['root_path']}/{{path}}"
+    return UNMATCHED
 
 
 class _Exchange:

@@ -12,6 +12,7 @@ from .progress import ProgressLine, Tally
 from .spec import Spec
 from .storage import full_disk_is_one_line, open_storage, open_study
 from .worker import Worker
+from ..errors import ArgumentError
 
 
 def run_sweep(spec: Spec, storage_url: str | None = None, workers: int = 1, heartbeat_interval: int = 10,
@@ -24,9 +25,9 @@ def run_sweep(spec: Spec, storage_url: str | None = None, workers: int = 1, hear
     spec.folder.mkdir(parents=True, exist_ok=True)
     url = storage_url or spec.default_storage()
     if workers < 1:
-        raise ValueError(f"--workers {workers}: expected an integer >= 1")
+        raise ArgumentError(f"--workers {workers}: expected an integer >= 1")
     if heartbeat_interval < 1 or grace_period <= heartbeat_interval:
-        raise ValueError(f"--grace-period {grace_period} must exceed --heartbeat-interval {heartbeat_interval} (>= 1 s)")
+        raise ArgumentError(f"--grace-period {grace_period} must exceed --heartbeat-interval {heartbeat_interval} (>= 1 s)")
     with full_disk_is_one_line(url):
         return _run(spec, url, workers, heartbeat_interval, grace_period, max_retry, threads, worker_only, quiet,
                     stream, track)
