@@ -39,7 +39,8 @@ Small data, so the whole page set runs in about a minute: the real Fashion-MNIST
 names and shapes are real), with the test set cut to its first TEST_IMAGES images; `fashionlab train`
 and `fashionlab study` get `--subset SUBSET --epochs 1` appended (train: `--no-report` too, the report
 being run by docs/reports.md's own examples; study: `--seeds 1 --no-run-reports`), and
-`fl.train(...)` / `fl.study(...)` calls get subset=SUBSET, epochs=1 (seeds=1); the rest is as written.
+`fl.train(...)` / `fl.study(...)` calls get subset=SUBSET, epochs=1 (seeds=1), and `fl.audit(...)` the same
+with folds=2; the rest is as written.
 Each command's CPU seconds are printed (pytest -s) to keep an eye on the suite's time. A new command
 or function that trains (folds, repeats, ...) gets its own small-data arguments in
 small_data_arguments() and small_world(), or its example is marked not-run="long: ...".
@@ -100,6 +101,11 @@ NOT_RUN = {
     ('sweeps.md', 'fashionlab sweep experiments/conv-layers-small.toml --workers 1 --threads 1 --out runs/sweeps/small-w1t1'),
     ('sweeps.md', 'fashionlab sweep experiments/conv-layers-small.toml --workers 1 --out runs/sweeps/small-w1              # torch default: 2 threads'),
     ('sweeps.md', 'PYTHONPATH=src python -m pytest tests/test_sweep.py'),
+    ('audit.md', 'fashionlab audit --recipe fast --folds 5 --out audits/fast'),
+    ('audit.md', 'import csv'),
+    ('audit.md', 'PYTHONPATH=src python benchmarks/label_audit.py --recipe fast --folds 5 --out runs/bench-label-audit'),
+    ('audit.md', 'PYTHONPATH=src python benchmarks/label_audit.py --recipe fast --epochs 4 --folds 5 --out runs/bench-label-audit-e4'),
+    ('audit.md', 'fashionlab audit --data-dir runs/bench-label-audit/data --class-names "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot" --out audits/custom'),
 }
 
 
@@ -351,7 +357,7 @@ def small_world(monkeypatch, small_data):
     """Every load of the dataset gives the cut one; train and study calls get the small-data settings."""
     import fashionlab
     monkeypatch.setattr(data, "load", lambda *a, **k: small_data)
-    train, study = api.train, api.study
+    train, study, audit = api.train, api.study, api.audit
 
     def small_train(*args, **kwargs):
         return train(*args, **{**kwargs, "subset": SUBSET, "epochs": 1})
@@ -359,10 +365,14 @@ def small_world(monkeypatch, small_data):
     def small_study(name, seeds=3, out=None, **kwargs):
         return study(name, 1, out, **{**kwargs, "subset": SUBSET, "epochs": 1})
 
+    def small_audit(*args, **kwargs):
+        return audit(*args, **{**kwargs, "subset": SUBSET, "epochs": 1, "folds": 2})
+
     # The package first: reading its lazy name gives api's, which must still be the real one to be restored.
     for module in (fashionlab, api):
         monkeypatch.setattr(module, "train", small_train)
         monkeypatch.setattr(module, "study", small_study)
+        monkeypatch.setattr(module, "audit", small_audit)
 
 
 # --------------------------------------------------------------------------- the tests
