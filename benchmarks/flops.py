@@ -39,6 +39,15 @@ def forward_flops(model: nn.Module, side: int = 28) -> int:
     return total
 
 
+def host_matmul_rate(seconds: float = 1.0, n: int = 1024) -> tuple[str, float, float]:
+    """The host CPU's matmul rate in the precision it trains at (bf16 where it has AVX-512 BF16 or AMX,
+    else fp32), measured briefly: (precision, FLOP/s wall-clock, FLOP per CPU second). bf16 on a CPU
+    without it is emulated at a small fraction of fp32's rate: timing it took minutes there."""
+    bf16 = torch.cpu._is_avx512_bf16_supported()
+    wall, cpu = matmul_rate(torch.bfloat16 if bf16 else torch.float32, n, seconds)
+    return ("bf16" if bf16 else "fp32"), wall, cpu
+
+
 def matmul_rate(dtype=torch.bfloat16, n: int = 2048, seconds: float = 3.0) -> tuple[float, float]:
     """Sustained FLOP/s of a square matmul loop (the best this machine does on dense work), per
     wall-clock second and per CPU second of this process (the latter barely moves with others' load)."""

@@ -28,7 +28,7 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import hardware, parse_overrides  # noqa: E402
-from flops import forward_flops, matmul_rate  # noqa: E402
+from flops import forward_flops, host_matmul_rate  # noqa: E402
 
 from fashionlab import data, evaluate, models  # noqa: E402
 from fashionlab.config import TrainConfig, make_config  # noqa: E402
@@ -147,8 +147,10 @@ def main(argv=None) -> int:
     if args.from_json:
         saved = json.loads(Path(args.from_json).read_text())
         hw = saved["hardware"]
+        kind = saved.get("matmul_precision", "bf16")  # files written before it was recorded measured bf16
+        wall = saved.get("matmul_flops_wall", saved.get("bf16_matmul_flops_wall", 0.0))
         print(f"# {args.from_json}: {hw['cpu']} | {hw['cores']} cores | torch {hw['torch']} | {hw['threads']} threads"
-              f" | bf16 matmul {saved['bf16_matmul_flops_wall'] / 1e9:.0f} GFLOP/s wall-clock")
+              f" | {kind} matmul {wall / 1e9:.0f} GFLOP/s wall-clock")
         print_tables(saved["results"], saved["targets"], saved.get("load_average_end", "not saved"))
         return 0
     if args.threads:
@@ -166,11 +168,12 @@ def main(argv=None) -> int:
                    **configs}
 
     hw = hardware()
-    wall_rate, rate = matmul_rate(torch.bfloat16)
+    kind, wall_rate, rate = host_matmul_rate()  # about a second, in the precision the CPU trains at
     print(f"# {hw['cpu']} | {hw['cores']} cores | torch {hw['torch']} | {hw['threads']} threads | "
-          f"load average {hw['load_average']} | bf16 matmul {wall_rate / 1e9:.0f} GFLOP/s wall-clock, "
+          f"load average {hw['load_average']} | {kind} matmul {wall_rate / 1e9:.0f} GFLOP/s wall-clock, "
           f"{rate / 1e9:.0f} GFLOP per CPU second")
-    print("# floor = 3 x forward FLOPs x 60,000 images / bf16 matmul FLOP per CPU second (one epoch, CPU seconds)")
+    print(f"# floor = 3 x forward FLOPs x 60,000 images / host {kind} matmul FLOP per CPU second (one epoch, "
+          f"CPU seconds; on a GPU only a scale)")
     floors = {}  # label -> CPU seconds per epoch at the matmul rate
     for label, make in configs.items():
         cfg = make(0)
@@ -199,8 +202,8 @@ def main(argv=None) -> int:
             print(f"# {label}: {mean_epoch:.1f} CPU s per epoch measured vs {floor:.1f} s floor "
                   f"({mean_epoch / floor:.1f}x the floor)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"hardware": hw, "bf16_matmul_flops_wall": wall_rate,
-                                               "bf16_matmul_flops_per_cpu_s": rate, "targets": args.targets,
+        Path(args.json).write_text(json.dumps({"hardware": hw, "matmul_precision": kind, "matmul_flops_wall": wall_rate,
+                                               "matmul_flops_per_cpu_s": rate, "targets": args.targets,
                                                "overrides": overrides, "load_average_end": load_end,
                                                "results": results}, indent=1))
     return 0
