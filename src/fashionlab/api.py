@@ -121,6 +121,29 @@ class Run(RunFolder):
         self.__dict__.pop("_predictors", None)  # loaded predictors hold the old detector
         return detector.describe()
 
+    def calibrate_temperature(self, dataset: data_mod.Dataset | None = None, device: str = "auto", data_dir=None,
+                              offline: bool | None = None) -> dict[str, Any]:
+        """Fit the temperature that calibrates the run's probabilities on held-out images (the validation
+        images, or one half of the test set for a run trained on all training images) and write
+        RUN/calibration.json (training does this itself; this is for runs made before). Returns the
+        temperature with the ECE and NLL before and after, measured on test images it never saw."""
+        self._check_output(None)
+        fitted = run_mod.calibrate_temperature(self, dataset, device, data_dir, offline)
+        self.__dict__.pop("_predictors", None)  # loaded predictors hold the old temperature
+        return fitted.to_dict()
+
+    def robustness(self, images: int | None = None, dataset: data_mod.Dataset | None = None, device: str = "auto",
+                   data_dir=None, offline: bool | None = None, write: bool = True, progress=None) -> dict[str, Any]:
+        """Accuracy, ECE and the share flagged unsure on the run's held-out test images under 15 corruptions at
+        5 severities (robustness.py), and their means; written to RUN/robustness.json unless write=False.
+        images: score a stratified subset of that many held-out test images (None: all of them)."""
+        from . import robustness
+        robustness.check_images(images)
+        if write:
+            self._check_output(None)
+        return robustness.measure_run(self.require_finished().path, dataset, images, device, data_dir, offline,
+                                      write, progress)
+
     def export(self, path: str | Path | None = None, format: str = "onnx", parity_images: int = 1000,
                tolerance: float = 1e-4, dataset: data_mod.Dataset | None = None, data_dir=None,
                offline: bool | None = None) -> dict[str, Any]:
@@ -155,7 +178,8 @@ class Run(RunFolder):
     def figures(self, which: Sequence[str] | None = None, dataset: data_mod.Dataset | None = None,
                 device: str = "auto") -> "Figures":
         """matplotlib Figures by name: curves, confusion, per_class, probabilities, filters,
-        feature_maps, gradcam, embedding (those the model has). Each shows inline in Jupyter, and so
+        feature_maps, gradcam, embedding, calibration (reliability before and after the temperature) and
+        robustness (accuracy on corrupted images) (those the run has). Each shows inline in Jupyter, and so
         does the whole set."""
         from . import report
         view = report.RunView(self.require_finished(), dataset or self.dataset(), device)
