@@ -88,7 +88,7 @@ def measure_run(run_dir: str | Path, dataset: data_mod.Dataset | None = None, im
     measured_on = "test images" if len(unseen) == len(ds.test_labels) else "test images (the other half)"
     if images is not None and images < len(unseen):
         unseen = np.sort(unseen[data_mod.stratified_subset(ds.test_labels[unseen], images, SEED)])
-        measured_on = f"a stratified subset of the {measured_on}"
+        measured_on += ", a stratified subset"
     result = measure(predictor, ds.test_images[unseen], ds.test_labels[unseen], progress=progress)
     result.update(measured_on=measured_on, temperature=predictor.temperature if not predictor.calibration_note
                   else None, precision=predictor.runtime.precision, model_sha256=folder.weights_sha256())
