@@ -33,7 +33,7 @@ def test_five_lines_train_evaluate_predict_and_draw(run, tmp_path):
     assert sum(r["score"] for r in run.predict(png, top_k=None)[0]) == pytest.approx(1, abs=1e-5)
     figs = run.figures(dataset=DS)
     assert list(figs) == ["curves", "confusion", "per_class", "probabilities", "filters", "feature_maps", "gradcam",
-                          "embedding"]
+                          "embedding", "calibration"]  # robustness: once `fashionlab robustness` measured it
     from matplotlib.figure import Figure
     assert all(isinstance(f, Figure) and f._repr_png_()[:4] == b"\x89PNG" for f in figs.values())
     assert figs._repr_html_().count("<img") == len(figs)

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from fashionlab.augment import Augment, random_erase, random_flip, random_translate
+from fashionlab.augment import Augment, random_erase, random_flip, random_light, random_translate
 
 
 def batch(n=16):
@@ -57,7 +57,7 @@ def test_erase_only_removes():
 
 
 def test_unknown_augmentation_is_named():
-    with pytest.raises(ValueError, match="unknown augmentation blur; known: crop, erase, flip, rotate, scale"):
+    with pytest.raises(ValueError, match="unknown augmentation blur; known: crop, erase, flip, light, rotate, scale"):
         Augment.from_dict({"blur": 1})
 
 
@@ -72,6 +72,7 @@ def test_unknown_augmentation_is_named():
     ({"scale": -0.1}, "scale=-0.1: expected a fraction in [0, 1)"),
     ({"scale": 1.0}, "scale=1.0: expected a fraction in [0, 1)"),  # a zoom of 1 - scale = 0 divides by zero
     ({"erase": float("nan")}, "erase=nan: expected a probability from 0 to 1"),
+    ({"light": 1}, "light=1: expected a fraction in [0, 1)"),  # a contrast factor of 0 erases the image
 ])
 def test_bad_augmentation_values_are_named_with_what_they_accept(values, message):
     with pytest.raises(ValueError) as e:
@@ -80,6 +81,18 @@ def test_bad_augmentation_values_are_named_with_what_they_accept(values, message
 
 
 def test_augmentation_values_at_the_ends_of_their_ranges_work():
-    aug = Augment.from_dict({"flip": 1, "crop": 14, "rotate": 180, "scale": 0.99, "erase": 1})
+    aug = Augment.from_dict({"flip": 1, "crop": 14, "rotate": 180, "scale": 0.99, "erase": 1, "light": 0.99})
     assert aug(batch(), torch.Generator().manual_seed(0)).shape == (16, 1, 28, 28)
     assert Augment.from_dict({"flip": 0, "crop": 0}) == Augment()
+
+
+def test_light_changes_contrast_and_brightness_of_about_half_the_images_within_range():
+    x = batch(400) * 0.8 + 0.1
+    out = random_light(x, 0.5, torch.Generator().manual_seed(0))
+    changed = (out != x).flatten(1).any(1)
+    assert 0.4 < changed.float().mean() < 0.6  # the other half stay as they were
+    assert out.min() >= 0 and out.max() <= 1
+    spread_before, spread_after = x.flatten(1).std(1), out.flatten(1).std(1)
+    assert (spread_after[changed] <= spread_before[changed] + 1e-6).all()  # contrast only ever lowered
+    shift = (out.flatten(1).mean(1) - x.flatten(1).mean(1)).abs()
+    assert (shift <= 0.25 + 1e-6).all() and shift.max() > 0.1  # brightness moved, by at most 0.5 / 2

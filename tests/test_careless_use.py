@@ -69,7 +69,7 @@ def no_work(monkeypatch):
     ({"scale": 1}, "augment: scale=1: expected a fraction in [0, 1)"),
     ({"erase": 1.5}, "augment: erase=1.5: expected a probability from 0 to 1"),
     ({"erase": [0.5]}, "augment: erase=[0.5]: expected a probability"),
-    ({"blur": 1}, "augment: unknown augmentation blur; known: crop, erase, flip, rotate, scale"),
+    ({"blur": 1}, "augment: unknown augmentation blur; known: crop, erase, flip, light, rotate, scale"),
 ])
 def test_augmentation_values_are_checked_before_anything_is_written(augment, message, tmp_path):
     with pytest.raises(config.ConfigError) as e:

@@ -16,7 +16,7 @@ from safetensors.numpy import save_file
 
 from fashionlab import evaluate, ood
 from fashionlab.predict import Predictor, Ranked
-from fashionlab.run import RunFolder, calibrate_ood, ood_images
+from fashionlab.run import RunFolder, calibrate_ood, calibrate_temperature, ood_images
 from fashionlab.schema import RunError
 
 from serve_support import real_dataset, trained_run
@@ -237,7 +237,7 @@ def test_scores_come_from_the_same_pass_and_leave_probabilities_bit_identical(ru
     probs, scores = predictor.infer(x)
     assert np.array_equal(probs, predictor.probabilities(x))  # the hook only reads the features
     logits = evaluate.predict_logits(predictor.model, x, predictor.runtime)
-    assert np.array_equal(probs, torch.softmax(logits, 1).numpy())
+    assert np.array_equal(probs, torch.softmax(logits / predictor.temperature, 1).numpy())  # calibrated
     _, features = predictor.outputs(x)
     assert np.array_equal(scores, predictor.ood.scores(features))
     assert np.allclose(predictor.infer(x, batch_size=7)[1], scores, rtol=1e-5)  # batches change only rounding
@@ -293,4 +293,5 @@ def test_calibrate_ood_for_another_rate_and_stale_files(run_dir, tmp_path):
     with pytest.raises(RunError, match="fitted to other weights .*`fashionlab calibrate "):
         Predictor.from_run(copy, device="cpu")
     calibrate_ood(RunFolder(copy), real_dataset(), device="cpu")
+    calibrate_temperature(RunFolder(copy), real_dataset(), device="cpu")  # `fashionlab calibrate` fits both
     assert Predictor.from_run(copy, device="cpu").ood is not None

@@ -14,7 +14,7 @@ from report_support import assert_no_external_refs, figure_ok, img_sources, tiny
 DS = synthetic_dataset(n_train=300, n_test=120)
 DS.test_labels[:15] = (DS.test_labels[:15] + 1) % 10  # some wrong test labels: every model makes mistakes
 
-RUN_FIGURES = {"curves", "confusion", "confused_pairs", "misclassified", "probabilities", "reliability",
+RUN_FIGURES = {"curves", "confusion", "confused_pairs", "misclassified", "probabilities", "calibration",
                "explain_filters", "explain_feature_maps", "explain_saliency", "explain_embedding"}
 
 

@@ -157,6 +157,7 @@ def test_sagemaker_ping_and_model_description(server, reference):
     assert httpx.get(server.url + "/ping").json()["status"] == "ok"
     m = httpx.get(server.url + "/v1/model").json()
     assert m["class_names"] == reference.class_names and m["backend"] == "torch" and m["saliency"]
+    assert m["calibration"] == {"calibrated": True, "temperature": reference.temperature}  # every route's probabilities
 
 
 def test_explain_gives_input_probabilities_and_saliency(server, reference, test_images):

@@ -306,6 +306,7 @@ class FakePredictor:
     out-of-distribution detector, as a run made before them whose dataset is not at hand."""
 
     ood, ood_note = None, "no ood.safetensors and no dataset to calibrate it (a stand-in model)"
+    temperature, calibration_note = 1.0, "no calibration.json (a stand-in model)"
 
     def __init__(self, outputs, class_names=NAMES):
         self.outputs, self.class_names = outputs, list(class_names)
@@ -318,6 +319,7 @@ class FakePredictor:
 
     rank = Predictor.rank
     ood_status = Predictor.ood_status
+    calibration_status = Predictor.calibration_status
 
 
 def uniform(n: int) -> np.ndarray:
@@ -362,9 +364,11 @@ def test_real_runs_with_nan_weights_or_too_few_class_names_do_not_start(tmp_path
         meta, weights = f.metadata(), {k: f.get_tensor(k) for k in f.keys()}
     save_file({k: np.full_like(v, np.nan) if v.dtype.kind == "f" else v for k, v in weights.items()},
               str(nan_run / "model.safetensors"), metadata=meta)
-    # as a run whose training diverged: no out-of-distribution detector could be fitted to these weights
-    # (with the healthy run's detector left beside them, that file is refused first: test_ood)
+    # as a run whose training diverged: no out-of-distribution detector or temperature could be fitted to
+    # these weights (with the healthy run's files left beside them, those are refused first: test_ood,
+    # test_calibration)
     (nan_run / "ood.safetensors").unlink()
+    (nan_run / "calibration.json").unlink()
     info = json.loads((names_run / "model.json").read_text())
     info["class_names"] = info["class_names"][:5]
     (names_run / "model.json").write_text(json.dumps(info))
@@ -447,6 +451,7 @@ def test_a_model_without_a_detector_answers_null_scores_and_says_why(fake_servic
         assert strict_json(r.content)[0]["ood_score"] is None and r.json()[0]["unsure"] is None, r.text
     assert explain.json()["ood_score"] is None and explain.json()["unsure"] is None
     assert model.json()["ood"] == {"available": False, "note": predictor.ood_note}
+    assert model.json()["calibration"] == {"calibrated": False, "temperature": 1.0, "note": predictor.calibration_note}
     assert [o["name"] for o in meta.json()["outputs"]] == ["probabilities", "class_index", "label"]
     assert [o["name"] for o in v2.json()["outputs"]] == ["probabilities", "class_index", "label"]
     assert asked.status_code == 400 and "no out-of-distribution detector" in asked.json()["error"]

@@ -124,6 +124,30 @@ class Run(RunFolder):
         self.__dict__.pop("_predictors", None)  # loaded predictors hold the old detector
         return detector.describe()
 
+    def calibrate_temperature(self, dataset: data_mod.Dataset | None = None, device: str = "auto", data_dir=None,
+                              offline: bool | None = None) -> dict[str, Any]:
+        """Fit the temperature that calibrates the run's probabilities on held-out images (the validation
+        images, or one half of the test set for a run trained on all training images) and write
+        RUN/calibration.json (training does this itself; this is for runs made before). Returns the
+        temperature with the ECE and NLL before and after, measured on test images it never saw."""
+        with self._writing(None, "calibrate"):
+            fitted = run_mod.calibrate_temperature(self, dataset, device, data_dir, offline)
+        self.__dict__.pop("_predictors", None)  # loaded predictors hold the old temperature
+        return fitted.to_dict()
+
+    def robustness(self, images: int | None = None, dataset: data_mod.Dataset | None = None, device: str = "auto",
+                   data_dir=None, offline: bool | None = None, write: bool = True, progress=None) -> dict[str, Any]:
+        """Accuracy, ECE and the share flagged unsure on the run's held-out test images under 15 corruptions at
+        5 severities (robustness.py), and their means; written to RUN/robustness.json unless write=False.
+        images: score a stratified subset of that many held-out test images (None: all of them)."""
+        from . import robustness
+        robustness.check_images(images)
+        if not write:
+            return robustness.measure_run(self.require_finished().path, dataset, images, device, data_dir, offline,
+                                          write, progress)
+        with self._writing(None, "robustness"):
+            return robustness.measure_run(self.path, dataset, images, device, data_dir, offline, write, progress)
+
     def export(self, path: str | Path | None = None, format: str = "onnx", parity_images: int = 1000,
                tolerance: float = 1e-4, dataset: data_mod.Dataset | None = None, data_dir=None,
                offline: bool | None = None) -> dict[str, Any]:
@@ -158,7 +182,8 @@ class Run(RunFolder):
     def figures(self, which: str | Sequence[str] | None = None, dataset: data_mod.Dataset | None = None,
                 device: str = "auto") -> "Figures":
         """matplotlib Figures by name: curves, confusion, per_class, probabilities, filters,
-        feature_maps, gradcam, embedding (those the model has). which: None for all, one name or a
+        feature_maps, gradcam, embedding, calibration (reliability before and after the temperature) and
+        robustness (accuracy on corrupted images) (those the run has). which: None for all, one name or a
         list of names. Each shows inline in Jupyter, and so does the whole set."""
         from . import report
         names = report.figure_names(which)  # checked before the run's model and data are loaded

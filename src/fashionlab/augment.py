@@ -45,6 +45,8 @@ class Augment:
                             "a fraction in [0, 1)")  # random zoom in [1 - scale, 1 + scale]
     erase: float = _allowed(0.0, lambda v: _number(v) and 0 <= v <= 1,
                             "a probability from 0 to 1")  # random erasing: one rectangle, 2% to 25% of the image
+    light: float = _allowed(0.0, lambda v: _number(v) and 0 <= v < 1,
+                            "a fraction in [0, 1)")  # random contrast and brightness of half the images (random_light)
 
     @classmethod
     def from_dict(cls, d: dict | None) -> "Augment":
@@ -76,6 +78,8 @@ class Augment:
             x = random_translate(x, self.crop, g)
         if self.erase:
             x = random_erase(x, self.erase, g)
+        if self.light:
+            x = random_light(x, self.light, g)
         return x
 
 
@@ -146,3 +150,16 @@ def random_erase(x: torch.Tensor, p: float, g: torch.Generator, area=(0.02, 0.25
     inside = ((ys >= y0[:, None, None]) & (ys < (y0 + eh)[:, None, None])
               & (xs >= x0[:, None, None]) & (xs < (x0 + ew)[:, None, None]) & chosen[:, None, None])
     return x.masked_fill(inside[:, None], 0.0)
+
+
+def random_light(x: torch.Tensor, strength: float, g: torch.Generator, p: float = 0.5) -> torch.Tensor:
+    """Half the images (each with probability p) in other light: the contrast around the image's mean
+    scaled by a factor in [1 - strength, 1] and the brightness shifted by up to strength / 2 either way,
+    then clipped to [0, 1]. A photo taken darker, lighter or flatter than the studio's; the other half
+    stay as they are, so that clean images keep their weight in training."""
+    n, dev = x.shape[0], x.device
+    keep = _uniform(n, 1 - strength, 1.0, g, dev)[:, None, None, None]
+    shift = _uniform(n, -strength / 2, strength / 2, g, dev)[:, None, None, None]
+    chosen = (_rand(n, g, dev) < p)[:, None, None, None]
+    mean = x.mean((1, 2, 3), keepdim=True)
+    return torch.where(chosen, ((x - mean) * keep + mean + shift).clamp(0, 1), x)

@@ -163,8 +163,18 @@ def cmd_evaluate(args) -> int:
     return 1
 
 
+def _calibration_text(c: dict) -> str:
+    """The temperature's effect on the test images it was not fitted on, or how to fit one."""
+    if c.get("temperature") is None:
+        return c.get("note", "not calibrated")
+    return (f"calibration   temperature {c['temperature']:.4g} (fitted on {c['fitted_on']}): on {c['images']:,} "
+            f"{c['measured_on']}: ECE {c['ece_before']:.4f} -> {c['ece_after']:.4f}, NLL {c['nll_before']:.4f} -> "
+            f"{c['nll_after']:.4f}, accuracy {c['accuracy']:.4f} either way")
+
+
 def _metrics_text(m: dict) -> str:
-    lines = [f"test accuracy {m['test_accuracy']:.4f}   loss {m['test_loss']:.4f}   ECE {m['ece']:.4f}\n",
+    lines = [f"test accuracy {m['test_accuracy']:.4f}   loss {m['test_loss']:.4f}   ECE {m['ece']:.4f} "
+             f"(uncalibrated)", _calibration_text(m.get("calibration", {})) + "\n",
              f"{'class':<14} {'precision':>9} {'recall':>7} {'f1':>7} {'support':>8}"]
     lines += [f"{n:<14} {s['precision']:>9.4f} {s['recall']:>7.4f} {s['f1']:>7.4f} {s['support']:>8}"
               for n, s in m["per_class"].items()]
@@ -242,12 +252,37 @@ def args_calibrate(p):
 
 
 def cmd_calibrate(args) -> int:
+    """The temperature (calibration.json) and the out-of-distribution detector (ood.safetensors), both
+    fitted on the same held-out images."""
     from . import api, ood, run as run_mod
     ood.check_rate(args.false_alarm_rate, "--false-alarm-rate")  # before loading anything
     _refuse_if_busy(args.run)
     run = api.Run(args.run)
-    run.calibrate_ood(args.false_alarm_rate, device=args.device, data_dir=args.data_dir, offline=args.offline)
+    dataset = run.require_finished().dataset(args.data_dir, args.offline)  # found and verified once for both
+    run.calibrate_temperature(dataset, device=args.device)
+    print(run_mod.describe_calibration(run.read_calibration()) + f"\nwrote {run.calibration_path}")
+    run.calibrate_ood(args.false_alarm_rate, dataset, device=args.device)
     print(run_mod.describe_ood(run.read_ood()) + f"\nwrote {run.ood_path}")
+    return 0
+
+
+def args_robustness(p):
+    p.add_argument("run")
+    p.add_argument("--images", type=int, metavar="N", help="score a stratified subset of N of the held-out test "
+                   "images (default: all of them; fewer is faster)")
+    _device_option(p)
+    p.add_argument("--no-write", action="store_true", help="print the table only; leave RUN/robustness.json as it is")
+    _data_options(p, class_names=False)
+
+
+def cmd_robustness(args) -> int:
+    """Accuracy, ECE and unsure share per corruption and severity; RUN/robustness.json."""
+    from . import api, robustness
+    robustness.check_images(args.images, "--images")  # before loading anything
+    run = api.Run(args.run)
+    result = run.robustness(args.images, device=args.device, data_dir=args.data_dir, offline=args.offline,
+                            write=not args.no_write, progress=lambda line: print(line, file=sys.stderr, flush=True))
+    print("\n".join(robustness.table_lines(result)) + ("" if args.no_write else f"\nwrote {run.robustness_path}"))
     return 0
 
 
@@ -519,7 +554,9 @@ def args_compare(p):
 def cmd_compare(args) -> int:
     from . import api, studies
     result = api.compare(args.runs, args.out, args.title)
-    print("\n".join(studies.summary_lines(result.summary)) + f"\n\nreport: {result.report}")
+    trust = studies.trust_lines(studies.trust_rows([studies.load_run(r.path) for r in result.runs]))
+    print("\n".join(studies.summary_lines(result.summary)) + "\n\n" + "\n".join(trust)
+          + f"\n\nreport: {result.report}")
     return 0
 
 
@@ -539,8 +576,10 @@ COMMANDS = [
     Command("evaluate", "evaluate a run on the test set (exit 1 if it differs from metrics.json)", cmd_evaluate,
             args_evaluate),
     Command("predict", "classify PNG/JPEG images or .npy arrays with a trained run", cmd_predict, args_predict),
-    Command("calibrate", "fit a run's out-of-distribution detector and calibrate its unsure threshold "
-            "(ood.safetensors)", cmd_calibrate, args_calibrate),
+    Command("calibrate", "fit a run's temperature (calibrated probabilities, calibration.json) and its "
+            "out-of-distribution detector and unsure threshold (ood.safetensors)", cmd_calibrate, args_calibrate),
+    Command("robustness", "score a run on corrupted test images: 15 corruptions at 5 severities (robustness.json)",
+            cmd_robustness, args_robustness),
     Command("serve", "HTTP service: web page, JSON API, SageMaker and Open Inference contracts", cmd_serve, args_serve),
     Command("export", "export a run to ONNX after a parity check against PyTorch", cmd_export, args_export),
     Command("package", "write the model.tar.gz SageMaker expects", cmd_package, args_package),

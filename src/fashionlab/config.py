@@ -130,7 +130,8 @@ class TrainConfig:
                                      check=_fraction, expected="a fraction in [0, 1)")
     augment: dict[str, Any] = setting({}, "batch augmentation, e.g. flip=0.5,crop=2,rotate=10,scale=0.1,erase=0.25 "
                                       "(flip and erase: probabilities; crop: pixels, 0 to 14; rotate: degrees, 0 to "
-                                      "180; scale: a fraction in [0, 1))", group="regularisation", metavar="K=V,...",
+                                      "180; scale: a fraction in [0, 1); light: random contrast and brightness of half the images, a "
+                                      "fraction in [0, 1))", group="regularisation", metavar="K=V,...",
                                       cli_type="keyvalues", validator=_augment)
     ema: float | None = setting(None, "evaluate an exponential moving average of the weights with this decay",
                                 group="regularisation", check=lambda v: 0 < v < 1, expected="a decay in (0, 1)",

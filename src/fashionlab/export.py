@@ -2,9 +2,11 @@
 
 The ONNX graph takes what every fashionlab model takes, float pixels in [0, 1] of shape
 (batch, 1, 28, 28), with a dynamic batch dimension; normalisation (and any resize) is inside
-the graph, and recorded in the metadata with the class names. It returns logits, probabilities
-and the penultimate features (the input of the model's last linear layer, averaged over the run's
-test-time augmentation as the logits are), from which the run's out-of-distribution detector
+the graph, and recorded in the metadata with the class names. It returns logits divided by the
+run's temperature (RUN/calibration.json, calibration.py; recorded in the metadata), their softmax,
+the calibrated probabilities the PyTorch predictor gives, and the penultimate features (the
+input of the model's last linear layer, averaged over the run's test-time augmentation as the
+logits are), from which the run's out-of-distribution detector
 (RUN/ood.safetensors, ood.py) scores each image as PyTorch does. A file is only written after it
 matched PyTorch on real test images.
 """
@@ -43,15 +45,16 @@ class ExportError(UserError):
 
 
 class _Exported(torch.nn.Module):
-    """The model as served: logits averaged over the run's test-time augmentation, softmax, and the
-    penultimate features averaged the same way (tta_outputs)."""
+    """The model as served: logits averaged over the run's test-time augmentation and divided by its
+    temperature, their softmax, and the penultimate features averaged the same way (tta_outputs)."""
 
-    def __init__(self, model: torch.nn.Module, tta_flip: bool, tta_shift: int):
+    def __init__(self, model: torch.nn.Module, tta_flip: bool, tta_shift: int, temperature: float = 1.0):
         super().__init__()
-        self.model, self.tta_flip, self.tta_shift = model, tta_flip, tta_shift
+        self.model, self.tta_flip, self.tta_shift, self.temperature = model, tta_flip, tta_shift, temperature
 
     def forward(self, pixels: torch.Tensor):
         logits, features = tta_outputs(self.model, pixels, self.tta_flip, self.tta_shift)
+        logits = logits / self.temperature  # folded into the graph: one division
         return logits, torch.softmax(logits, 1), features
 
 
@@ -120,11 +123,13 @@ def _export_onnx(folder: RunFolder, images: np.ndarray, out: Path, tolerance: fl
     model, info = folder.load_model()  # fp32 on CPU: the reference the file must match
     detector = folder.read_ood(feature_layer(model).in_features, len(info["class_names"])) \
         if folder.ood_path.exists() else None
-    reference = Predictor(model, info, resolve("cpu", "fp32", conv_model=False), detector)
+    temperature, calibration_note = run.load_temperature(folder)
+    reference = Predictor(model, info, resolve("cpu", "fp32", conv_model=False), detector,
+                          temperature=temperature, calibration_note=calibration_note)
     if len(images) == 0:
         raise ExportError("parity check needs at least one test image")
     try:
-        blob = _to_onnx_bytes(_Exported(model, reference.tta_flip, reference.tta_shift).eval())
+        blob = _to_onnx_bytes(_Exported(model, reference.tta_flip, reference.tta_shift, temperature).eval())
     except Exception as e:
         raise ExportError(f"{run_dir}: {info['architecture'].get('name')} could not be exported to ONNX ({e})") from None
     result = parity(reference, blob, images)
@@ -148,6 +153,7 @@ def _export_onnx(folder: RunFolder, images: np.ndarray, out: Path, tolerance: fl
         "architecture": json.dumps(info["architecture"]),
         "tta_flip": json.dumps(reference.tta_flip),
         "tta_shift": json.dumps(reference.tta_shift),
+        "temperature": json.dumps(temperature),
         "parity": json.dumps(result),
     }
     blob = _with_metadata(blob, meta)
@@ -182,6 +188,10 @@ class OnnxPredictor:
         # None: a file exported before the features output existed
         self.feature_size: int | str | None = features[0].shape[-1] if features else None
         self.ood: OodDetector | None = None
+        # what the graph divides its logits by (files exported before calibration: 1.0, the model's own)
+        self.temperature = self._temperature(label)
+        self.calibration_note = "" if self.temperature != 1.0 else \
+            f"{label}: exported without a temperature; its probabilities are the model's own, uncalibrated"
         self.ood_note = (f"{label} has no features output (exported before out-of-distribution scores); export "
                          f"it again for ood_score and unsure" if not features else "no out-of-distribution detector loaded")
 
@@ -193,6 +203,16 @@ class OnnxPredictor:
             raise ExportError(f"{self.label}: gives {self.feature_size} features; the out-of-distribution detector "
                               f"takes {detector.feature_size} (export the run again)")
         self.ood, self.ood_note = detector, ("" if detector else note or self.ood_note)
+
+    def _temperature(self, label: str) -> float:
+        """The temperature in the file's metadata, checked as calibration.json's is; 1.0 when there is none."""
+        meta = self.session.get_modelmeta().custom_metadata_map
+        if "temperature" not in meta:
+            return 1.0
+        value = schema.parse_json(meta["temperature"], f"{label}: metadata temperature")
+        checked = schema.check_fields({"temperature": value}, {"temperature": schema.CALIBRATION["temperature"]},
+                                      f"{label}: metadata")
+        return float(checked["temperature"])
 
     def _class_names(self, given: list[str] | None, label: str) -> list[str]:
         """The given names or the file's, checked as model.json's are: distinct strings, one per output."""
@@ -219,6 +239,13 @@ class OnnxPredictor:
         folder = RunFolder(path.parent)
         info = folder.model_info if folder.model_json_path.is_file() else None
         predictor = cls(path, None, info, threads)
+        if folder.calibration_path.is_file():
+            wanted = folder.read_calibration().temperature
+            if wanted != predictor.temperature:
+                predictor.calibration_note = (f"{path}: exported with temperature {predictor.temperature:g}, the run's "
+                                              f"is {wanted:g} (calibrated since): export it again with "
+                                              f"`fashionlab export {folder.path}`")
+                run.calibration_log.warning("%s", predictor.calibration_note)
         if predictor.feature_size is not None:
             size = predictor.feature_size if isinstance(predictor.feature_size, int) else None
             predictor.attach_ood(*run.load_ood(folder, size, len(predictor.class_names), data_dir=data_dir))
@@ -252,11 +279,12 @@ class OnnxPredictor:
     rank = Predictor.rank
     predict = Predictor.predict
     ood_status = Predictor.ood_status
+    calibration_status = Predictor.calibration_status
 
 
 # --------------------------------------------------------------------------- SageMaker model archive
 
-PACKAGE_FILES = (run.MODEL_JSON, run.MODEL_WEIGHTS, ONNX_FILE, run.OOD, run.CONFIG, run.METRICS)
+PACKAGE_FILES = (run.MODEL_JSON, run.MODEL_WEIGHTS, ONNX_FILE, run.OOD, run.CALIBRATION, run.CONFIG, run.METRICS)
 
 
 def package(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any]:
@@ -264,7 +292,8 @@ def package(run_dir: str | Path, out: str | Path | None = None) -> dict[str, Any
 
     model.json and model.safetensors are required (the service and its saliency need them);
     model.onnx is included when the run has been exported, so `serve --backend onnx` works too, and
-    ood.safetensors when it exists, so predictions carry their out-of-distribution scores.
+    ood.safetensors when it exists, so predictions carry their out-of-distribution scores, and
+    calibration.json, so the PyTorch backend's probabilities are calibrated (the ONNX file holds its own).
     """
     run_dir = Path(run_dir)
     RunFolder(run_dir).load_model()  # refuse to package a run that cannot be served

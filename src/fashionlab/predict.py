@@ -1,7 +1,9 @@
 """A trained run ready to classify uint8 images: load once, predict many times.
 
-Every prediction carries, beside its ranked classes, the out-of-distribution score of its image and
-whether that score is above the run's threshold (`unsure`: probably not a garment; ood.py).
+Probabilities are calibrated: softmax of the logits divided by the run's temperature
+(RUN/calibration.json, calibration.py), the same ranking as the model's own. Every prediction
+carries, beside its ranked classes, the out-of-distribution score of its image and whether that
+score is above the run's threshold (`unsure`: probably not a garment; ood.py).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import numpy as np
 import torch
 
 from . import evaluate, images, run as run_mod
+from .calibration import calibrated_probabilities
 from .atomic import write_text
 from .device import Runtime
 from .errors import ArgumentError
@@ -43,11 +46,14 @@ class Ranked(list):
 
 
 class Predictor:
-    """A loaded model: probabilities, and out-of-distribution scores from the same forward passes."""
+    """A loaded model: calibrated probabilities, and out-of-distribution scores from the same forward passes."""
 
     def __init__(self, model: torch.nn.Module, info: dict[str, Any], runtime: Runtime,
-                 ood: OodDetector | None = None, ood_note: str = ""):
+                 ood: OodDetector | None = None, ood_note: str = "", temperature: float = 1.0,
+                 calibration_note: str = ""):
         self.model, self.info, self.runtime = model.eval(), info, runtime
+        # the logits are divided by it before the softmax (1.0: the model's own probabilities)
+        self.temperature, self.calibration_note = float(temperature), calibration_note
         self.class_names: list[str] = list(info["class_names"])
         self.tta_flip = bool(info.get("tta_flip", False))
         self.tta_shift = int(info.get("tta_shift", 0))  # runs saved before shifts existed have none
@@ -58,15 +64,18 @@ class Predictor:
     @classmethod
     def from_run(cls, run_dir: str | Path, device: str = "auto", precision: str | None = None,
                  calibrate_missing: bool = True, data_dir=None) -> "Predictor":
-        """The run's model and its out-of-distribution detector (RUN/ood.safetensors). A run made before
-        the detector existed is calibrated now when its dataset is on this machine and calibrate_missing
-        (run.load_ood); otherwise its predictions carry no score, and `ood_note` says why."""
+        """The run's model, its temperature (RUN/calibration.json) and its out-of-distribution detector
+        (RUN/ood.safetensors). A run made before the detector existed is calibrated now when its dataset is
+        on this machine and calibrate_missing (run.load_ood); otherwise its predictions carry no score, and
+        `ood_note` says why. A run without a temperature gives the model's own probabilities, and
+        `calibration_note` says how to fit one."""
         folder = RunFolder(run_dir)
         model, rt = run_mod.load_for_inference(folder, device, precision or "auto")
         info = folder.model_info
+        temperature, calibration_note = run_mod.load_temperature(folder)
         detector, note = run_mod.load_ood(folder, evaluate.feature_layer(model).in_features, len(info["class_names"]),
                                           calibrate_missing, loaded=(model, rt), data_dir=data_dir)
-        return cls(model, info, rt, detector, note)
+        return cls(model, info, rt, detector, note, temperature, calibration_note)
 
     def trace(self, probes: np.ndarray) -> str:
         """Run outputs() (and so infer()) as one TorchScript call per batch from now on, when that gives
@@ -148,11 +157,19 @@ class Predictor:
             return {"available": False, "note": self.ood_note}
         return {"available": True, **self.ood.describe()}
 
+    def calibration_status(self) -> dict[str, Any]:
+        """The temperature the probabilities are calibrated with, or why they are not (/v1/model's
+        "calibration")."""
+        if self.calibration_note:
+            return {"calibrated": False, "temperature": self.temperature, "note": self.calibration_note}
+        return {"calibrated": True, "temperature": self.temperature}
+
 
 class _Pass(torch.nn.Module):
     """Predictor.outputs' arithmetic for one batch, uint8 images in, as one module that can be traced:
-    the same calls in the same order as evaluate.predict_outputs and the softmax after it. The test-time
-    augmentation is read from the predictor at each call (a trace fixes the one it saw)."""
+    the same calls in the same order as evaluate.predict_outputs and the calibrated softmax after it. The
+    test-time augmentation and temperature are read from the predictor at each call (a trace fixes the
+    ones it saw)."""
 
     def __init__(self, predictor: Predictor):
         super().__init__()
@@ -163,7 +180,7 @@ class _Pass(torch.nn.Module):
         x = evaluate.to_input(images_u8, p.runtime)
         with p.runtime.autocast():
             logits, features = evaluate.tta_outputs(self.model, x, p.tta_flip, p.tta_shift)
-        return torch.softmax(logits, 1), features
+        return calibrated_probabilities(logits, p.temperature), features
 
 
 # --------------------------------------------------------------------------- folders of images

@@ -94,3 +94,11 @@ register(Recipe(
          tta_shift=2, val_split=0.0),
     models=("best",),
 ))
+register(Recipe(
+    "fast-robust",
+    "The fast recipe with random contrast and brightness on half the training images (augment light=0.5): "
+    "a higher mean accuracy on corrupted test images (15 corruptions at 5 severities) at the same clean "
+    "accuracy, over 3 seeds (docs/trust.md). Slower than fast: the augmentation comes before its cached stem.",
+    dict(RECIPES["fast"].settings, augment={"flip": 0.5, "light": 0.5}),
+    models=("fast",),
+))

@@ -17,7 +17,7 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from . import data as data_mod, explain, models, pages, runlock, schema
+from . import data as data_mod, explain, models, pages, robustness, runlock, schema
 from .config import shown_value
 from .errors import ArgumentError
 from .predict import Predictor
@@ -175,8 +175,19 @@ def per_class_figure(per_class: dict[str, dict[str, float]]):
 
 def reliability_figure(bins: Sequence[dict], ece: float):
     fig = pages.new_figure(8.4, 3.6)
-    ax = fig.add_subplot(1, 2, 1)
+    _draw_reliability(fig.add_subplot(1, 2, 1), bins, f"Reliability diagram (ECE {ece:.4f})")
     centres = [(b["lower"] + b["upper"]) / 2 for b in bins]
+    width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
+    ax = fig.add_subplot(1, 2, 2)
+    ax.bar(centres, [b["count"] for b in bins], width=width * .95, color="#888888")
+    ax.set_yscale("log")
+    ax.set_xlabel("confidence")
+    ax.set_ylabel("test images (log scale)")
+    ax.set_title("How many predictions per confidence bin", fontsize=9)
+    return fig
+
+
+def _draw_reliability(ax, bins: Sequence[dict], title: str) -> None:
     width = bins[0]["upper"] - bins[0]["lower"] if bins else 0.1
     used = [b for b in bins if b["count"]]
     ax.bar([(b["lower"] + b["upper"]) / 2 for b in used], [b["accuracy"] for b in used], width=width * .95,
@@ -188,14 +199,20 @@ def reliability_figure(bins: Sequence[dict], ece: float):
     ax.set_ylim(0, 1)
     ax.set_xlabel("confidence (top probability)")
     ax.set_ylabel("accuracy")
-    ax.set_title(f"Reliability diagram (ECE {ece:.4f})", fontsize=9)
+    ax.set_title(title, fontsize=9)
     ax.legend(fontsize=7, loc="upper left")
-    ax = fig.add_subplot(1, 2, 2)
-    ax.bar(centres, [b["count"] for b in bins], width=width * .95, color="#888888")
-    ax.set_yscale("log")
-    ax.set_xlabel("confidence")
-    ax.set_ylabel("test images (log scale)")
-    ax.set_title("How many predictions per confidence bin", fontsize=9)
+
+
+def calibration_figure(fitted: dict[str, Any]):
+    """Reliability diagrams before and after the temperature, on the test images it was not fitted on
+    (calibration.json's bins)."""
+    fig = pages.new_figure(8.4, 3.6)
+    where = f"{fitted['measured_images']:,} {fitted['measured_on']}"
+    _draw_reliability(fig.add_subplot(1, 2, 1), fitted["reliability_before"],
+                      f"Before: the model's own (ECE {fitted['ece_before']:.4f})")
+    _draw_reliability(fig.add_subplot(1, 2, 2), fitted["reliability_after"],
+                      f"After temperature {fitted['temperature']:.3g} (ECE {fitted['ece_after']:.4f})")
+    fig.suptitle(f"Reliability on {where}", fontsize=9)
     return fig
 
 
@@ -213,7 +230,7 @@ class RunView:
     def __post_init__(self):
         # Every file of the run is read (and so checked) first: before the dataset is compared with it and
         # before any figure is drawn or written.
-        self.model, self.folder.history, self.folder.record  # noqa: B018
+        self.model, self.folder.history, self.folder.record, self.calibration, self.robustness  # noqa: B018
         names = self.folder.class_names
         if list(self.dataset.class_names) != names:
             raise ArgumentError(f"{self.folder.path}: the run's classes {names} differ from the dataset's "
@@ -241,6 +258,22 @@ class RunView:
         return self._once("probs", lambda: Predictor.from_run(self.folder.path, device=self.device,
                                                               calibrate_missing=False)
                           .probabilities(self.dataset.test_images))
+
+    @property
+    def calibration(self) -> dict[str, Any] | None:
+        """calibration.json (checked) with its reliability bins, or None for a run made before it."""
+        def read():
+            if not self.folder.calibration_path.exists():
+                return None
+            fitted = self.folder.read_calibration()
+            return fitted.to_dict() if "reliability_after" in fitted.info else None
+        return self._once("calibration", read)
+
+    @property
+    def robustness(self) -> dict[str, Any] | None:
+        """robustness.json (checked), or None when the run's robustness was not measured."""
+        return self._once("robustness", lambda: self.folder.read_robustness()
+                          if self.folder.robustness_path.exists() else None)
 
     @property
     def model(self):
@@ -274,6 +307,11 @@ FIGURES: dict[str, tuple[str, Callable[[RunView], Any]]] = {
     "gradcam": ("Grad-CAM (or saliency): three test images per class (rows: true class)",
                 lambda v: explain.saliency_figure(v.model, v.dataset.test_images, v.dataset.test_labels, v.names)[0]),
     "embedding": ("2-D embedding of the penultimate features, coloured by class", _embedding_figure),
+    "calibration": ("Reliability diagrams before and after the run's temperature, on test images it was not "
+                    "fitted on (the diagonal is perfect calibration)",
+                    lambda v: calibration_figure(v.calibration) if v.calibration else None),
+    "robustness": ("Accuracy on corrupted test images by corruption and severity (robustness.json)",
+                   lambda v: robustness.robustness_figure(v.robustness) if v.robustness else None),
 }
 
 
@@ -406,16 +444,65 @@ def _mistakes_section(v: RunView, figs: pages.FigureWriter) -> pages.Section:
     return sec.add(figs.add("probabilities", FIGURES["probabilities"][1](v), FIGURES["probabilities"][0]))
 
 
+def _calibration_section(v: RunView, figs: pages.FigureWriter) -> pages.Section:
+    """The temperature and the reliability before and after it; for a run without one, the model's own
+    reliability and how to fit the temperature."""
+    sec = pages.Section("Calibration")
+    c = v.calibration
+    if c is None:
+        sec.add(pages.note(f"Not calibrated: the probabilities are the model's own. Fit the temperature with "
+                           f"`fashionlab calibrate {v.folder.path}`.", "warn"))
+        if v.metrics.get("reliability"):
+            sec.add(figs.add("reliability", reliability_figure(v.metrics["reliability"], v.metrics.get("ece", 0.0)),
+                             "Reliability diagram: accuracy against confidence per bin (the diagonal is perfect "
+                             "calibration)"))
+        return sec
+    sec.add(pages.key_values([
+        ("temperature", f"{c['temperature']:.4g} (logits divided by it before the softmax; the ranking, and so "
+                        f"the accuracy, is unchanged)"),
+        ("fitted on", f"{c['fit_images']:,} {c['fitted_on']}"),
+        ("ECE before, after", f"{c['ece_before']:.4f}, {c['ece_after']:.4f} on {c['measured_images']:,} "
+                              f"{c['measured_on']}"),
+        ("NLL before, after", f"{c['nll_before']:.4f}, {c['nll_after']:.4f}")]))
+    return sec.add(figs.add("calibration", calibration_figure(c), FIGURES["calibration"][0]))
+
+
+def _robustness_section(v: RunView, figs: pages.FigureWriter) -> pages.Section | None:
+    """Accuracy, ECE and unsure share on corrupted test images (robustness.json), or None when not measured."""
+    r = v.robustness
+    if r is None:
+        return None
+    rows = [[name, *(f"{x['accuracy']:.3f}" for x in res), f"{np.mean([x['accuracy'] for x in res]):.3f}",
+             f"{np.mean([x['ece'] for x in res]):.3f}",
+             "—" if any(x["unsure"] is None for x in res) else f"{np.mean([x['unsure'] for x in res]):.1%}"]
+            for name, res in r["results"].items()]
+    severities = len(next(iter(r["results"].values())))
+    clean = r["clean"]
+    facts = [("clean accuracy", f"{clean['accuracy']:.4f} (ECE {clean['ece']:.4f})"),
+             ("mean corruption accuracy", f"{r['mean_corruption_accuracy']:.4f} over {len(rows)} corruptions at "
+                                          f"{severities} severities (ECE {r['mean_corruption_ece']:.4f})"),
+             ("share flagged unsure", "no out-of-distribution detector" if r["mean_corruption_unsure"] is None
+              else f"{clean['unsure']:.1%} of clean images, {r['mean_corruption_unsure']:.1%} of corrupted ones"),
+             ("images", f"{r['images']:,} {r['measured_on']}")]
+    return pages.Section("Robustness to corrupted images", [
+        pages.key_values(facts),
+        figs.add("robustness", robustness.robustness_figure(r), FIGURES["robustness"][0]),
+        pages.table(["corruption", *(f"severity {i + 1}" for i in range(severities)), "mean accuracy", "mean ECE",
+                     "unsure"], rows, numeric_from=1,
+                    caption="Accuracy per corruption and severity; ECE of the calibrated probabilities; the share "
+                            "of corrupted images the out-of-distribution detector flags unsure.")])
+
+
 def run_sections(folder: RunFolder, dataset: data_mod.Dataset, figs: pages.FigureWriter, with_explain: bool = True,
                  device: str = "auto") -> list[pages.Section]:
     """The report's sections: the result first, the configuration last."""
     v = RunView(folder, dataset, device)
     sections = [_summary_section(v, figs), _per_class_section(v), _confusion_section(v, figs),
                 _mistakes_section(v, figs)]
-    if v.metrics.get("reliability"):
-        sections.append(pages.Section("Calibration", [figs.add(
-            "reliability", reliability_figure(v.metrics["reliability"], v.metrics.get("ece", 0.0)),
-            "Reliability diagram: accuracy against confidence per bin (the diagonal is perfect calibration)")]))
+    sections.append(_calibration_section(v, figs))
+    robustness = _robustness_section(v, figs)
+    if robustness is not None:
+        sections.append(robustness)
     if with_explain:
         sections += explain.explain_sections(v.model, dataset.test_images, dataset.test_labels, v.names, figs)
     return sections + [_details_section(v), _architecture_section(v), _configuration_section(folder)]

@@ -6,6 +6,8 @@
     model.safetensors  the weights (never a pickle) and model.json, their description
     metrics.json       test metrics: written last, so its presence means "finished"
     ood.safetensors    the out-of-distribution detector (ood.py), written after the test evaluation
+    calibration.json   the temperature that makes the probabilities honest (calibration.py), written with it
+    robustness.json    accuracy, ECE and unsure share on corrupted test images (robustness.py), on request
     report.html        the run's report
 
 `RunFolder` reads and writes those files and knows a run's status, its settings and what
@@ -29,7 +31,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 
-from . import checkpoint, data as data_mod, device as device_mod, evaluate, ood, runlock, schema
+from . import calibration, checkpoint, data as data_mod, device as device_mod, evaluate, ood, runlock, schema
 from .atomic import OutputError
 from .checkpoint import write_json
 from .schema import RunError, read_json
@@ -45,6 +47,8 @@ MODEL_JSON = "model.json"
 CHECKPOINT = "checkpoint.safetensors"
 REPORT = "report.html"
 OOD = "ood.safetensors"
+CALIBRATION = "calibration.json"
+ROBUSTNESS = "robustness.json"
 
 NEW, INTERRUPTED, FINISHED = "new", "interrupted", "finished"
 
@@ -76,6 +80,8 @@ class RunFolder:
     checkpoint_path = _file(CHECKPOINT)
     report_path = _file(REPORT)
     ood_path = _file(OOD)
+    calibration_path = _file(CALIBRATION)
+    robustness_path = _file(ROBUSTNESS)
 
     # ---- status
 
@@ -210,8 +216,9 @@ class RunFolder:
 
     def discard_model(self) -> None:
         """A run killed between writing its model and its metrics is not finished: its model goes (and the
-        out-of-distribution detector fitted to it)."""
-        for path in (self.weights_path, self.model_json_path, self.ood_path):
+        out-of-distribution detector, temperature and robustness scores that belong to it)."""
+        for path in (self.weights_path, self.model_json_path, self.ood_path, self.calibration_path,
+                     self.robustness_path):
             path.unlink(missing_ok=True)
 
     # ---- the out-of-distribution detector (ood.py)
@@ -228,6 +235,40 @@ class RunFolder:
 
     def write_ood(self, detector: ood.OodDetector) -> None:
         ood.save(self.ood_path, detector)
+
+    # ---- the temperature (calibration.py)
+
+    def read_calibration(self) -> calibration.Calibration:
+        """calibration.json, checked (schema.calibration), and refused when it was fitted to other weights than
+        model.safetensors holds."""
+        obj = schema.calibration(read_json(self.calibration_path), str(self.calibration_path))
+        fitted_to = obj.get("model_sha256")
+        if fitted_to and self.weights_path.is_file() and fitted_to != _sha256(self.weights_path):
+            raise RunError(f"{self.calibration_path}: fitted to other weights than {self.weights_path.name} holds; "
+                           f"calibrate again with `fashionlab calibrate {self.path}`")
+        return calibration.Calibration(float(obj["temperature"]), {k: v for k, v in obj.items() if k != "temperature"})
+
+    def write_calibration(self, fitted: calibration.Calibration) -> None:
+        write_json(self.calibration_path, fitted.to_dict())
+
+    # ---- scores on corrupted test images (robustness.py)
+
+    def read_robustness(self) -> dict[str, Any]:
+        """robustness.json, checked (schema.robustness), and refused when measured on other weights than
+        model.safetensors holds."""
+        obj = schema.robustness(read_json(self.robustness_path), str(self.robustness_path))
+        measured = obj.get("model_sha256")
+        if measured and self.weights_path.is_file() and measured != _sha256(self.weights_path):
+            raise RunError(f"{self.robustness_path}: measured on other weights than {self.weights_path.name} holds; "
+                           f"measure again with `fashionlab robustness {self.path}`")
+        return obj
+
+    def write_robustness(self, result: dict[str, Any]) -> None:
+        write_json(self.robustness_path, result)
+
+    def weights_sha256(self) -> str:
+        """The SHA-256 of model.safetensors: what the files fitted to the weights record."""
+        return _sha256(self.weights_path)
 
 
 # --------------------------------------------------------------------------- using runs
@@ -246,8 +287,32 @@ def evaluate_run(folder: RunFolder, dataset: data_mod.Dataset | None = None, dev
                        f"dataset's {list(ds.class_names)}")
     if rt.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    return evaluate.evaluate_model(model, ds.test_images, ds.test_labels, ds.class_names, rt, cfg.eval_batch_size,
-                                   bool(info.get("tta_flip", False)), int(info.get("tta_shift", 0)))
+    logits = evaluate.predict_logits(model, ds.test_images, rt, cfg.eval_batch_size, bool(info.get("tta_flip", False)),
+                                     int(info.get("tta_shift", 0)))
+    metrics = evaluate.compute_metrics(logits, ds.test_labels, ds.class_names)
+    return {**metrics, "calibration": calibration_scores(folder, cfg, logits, ds.test_labels)}
+
+
+def calibration_scores(folder: RunFolder, cfg: TrainConfig, test_logits: torch.Tensor, test_labels: np.ndarray
+                       ) -> dict[str, Any]:
+    """The run's temperature and, on the test images it was not fitted on, ECE, NLL and reliability bins before
+    and after it; for a run without calibration.json, {"temperature": None, "note": how to fit it}."""
+    if not folder.calibration_path.exists():
+        return {"temperature": None, "note": f"not calibrated: fit the temperature with `fashionlab calibrate "
+                                             f"{folder.path}`"}
+    fitted = folder.read_calibration()
+    unseen = unseen_test_images(cfg, test_labels)
+    scores = calibration.before_and_after(test_logits[unseen], test_labels[unseen], fitted.temperature)
+    return {"temperature": fitted.temperature, "fitted_on": fitted.info["fitted_on"],
+            "measured_on": fitted.info["measured_on"], **scores}
+
+
+def unseen_test_images(cfg: TrainConfig, test_labels: np.ndarray) -> np.ndarray:
+    """Indices of the test images that neither the temperature nor the out-of-distribution threshold saw:
+    all of them for a run with validation images, else the half ood.split_test_set holds out."""
+    if cfg.val_split > 0:
+        return np.arange(len(test_labels))
+    return ood.split_test_set(test_labels)[1]
 
 
 def matches_record(folder: RunFolder, metrics: dict[str, Any]) -> bool:
@@ -301,10 +366,12 @@ def calibrate_ood(folder: RunFolder, dataset: data_mod.Dataset | None = None,
 
 @dataclass
 class OodImages:
-    """The images a run's detector is fitted, calibrated and measured on (all in-distribution)."""
+    """The images a run's detector is fitted, calibrated and measured on (all in-distribution); its
+    temperature is fitted on the same held-out images (`calibration`) and measured on the same others."""
     fit_images: torch.Tensor  # uint8 (N, 1, 28, 28): at most ood.FIT_IMAGES training images, stratified
     fit_labels: np.ndarray
     calibration: torch.Tensor | np.ndarray  # the validation images, or one half of the test set
+    calibration_labels: np.ndarray
     measure: np.ndarray  # the test images not in `calibration`
     measure_labels: np.ndarray
     calibrated_on: str
@@ -319,11 +386,68 @@ def ood_images(cfg: TrainConfig, ds: data_mod.Dataset) -> OodImages:
     labels = split.Y.numpy()
     fit = ood.fit_subset(labels)
     if split.n_val:
-        return OodImages(split.X[fit], labels[fit], split.Xv, ds.test_images, ds.test_labels, ood.ON_VALIDATION,
-                         "test images")
+        return OodImages(split.X[fit], labels[fit], split.Xv, split.Yv.numpy(), ds.test_images, ds.test_labels,
+                         ood.ON_VALIDATION, "test images")
     calibration, held_out = ood.split_test_set(ds.test_labels)
-    return OodImages(split.X[fit], labels[fit], ds.test_images[calibration], ds.test_images[held_out],
-                     ds.test_labels[held_out], ood.ON_TEST_HALF, "test images (the other half)")
+    return OodImages(split.X[fit], labels[fit], ds.test_images[calibration], ds.test_labels[calibration],
+                     ds.test_images[held_out], ds.test_labels[held_out], ood.ON_TEST_HALF,
+                     "test images (the other half)")
+
+
+# --------------------------------------------------------------------------- the temperature
+
+def calibrate_temperature(folder: RunFolder, dataset: data_mod.Dataset | None = None, device: str = "auto",
+                          data_dir=None, offline: bool | None = None,
+                          loaded: tuple[torch.nn.Module, device_mod.Runtime] | None = None,
+                          write: bool = True) -> calibration.Calibration:
+    """Fit the run's temperature (calibration.py) and write RUN/calibration.json (unless write=False).
+
+    Fitted on the held-out images the out-of-distribution threshold uses (ood_images: the validation
+    images, or for a run without them one half of the test set), and measured, ECE and NLL before and
+    after, on test images it never saw (all of them, or the other half). The logits come from the model
+    as predictors run it (`loaded`, else the run's on `device` at the recorded precision)."""
+    cfg, info = folder.require_finished().config, folder.model_info
+    model, rt = loaded if loaded else load_for_inference(folder, device)
+    ds = dataset or folder.dataset(data_dir, offline)
+    if list(ds.class_names) != list(info["class_names"]):
+        raise RunError(f"{folder.model_json_path}: the run's classes {info['class_names']} differ from the "
+                       f"dataset's {list(ds.class_names)}")
+    images = ood_images(cfg, ds)
+    tta = bool(info.get("tta_flip", False)), int(info.get("tta_shift", 0))
+
+    def logits_of(batch):
+        return evaluate.predict_logits(model, batch, rt, cfg.eval_batch_size, *tta)
+
+    fitted = calibration.fit(logits_of(images.calibration), images.calibration_labels, logits_of(images.measure),
+                             images.measure_labels,
+                             about={"fitted_on": images.calibrated_on, "measured_on": images.measured_on,
+                                    "precision": rt.precision, "model_sha256": _sha256(folder.weights_path)})
+    if write:
+        with runlock.writing(folder.path):
+            folder.write_calibration(fitted)
+    return fitted
+
+
+def describe_calibration(fitted: calibration.Calibration) -> str:
+    """One line: the temperature, what it was fitted on, and the ECE before and after where it was measured."""
+    i = fitted.info
+    return (f"temperature {fitted.temperature:.4g} fitted on {i['fit_images']:,} {i['fitted_on']}; ECE "
+            f"{i['ece_before']:.4f} -> {i['ece_after']:.4f} on {i['measured_images']:,} {i['measured_on']}")
+
+
+calibration_log = logging.getLogger("fashionlab.calibration")
+
+
+def load_temperature(folder: RunFolder) -> tuple[float, str]:
+    """(temperature, "") from RUN/calibration.json; for a run made before it existed (1.0, why), the reason
+    logged once as a warning: its probabilities are served as the model gives them."""
+    if folder.calibration_path.exists():
+        return folder.read_calibration().temperature, ""
+    note = (f"{folder.calibration_path}: not found (the run was made before calibrated probabilities); "
+            f"probabilities are the model's own, uncalibrated: fit the temperature with "
+            f"`fashionlab calibrate {folder.path}` where its dataset is")
+    calibration_log.warning("%s", note)
+    return 1.0, note
 
 
 def describe_ood(detector: ood.OodDetector) -> str:
@@ -511,16 +635,33 @@ def what_is_kept(folder: RunFolder, e: OutputError) -> str:
 
 
 def _calibrate_finished(folder: RunFolder, ds: data_mod.Dataset, log: Callable[..., None]) -> None:
-    """The finished run's out-of-distribution detector (after the test evaluation, which it leaves as it
-    was). A model whose features cannot be fitted keeps its run; its predictions then carry no score."""
+    """The finished run's temperature and out-of-distribution detector (after the test evaluation, which
+    they leave as it was). A model whose logits or features cannot be fitted keeps its run; its
+    probabilities then stay uncalibrated, or its predictions carry no score."""
+    try:
+        _fit_temperature(folder, ds, log)
+        _fit_ood(folder, ds, log)
+    except OutputError as e:
+        raise e.with_note(f"the run is finished and kept; `fashionlab calibrate {folder.path}` fits its temperature "
+                          f"and out-of-distribution detector {'once there is space' if e.disk_full else 'later'}"
+                          ) from None
+
+
+def _fit_temperature(folder: RunFolder, ds: data_mod.Dataset, log: Callable[..., None]) -> None:
+    try:
+        fitted = calibrate_temperature(folder, ds)
+    except calibration.CalibrationError as e:
+        log(f"no temperature: {e}")
+        return
+    log(describe_calibration(fitted) + f" -> {folder.calibration_path}")
+
+
+def _fit_ood(folder: RunFolder, ds: data_mod.Dataset, log: Callable[..., None]) -> None:
     try:
         detector = calibrate_ood(folder, ds)
     except ood.OodError as e:
         log(f"no out-of-distribution detector: {e}")
         return
-    except OutputError as e:
-        raise e.with_note(f"the run is finished and kept; `fashionlab calibrate {folder.path}` fits its "
-                          f"out-of-distribution detector {'once there is space' if e.disk_full else 'later'}") from None
     log(describe_ood(detector) + f" -> {folder.ood_path}")
 
 

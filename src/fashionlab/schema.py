@@ -629,3 +629,92 @@ def ood_file(path: Path, feature_size: int | None = None, num_classes: int | Non
         raise RunError(f"{where}: tensor precision is not positive definite; expected the inverse of a covariance "
                        f"matrix") from None
     return means, precision, info
+
+
+# --------------------------------------------------------------------------- calibration.json
+
+MIN_TEMPERATURE, MAX_TEMPERATURE = 0.05, 20.0  # calibration.py searches the same range
+MAX_BINS = 100  # of a reliability diagram
+
+
+def _reliability_bins(v: Any) -> bool:
+    return isinstance(v, list) and 1 <= len(v) <= MAX_BINS
+
+
+CALIBRATION: Fields = {
+    "temperature": (lambda v: _finite_number(v) and MIN_TEMPERATURE <= v <= MAX_TEMPERATURE,
+                    f"a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g}", True),
+    "fitted_on": (_text, "a string (the held-out images the temperature was fitted on)", True),
+    "fit_images": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", True),
+    "measured_on": (_text, "a string", True),
+    "measured_images": (_count, "an integer >= 0", True),
+    "ece_before": (_fraction, "a number from 0 to 1", True),
+    "ece_after": (_fraction, "a number from 0 to 1", True),
+    **{k: (_optional(lambda v: _finite_number(v) and v >= 0), "a finite number >= 0 or null", False)
+       for k in ("nll_before", "nll_after", "fit_nll_before", "fit_nll_after")},
+    "reliability_before": (_reliability_bins, f"a list of 1 to {MAX_BINS} reliability bins", False),
+    "reliability_after": (_reliability_bins, f"a list of 1 to {MAX_BINS} reliability bins", False),
+    "bins": (lambda v: _is_int(v) and 1 <= v <= MAX_BINS, f"an integer from 1 to {MAX_BINS}", False),
+    "method": (_text, "a string", False),
+    "model_sha256": (_optional(_text), "a string or null", False),
+    "precision": (_optional(_text), "a string or null", False),
+}
+
+
+def calibration(obj: Any, where: str) -> dict[str, Any]:
+    """calibration.json: the temperature (in the range a fit gives) and how it was fitted and measured."""
+    check_fields(obj, CALIBRATION, where)
+    for key in ("reliability_before", "reliability_after"):
+        for i, b in enumerate(obj.get(key, [])):
+            check_fields(b, RELIABILITY_BIN, where, f"{key}[{i}].")
+    return obj
+
+
+# --------------------------------------------------------------------------- robustness.json
+
+MAX_CORRUPTIONS = 64
+MAX_SEVERITIES = 10
+SCORES: Fields = {
+    "accuracy": (_fraction, "a number from 0 to 1", True),
+    "ece": (_fraction, "a number from 0 to 1", True),
+    "unsure": (_optional(_fraction), "a number from 0 to 1 or null (no out-of-distribution detector)", True),
+}
+SEVERITY_SCORES: Fields = {
+    "severity": (lambda v: _is_int(v) and 1 <= v <= MAX_SEVERITIES, f"an integer from 1 to {MAX_SEVERITIES}", True),
+    **SCORES,
+}
+
+
+def _name(v: Any) -> bool:
+    return isinstance(v, str) and 0 < len(v) <= 64 and v.isprintable()
+
+
+ROBUSTNESS: Fields = {
+    "images": (lambda v: _is_int(v) and v >= 1, "an integer >= 1", True),
+    "measured_on": (_text, "a string", True),
+    "clean": (_object, "an object of accuracy, ece and unsure", True),
+    "results": (lambda v: isinstance(v, dict) and 1 <= len(v) <= MAX_CORRUPTIONS and all(map(_name, v)),
+                f"an object of 1 to {MAX_CORRUPTIONS} corruptions (printable names of at most 64 characters)", True),
+    "mean_corruption_accuracy": (_fraction, "a number from 0 to 1", True),
+    "mean_corruption_ece": (_fraction, "a number from 0 to 1", True),
+    "mean_corruption_unsure": (_optional(_fraction), "a number from 0 to 1 or null", True),
+    "temperature": (_optional(lambda v: _finite_number(v) and MIN_TEMPERATURE <= v <= MAX_TEMPERATURE),
+                    f"a number from {MIN_TEMPERATURE} to {MAX_TEMPERATURE:g} or null", False),
+    "severities": (lambda v: _is_int(v) and 1 <= v <= MAX_SEVERITIES, f"an integer from 1 to {MAX_SEVERITIES}", False),
+    "seed": (_count, "an integer >= 0", False),
+    "model_sha256": (_optional(_text), "a string or null", False),
+    "precision": (_optional(_text), "a string or null", False),
+}
+
+
+def robustness(obj: Any, where: str) -> dict[str, Any]:
+    """robustness.json: the clean scores and, per corruption, one row of scores per severity."""
+    check_fields(obj, ROBUSTNESS, where)
+    check_fields(obj["clean"], SCORES, where, "clean.")
+    for name, rows in obj["results"].items():
+        if not (isinstance(rows, list) and 1 <= len(rows) <= MAX_SEVERITIES):
+            raise RunError(f"{where}: results.{name}={_shown(rows)}: expected a list of 1 to {MAX_SEVERITIES} rows "
+                           f"(one per severity)")
+        for i, row in enumerate(rows):
+            check_fields(row, SEVERITY_SCORES, where, f"results.{name}[{i}].")
+    return obj

@@ -185,7 +185,56 @@ def load_run(run_dir: str | Path) -> dict[str, Any]:
     folder = run_mod.RunFolder(run_dir)
     if not folder.finished:
         raise StudyError(f"{folder.path}: not a finished run (metrics.json is missing)")
-    return {"dir": folder.path, "metrics": folder.metrics, "config": folder.record, "history": folder.history}
+    return {"dir": folder.path, "metrics": folder.metrics, "config": folder.record, "history": folder.history,
+            "calibration": folder.read_calibration().to_dict() if folder.calibration_path.exists() else None,
+            "robustness": folder.read_robustness() if folder.robustness_path.exists() else None}
+
+
+def trust_rows(runs: Sequence[dict]) -> list[dict[str, Any]]:
+    """One row per run: its ECE before and after its temperature (calibration.json) and its scores on
+    corrupted images (robustness.json); None where the run has not that file."""
+    rows = []
+    for r in runs:
+        c, rob = r.get("calibration"), r.get("robustness")
+        rows.append({"run": str(r["dir"]), "model": r["metrics"].get("model"), "seed": r["metrics"].get("seed"),
+                     "test_accuracy": r["metrics"]["test_accuracy"],
+                     "temperature": c["temperature"] if c else None,
+                     "ece_before": c["ece_before"] if c else r["metrics"].get("ece"),
+                     "ece_after": c["ece_after"] if c else None,
+                     "mean_corruption_accuracy": rob["mean_corruption_accuracy"] if rob else None,
+                     "mean_corruption_ece": rob["mean_corruption_ece"] if rob else None,
+                     "mean_corruption_unsure": rob["mean_corruption_unsure"] if rob else None,
+                     "corrupted_images": rob["images"] if rob else None})
+    return rows
+
+
+TRUST_HEAD = ["run", "seed", "test accuracy (%)", "temperature", "ECE before", "ECE after",
+              "mean corruption accuracy (%)", "corruption ECE", "corrupted flagged unsure (%)"]
+
+
+def _trust_cells(row: dict[str, Any]) -> list[str]:
+    def num(v, scale=1.0, digits=4):
+        return "—" if v is None else f"{v * scale:.{digits}f}"
+    return [row["run"], str(row["seed"]), num(row["test_accuracy"], 100, 2), num(row["temperature"], 1, 3),
+            num(row["ece_before"]), num(row["ece_after"]), num(row["mean_corruption_accuracy"], 100, 2),
+            num(row["mean_corruption_ece"]), num(row["mean_corruption_unsure"], 100, 1)]
+
+
+def trust_lines(rows: list[dict[str, Any]]) -> list[str]:
+    """trust_rows as terminal text."""
+    widths = [max(len(h), *(len(_trust_cells(r)[i]) for r in rows)) for i, h in enumerate(TRUST_HEAD)]
+    return ["  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+            for cells in [TRUST_HEAD, *map(_trust_cells, rows)]]
+
+
+def _trust_section(runs: Sequence[dict]) -> pages.Section:
+    rows = trust_rows(runs)
+    return pages.Section("Calibration and robustness", [
+        pages.table(TRUST_HEAD, [_trust_cells(r) for r in rows], numeric_from=1,
+                    caption="One row per run. ECE before and after the run's temperature on test images it was not "
+                            "fitted on (before: the whole test set for runs without calibration.json); mean "
+                            "corruption accuracy over 15 corruptions at 5 severities (`fashionlab robustness RUN`); "
+                            "— where the run has not been calibrated or measured.")])
 
 
 def group_runs(runs: Sequence[dict]) -> dict[str, list[dict]]:
@@ -426,6 +475,7 @@ def comparison_sections(run_dirs: Sequence[str | Path], figs: pages.FigureWriter
                 _per_class_section(summary, names, f["per_class"]),
                 pages.Section("Confusion matrices", [f["confusion"]]),
                 pages.Section("Curves", [f["curves"]]),
+                _trust_section(runs),
                 _runs_section(summary, groups, link_base)]
     return sections, summary
 

@@ -102,7 +102,7 @@ async def v1_model(service: ModelService, settings: Settings):
             "class_names": service.class_names, "max_body_bytes": settings.max_body_bytes,
             "max_pixels": settings.max_pixels, "max_request_pixels": settings.max_request_pixels,
             "max_decoded_bytes": settings.max_decoded_bytes, "saliency": service.saliency_model is not None,
-            "ood": service.predictor.ood_status()}
+            "ood": service.predictor.ood_status(), "calibration": service.predictor.calibration_status()}
 
 
 def router(service: ModelService, settings: Settings) -> APIRouter:
