@@ -20,6 +20,7 @@ from fashionlab.config import ConfigError
 from fashionlab.data import DataError
 from fashionlab.errors import ArgumentError, UnknownNameError, UserError
 from fashionlab.images import ImageError
+from fashionlab.label_audit import AuditError
 from fashionlab.schema import RunError
 from fashionlab.studies import StudyError
 from fashionlab.sweeps import SpecError
@@ -29,7 +30,8 @@ from conftest import synthetic_dataset
 DS = synthetic_dataset(n_train=120, n_test=60)
 
 # Public names that take no user input to get wrong (result types, the callback base class, listings).
-NO_INPUT = {"Callback", "Comparison", "Figures", "StudyResult", "SweepResult", "list_models", "list_recipes"}
+NO_INPUT = {"AuditResult", "Callback", "Comparison", "Figures", "StudyResult", "SweepResult", "list_models",
+            "list_recipes"}
 
 
 @pytest.fixture(scope="module")
@@ -69,6 +71,10 @@ def bad_calls(run: fl.Run, tmp: Path) -> list[tuple[str, object, type, str]]:
         ("Run", lambda: run.predict(DS.test_images[:1], device="tpu"), ArgumentError, "'tpu'"),
         ("Run", lambda: run.evaluate(dataset=DS, precision="fp8"), ArgumentError, "'fp8'"),
         ("Run", lambda: run.report(out=unwritable, dataset=DS), OutputError, unwritable),
+        ("Run", lambda: run.robustness(images=0, dataset=DS), ArgumentError, "images=0"),
+        ("audit", lambda: fl.audit(folds=1, dataset=DS, out=tmp / "audit"), AuditError, "folds=1"),
+        ("audit", lambda: fl.audit(recipe="nosuch", dataset=DS, out=tmp / "audit"), ConfigError, "'nosuch'"),
+        ("audit", lambda: fl.audit(dataset=DS, out=tmp / "audit", exclude=[1]), AuditError, "exclude"),
         ("study", lambda: fl.study("nosuch", out=tmp / "study"), StudyError, "'nosuch'"),
         ("study", lambda: fl.study("zoo", seeds=0, out=tmp / "zoo", dataset=DS), StudyError, "seeds=0"),
         ("compare", lambda: fl.compare([], out=tmp / "c.html"), ArgumentError, "runs=[]"),

@@ -41,7 +41,7 @@ def test_run_report_in_chromium(pages_to_open):
     with chromium_page() as (page, problems):
         images = _open_and_check(page, problems, pages_to_open["run"])
         assert {i["name"] for i in images} >= {"curves", "confusion", "confused_pairs", "misclassified",
-                                               "probabilities", "reliability", "explain_filters",
+                                               "probabilities", "calibration", "explain_filters",
                                                "explain_feature_maps", "explain_saliency", "explain_embedding"}
         assert page.locator("h2").count() >= 9
         assert page.locator("h2").first.inner_text() == "Summary"  # the result before the details

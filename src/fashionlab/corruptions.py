@@ -25,6 +25,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from .errors import ArgumentError, UnknownNameError
+
 SEVERITIES = 5
 SEED = 0  # of every random draw; combined with the corruption, the severity and the batch's offset
 Corruption = Callable[[torch.Tensor, int, torch.Generator], torch.Tensor]  # (N, 1, H, W) floats in [0, 1]
@@ -191,13 +193,13 @@ def _to_uint8(x: torch.Tensor) -> torch.Tensor:
 
 def check_name(name: str) -> str:
     if name not in CORRUPTIONS:
-        raise ValueError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
+        raise UnknownNameError(f"unknown corruption {name!r}; known: {', '.join(CORRUPTIONS)}")
     return name
 
 
 def check_severity(severity) -> int:
     if isinstance(severity, bool) or not isinstance(severity, int) or not 1 <= severity <= SEVERITIES:
-        raise ValueError(f"severity={severity!r}: expected an integer from 1 to {SEVERITIES}")
+        raise ArgumentError(f"severity={severity!r}: expected an integer from 1 to {SEVERITIES}")
     return severity
 
 

@@ -24,6 +24,7 @@ import numpy as np
 from . import corruptions, data as data_mod, evaluate, pages
 from .predict import Predictor
 from .run import RunFolder, unseen_test_images
+from .errors import ArgumentError
 from .schema import RunError
 
 CHUNK = 1000  # images corrupted and scored at a time
@@ -33,7 +34,7 @@ SEED = 0  # of the stratified subset when fewer images are asked for
 def check_images(images: Any, name: str = "images") -> int | None:
     """The number of held-out test images to score: an integer >= 1, or None for all of them."""
     if images is not None and (isinstance(images, bool) or not isinstance(images, int) or images < 1):
-        raise ValueError(f"{name}={images!r}: expected an integer >= 1 (held-out test images scored per "
+        raise ArgumentError(f"{name}={images!r}: expected an integer >= 1 (held-out test images scored per "
                          f"corruption), or none for all of them")
     return images
 
