@@ -326,6 +326,21 @@ def matches_record(folder: RunFolder, metrics: dict[str, Any]) -> bool:
 ood_log = logging.getLogger("fashionlab.ood")
 
 
+def _held_out(folder: RunFolder, dataset: data_mod.Dataset | None, device: str, data_dir, offline: bool | None,
+              loaded: tuple[torch.nn.Module, device_mod.Runtime] | None):
+    """What fitting the temperature or the detector needs: the settings, the model as predictors run it
+    (`loaded`, else the run's on `device` at the recorded precision), the run's held-out images
+    (ood_images) and its test-time augmentation (flip, shift)."""
+    cfg, info = folder.require_finished().config, folder.model_info
+    model, rt = loaded if loaded else load_for_inference(folder, device)
+    ds = dataset or folder.dataset(data_dir, offline)
+    if list(ds.class_names) != list(info["class_names"]):
+        raise RunError(f"{folder.model_json_path}: the run's classes {info['class_names']} differ from the "
+                       f"dataset's {list(ds.class_names)}")
+    tta = bool(info.get("tta_flip", False)), int(info.get("tta_shift", 0))
+    return cfg, model, rt, ood_images(cfg, ds), tta
+
+
 def calibrate_ood(folder: RunFolder, dataset: data_mod.Dataset | None = None,
                   false_alarm_rate: float = ood.DEFAULT_FALSE_ALARM_RATE, device: str = "auto", data_dir=None,
                   offline: bool | None = None, loaded: tuple[torch.nn.Module, device_mod.Runtime] | None = None,
@@ -339,14 +354,7 @@ def calibrate_ood(folder: RunFolder, dataset: data_mod.Dataset | None = None,
     The features come from the model as predictors run it (`loaded`: a model and runtime already
     loaded; else the run's, on `device` at the recorded precision)."""
     ood.check_rate(false_alarm_rate)
-    cfg, info = folder.require_finished().config, folder.model_info
-    model, rt = loaded if loaded else load_for_inference(folder, device)
-    ds = dataset or folder.dataset(data_dir, offline)
-    if list(ds.class_names) != list(info["class_names"]):
-        raise RunError(f"{folder.model_json_path}: the run's classes {info['class_names']} differ from the "
-                       f"dataset's {list(ds.class_names)}")
-    images = ood_images(cfg, ds)
-    tta = bool(info.get("tta_flip", False)), int(info.get("tta_shift", 0))
+    cfg, model, rt, images, tta = _held_out(folder, dataset, device, data_dir, offline, loaded)
 
     def features_of(batch):
         return evaluate.predict_outputs(model, batch, rt, cfg.eval_batch_size, *tta, features=True)[1].numpy()
@@ -406,14 +414,7 @@ def calibrate_temperature(folder: RunFolder, dataset: data_mod.Dataset | None = 
     images, or for a run without them one half of the test set), and measured, ECE and NLL before and
     after, on test images it never saw (all of them, or the other half). The logits come from the model
     as predictors run it (`loaded`, else the run's on `device` at the recorded precision)."""
-    cfg, info = folder.require_finished().config, folder.model_info
-    model, rt = loaded if loaded else load_for_inference(folder, device)
-    ds = dataset or folder.dataset(data_dir, offline)
-    if list(ds.class_names) != list(info["class_names"]):
-        raise RunError(f"{folder.model_json_path}: the run's classes {info['class_names']} differ from the "
-                       f"dataset's {list(ds.class_names)}")
-    images = ood_images(cfg, ds)
-    tta = bool(info.get("tta_flip", False)), int(info.get("tta_shift", 0))
+    cfg, model, rt, images, tta = _held_out(folder, dataset, device, data_dir, offline, loaded)
 
     def logits_of(batch):
         return evaluate.predict_logits(model, batch, rt, cfg.eval_batch_size, *tta)
