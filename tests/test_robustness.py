@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 
 from fashionlab import corruptions, robustness
+from fashionlab.errors import UserError
 from fashionlab.run import RunFolder
 from fashionlab.schema import RunError
 
@@ -54,7 +55,7 @@ def test_the_set_covers_the_benchmarks_families():
     ("rotate", 2.0, "severity=2.0: expected an integer"),
 ])
 def test_bad_corruptions_and_severities_are_named(garments, name, severity, words):
-    with pytest.raises(ValueError, match=words.replace("(", r"\(")):
+    with pytest.raises(UserError, match=words.replace("(", r"\(")):  # a name is a KeyError, a severity a ValueError
         corruptions.corrupt(garments, name, severity)
 
 
