@@ -37,7 +37,6 @@ class Tmpfs:
         filler = self.path / f"filler-{uuid.uuid4().hex}"
         left = shutil.disk_usage(self.path).free - free
         with open(filler, "wb") as fh:
-            fh.truncate(0)
             while left > 0:
                 chunk = min(left, 1 << 20)
                 fh.write(b"\0" * chunk)  # written, not sparse: tmpfs counts what is written

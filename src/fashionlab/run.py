@@ -630,7 +630,7 @@ def what_is_kept(folder: RunFolder, e: OutputError) -> str:
         except UserError:
             epochs = ""
         return (f"the checkpoint {epochs}is kept; `fashionlab train --resume {folder.path}` continues {until}")
-    if folder.finished:
+    if folder.finished:  # a callback's write at the end of training failed: the run itself is whole
         return f"the run is finished and kept in {folder.path}"
     return f"no checkpoint had been written yet, so nothing is kept: train again {until}"
 

@@ -106,22 +106,15 @@ def writing(folder: str | os.PathLike, wait: bool = False, on_wait: Callable[[di
         yield folder
         return
     key = _key(folder)
-    with _held_guard:
-        if key in _held:
+    with _held_guard:  # held already by this process: one more level
+        entered = key in _held
+        if entered:
             fd, depth = _held[key]
             _held[key] = (fd, depth + 1)
-            reentered = True
-        else:
-            reentered = False
-    if reentered:
-        try:
-            yield folder
-        finally:
-            _release(key)
-        return
-    fd = _acquire(folder, wait, on_wait, create)
-    with _held_guard:
-        _held[key] = (fd, 1)
+    if not entered:
+        fd = _acquire(folder, wait, on_wait, create)
+        with _held_guard:
+            _held[key] = (fd, 1)
     try:
         yield folder
     finally:
