@@ -60,7 +60,7 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     if args.threads:
         torch.set_num_threads(args.threads)
-    overrides = parse_overrides(args.set)
+    overrides = {"threads": torch.get_num_threads(), **parse_overrides(args.set)}  # one thread count for every run
 
     ds = data.load(data.FASHION_MNIST)
     test_x, test_y = torch.from_numpy(ds.test_images), torch.from_numpy(ds.test_labels)
@@ -79,7 +79,8 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = (keep / f"seed{seed}") if keep else Path(tmp) / "run"
-            m = train_run(cfg, run_dir, dataset=ds, quiet=True, callbacks=[Progress(test_x, test_y, seed)]).metrics
+            m = train_run(cfg, run_dir, dataset=ds, quiet=True, callbacks=[Progress(test_x, test_y, seed)],
+                          calibrate=keep is not None).metrics  # a kept run is a whole run
         results.append({"seed": seed, "test_accuracy": m["test_accuracy"], "train_seconds": m["train_seconds"],
                         "wall_seconds": time.perf_counter() - t0})
         print(f"  seed {seed}: test accuracy {m['test_accuracy']:.4f}, {m['train_seconds']:.0f} s training",

@@ -21,8 +21,26 @@ def hardware() -> dict:
         pass
     return {"cpu": cpu, "cores": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads(),
             "python": platform.python_version(), "bf16_cpu": torch.cpu._is_avx512_bf16_supported(),
+            "cpu_kind": cpu_kind(),
             "cuda": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
             "load_average": [round(x, 2) for x in os.getloadavg()]}
+
+
+def cpu_kind() -> str:
+    """The CPU's kind as far as training speed goes, in words: the widest instructions torch and oneDNN
+    use here (AMX, AVX-512 BF16, AVX-512, AVX2), and any limit set on them by environment variable."""
+    from fashionlab.device import cpu_has_bf16
+    capability = torch.backends.cpu.get_cpu_capability()  # "AVX512", "AVX2", ... (ATEN_CPU_CAPABILITY lowers it)
+    if torch.cpu._is_amx_tile_supported():
+        kind = "AMX"
+    elif torch.cpu._is_avx512_bf16_supported():
+        kind = "AVX-512 BF16"
+    else:
+        kind = capability.replace("AVX512", "AVX-512")
+    limits = [f"{k}={os.environ[k]}" for k in ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY") if os.environ.get(k)]
+    if limits:
+        kind += f" limited to {capability.replace('AVX512', 'AVX-512')} ({', '.join(limits)})"
+    return kind + (", bf16" if cpu_has_bf16() else ", fp32")
 
 
 def machine() -> str:

@@ -32,7 +32,7 @@ def seconds_per_epoch(ds, model: str, precision: str, subset: int, batch: int) -
     cfg = make_config(model=model, epochs=2, subset=subset, batch_size=batch, val_split=0.0,
                             precision=precision, device="cpu")
     with tempfile.TemporaryDirectory() as tmp:
-        history = train_run(cfg, Path(tmp) / "run", dataset=ds, quiet=True).history
+        history = train_run(cfg, Path(tmp) / "run", dataset=ds, quiet=True, calibrate=False).history
     return EPOCH_IMAGES / history[-1]["images_per_s"]
 
 

@@ -10,7 +10,10 @@ fast seed 0, reference seed 1, ...) so that load from other processes hits both 
 once it has reached every target or spent --max-seconds of training.
 
 The reference is the `cnn` model trained the plain way: float32, Adam lr 1e-3, batch 128, no
-augmentation. Both train on all 60,000 training images (no validation split).
+augmentation. Both train on all 60,000 training images (no validation split). Its mean epoch in the
+same run is the unit of the "plain epochs" table: time to a target over one plain epoch, a ratio any
+machine can measure (`--reference-epochs 1` times just that epoch). `cpu_records.py` turns the
+--json files of such runs into the per-CPU table of the README and docs/records.md.
 """
 
 from __future__ import annotations
@@ -38,6 +41,8 @@ from fashionlab.training import Callback  # noqa: E402
 # 90% is a milestone the plain reference also reaches, so the two rows share a column.
 DEFAULT_TARGETS = (0.90, 0.9173, 0.93, 0.94)
 REFERENCE = dict(model="cnn", optimizer="adam", lr=1e-3, batch_size=128, precision="fp32", epochs=15)
+PLAIN = "cnn (plain fp32 Adam)"
+LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # variables that hold the CPU's kernels below its best
 
 
 WALL, CPU = 0, 1  # positions of the two clocks in a curve point (wall s, CPU s, test accuracy)
@@ -86,7 +91,7 @@ def run_one(cfg: TrainConfig, ds: data.Dataset, targets, max_seconds: float) -> 
     """
     curve = TestCurve(ds, targets, max_seconds)
     with tempfile.TemporaryDirectory() as tmp:
-        train_run(cfg, Path(tmp) / "run", dataset=ds, quiet=True, callbacks=[curve])
+        train_run(cfg, Path(tmp) / "run", dataset=ds, quiet=True, callbacks=[curve], calibrate=False)
     return {"curve": curve.curve}  # everything else (times to targets, final accuracy) is read off the curve
 
 
@@ -109,6 +114,18 @@ def summarise(runs: list[dict], targets, clock: int = WALL) -> list[str]:
     return cells
 
 
+def plain_epoch_seconds(results: dict[str, list[dict]]) -> float | None:
+    """The plain reference's mean epoch (training wall-clock seconds) in this run, if it ran."""
+    epochs = [b[WALL] - a[WALL] for r in results.get(PLAIN, [])
+              for a, b in zip([(0.0, 0.0, 0)] + r["curve"], r["curve"])]
+    return statistics.mean(epochs) if epochs else None
+
+
+def in_plain_epochs(runs: list[dict], target: float, plain: float) -> list[float]:
+    """Each seed's time to the target in plain epochs (the seeds that reached it)."""
+    return [t / plain for t in (first_reaching(r["curve"], target, WALL) for r in runs) if t is not None]
+
+
 def print_tables(results: dict[str, list[dict]], targets, load_average) -> None:
     seeds = max(len(runs) for runs in results.values())
     header = f"{'recipe':26s}" + "".join(f"{t * 100:>34.2f}%" for t in targets)
@@ -118,6 +135,19 @@ def print_tables(results: dict[str, list[dict]], targets, load_average) -> None:
         print(header)
         for label, runs in results.items():
             print(f"{label:26s}" + "".join(f"{c:>35s}" for c in summarise(runs, targets, clock)))
+    plain = plain_epoch_seconds(results)
+    if plain:
+        print(f"\n# time to test accuracy in plain epochs (one plain epoch: {plain:.2f} s in this run; "
+              f"mean ± sd reached/seeds)")
+        print(f"{'recipe':26s}" + "".join(f"{t * 100:>20.2f}%" for t in targets))
+        for label, runs in results.items():
+            cells = []
+            for t in targets:
+                ratios = in_plain_epochs(runs, t, plain)
+                sd = statistics.stdev(ratios) if len(ratios) > 1 else 0.0
+                cells.append(f"{statistics.mean(ratios):6.2f} ± {sd:4.2f} {len(ratios)}/{len(runs)}" if ratios
+                             else f"not reached {len(ratios)}/{len(runs)}")
+            print(f"{label:26s}" + "".join(f"{c:>21s}" for c in cells))
     print()
     for label, runs in results.items():
         print(f"# {label} final test accuracy per seed: "
@@ -138,6 +168,10 @@ def main(argv=None) -> int:
                     help="stop a run once both its training wall-clock and CPU seconds exceed this")
     ap.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     ap.add_argument("--no-reference", action="store_true", help="skip the plain cnn reference")
+    ap.add_argument("--reference-epochs", type=int, default=REFERENCE["epochs"],
+                    help="epochs of the plain reference (1 measures the plain epoch alone)")
+    ap.add_argument("--subset", type=int, default=None,
+                    help="every row, the reference too, on a stratified subset of N training images (a quick check)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a setting of the timed recipe, e.g. --set epochs=6 --set lr=0.2")
     ap.add_argument("--json", help="also write all runs as JSON to this file")
@@ -156,15 +190,19 @@ def main(argv=None) -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
 
-    overrides = parse_overrides(args.set)
+    # Every run at the same thread count, whatever else the machine does when it starts (training would
+    # otherwise take the cores it finds free: device.training_threads).
+    overrides = {"threads": torch.get_num_threads(), **parse_overrides(args.set)}
     ds = data.load(data.FASHION_MNIST)
     configs = {}
     for epochs in args.epochs or [None]:
         kw = dict(overrides, **({"epochs": epochs} if epochs else {}))
         label = f"{args.recipe} ({epochs} epochs)" if epochs else args.recipe
-        configs[label] = lambda seed, kw=kw: make_config(args.recipe, seed=seed, val_split=0.0, **kw)
+        configs[label] = lambda seed, kw=kw: make_config(args.recipe, seed=seed, val_split=0.0, subset=args.subset,
+                                                         **kw)
     if not args.no_reference:
-        configs = {"cnn (plain fp32 Adam)": lambda seed: make_config(**REFERENCE, seed=seed, val_split=0.0),
+        reference = dict(REFERENCE, epochs=args.reference_epochs, threads=overrides["threads"])
+        configs = {PLAIN: lambda seed: make_config(**reference, seed=seed, val_split=0.0, subset=args.subset),
                    **configs}
 
     hw = hardware()
@@ -205,6 +243,10 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"hardware": hw, "matmul_precision": kind, "matmul_flops_wall": wall_rate,
                                                "matmul_flops_per_cpu_s": rate, "targets": args.targets,
                                                "overrides": overrides, "load_average_end": load_end,
+                                               "command": "".join(f"{k}={os.environ[k]} " for k in LIMITS
+                                                                  if os.environ.get(k))
+                                                          + "python benchmarks/time_to_accuracy.py "
+                                                          + " ".join(argv if argv is not None else sys.argv[1:]),
                                                "results": results}, indent=1))
     return 0
 

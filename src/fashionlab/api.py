@@ -59,8 +59,10 @@ def list_models() -> list[dict[str, Any]]:
 
 
 def list_recipes() -> list[dict[str, Any]]:
-    """Every recipe: name, description, its settings, the models its study trains and what it reported."""
-    return [{"name": r.name, "description": r.description, "settings": dict(r.settings), "models": list(r.models),
+    """Every recipe: name, description, its settings, the settings it replaces per device type (`on_device`),
+    the models its study trains and what it reported."""
+    return [{"name": r.name, "description": r.description, "settings": dict(r.settings),
+             "on_device": {k: dict(v) for k, v in r.on_device.items()}, "models": list(r.models),
              "reference": dict(r.reference)} for r in recipes.RECIPES.values()]
 
 

@@ -1,8 +1,10 @@
 """Augmentation on whole batches of tensors (N, 1, H, W), floats in [0, 1], on any device.
 
-Every random draw comes from the CPU generator passed in and is then moved to the batch's
-device, so the random stream is the same on every device, a run is repeatable, and a resumed
-run continues it exactly. One batched op per transform, no per-image Python.
+Every random draw comes from the generator passed in, on that generator's device, and is then
+moved to the batch's device (a no-op when they are the same). Training passes a CPU generator on a
+CPU and a CUDA one on a CUDA device (device.Runtime.random_device), so a GPU step never waits for
+draws made on the host; either way a run is repeatable and a resumed run continues it exactly.
+One batched op per transform, no per-image Python.
 """
 
 from __future__ import annotations
@@ -84,7 +86,11 @@ class Augment:
 
 
 def _rand(n: int, g: torch.Generator, device) -> torch.Tensor:
-    return torch.rand(n, generator=g).to(device)
+    return torch.rand(n, generator=g, device=g.device).to(device)
+
+
+def _randint(high: int, n: int, g: torch.Generator, device) -> torch.Tensor:
+    return torch.randint(0, high, (n,), generator=g, device=g.device).to(device)
 
 
 def _uniform(n: int, lo: float, hi: float, g: torch.Generator, device) -> torch.Tensor:
@@ -115,8 +121,8 @@ def random_translate(x: torch.Tensor, pad: int, g: torch.Generator) -> torch.Ten
     n, c, h, w = x.shape
     wide = w + 2 * pad
     padded = F.pad(x, (pad, pad, pad, pad)).reshape(n, c, -1)
-    oy = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
-    ox = torch.randint(0, 2 * pad + 1, (n,), generator=g).to(x.device)
+    oy = _randint(2 * pad + 1, n, g, x.device)
+    ox = _randint(2 * pad + 1, n, g, x.device)
     grid = (torch.arange(h, device=x.device)[:, None] * wide + torch.arange(w, device=x.device)).reshape(-1)
     index = (oy * wide + ox)[:, None] + grid  # (n, h * w) positions in each padded image
     return padded.gather(2, index[:, None, :].expand(n, c, h * w)).reshape(n, c, h, w)

@@ -109,6 +109,8 @@ def cmd_recipes(args) -> int:
     for r in api.list_recipes():
         ref = ", ".join(f"{m} {a:.2%}" for m, a in r["reference"].items()) or "none"
         print(f"{r['name']}\n  {r['description']}\n  models: {', '.join(r['models'])}; reported: {ref}")
+        for device, settings in r["on_device"].items():
+            print(f"  on {device}: " + ", ".join(f"{k}={v}" for k, v in settings.items()))
     return 0
 
 

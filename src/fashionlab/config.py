@@ -177,6 +177,9 @@ class TrainConfig:
                              group="runtime", choices=device_mod.PRECISIONS)
     compile: bool = setting(False, "torch.compile the training step (CUDA graphs on CUDA); compiling costs time",
                             group="runtime")
+    threads: int | None = setting(None, "CPU threads for training (default: the cores other processes leave free "
+                                  "when the run starts, at least one)", group="runtime",
+                                  check=_positive_int, expected="an integer >= 1", metavar="N")
     cache_stem: bool = setting(True, "keep a frozen stem's output per training image (off only to compare)",
                                group="runtime")
 
@@ -387,12 +390,22 @@ def make_config(recipe: str | None = None, **overrides) -> TrainConfig:
     values: dict[str, Any] = {}
     if recipe:
         try:
-            values.update(copy.deepcopy(get_recipe(recipe).settings))
+            chosen = get_recipe(recipe)
         except KeyError as e:
             raise ConfigError(e.args[0]) from None
+        device_type = recipe_device_type(chosen, overrides.get("device"))
+        values.update(copy.deepcopy(chosen.settings_for(device_type)))
         values["recipe"] = recipe
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(values).validate()
+
+
+def recipe_device_type(recipe, device: str | None) -> str:
+    """The device type a recipe's per-device settings are chosen for: the one the run will use ("auto"
+    resolved as training resolves it). Only a recipe with such settings needs torch to tell."""
+    if not recipe.on_device or (device is not None and device not in device_mod.DEVICES):
+        return "cpu"  # an unknown device name is reported by validation, with the setting's choices
+    return device_mod.resolve_device(device or TrainConfig.device).type
 
 
 def settings_of(saved: dict[str, Any]) -> dict[str, Any]:

@@ -9,7 +9,9 @@ supervisor process, never needs torch (2 s and 220 MiB).
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+import os
+import time
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -23,12 +25,22 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def cpu_has_bf16() -> bool:
-    """AVX-512 BF16 or AMX: bf16 matrix work runs natively (several times fp32 speed)."""
+    """AVX-512 BF16 or AMX: bf16 matrix work runs natively (several times fp32 speed). Not when oneDNN,
+    which runs the convolutions, is held below those instructions (ONEDNN_MAX_CPU_ISA=AVX2, say): bf16
+    would then be emulated, far slower than fp32."""
     import torch
+    if not onednn_allows_bf16():
+        return False
     try:
         return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
     except AttributeError:  # older torch
         return False
+
+
+def onednn_allows_bf16() -> bool:
+    """Whether ONEDNN_MAX_CPU_ISA (or its older name DNNL_MAX_CPU_ISA), when set, lets oneDNN use native bf16."""
+    cap = (os.environ.get("ONEDNN_MAX_CPU_ISA") or os.environ.get("DNNL_MAX_CPU_ISA") or "ALL").upper()
+    return cap == "ALL" or "BF16" in cap or "AMX" in cap
 
 
 def resolve_device(name: str = "auto") -> torch.device:
@@ -69,6 +81,19 @@ class Runtime:
             return torch.autocast(self.device.type, dtype=torch.bfloat16)
         return nullcontext()
 
+    @property
+    def random_device(self) -> torch.device:
+        """Where training's random draws (shuffle, augmentation) are made: on a CUDA device itself, so
+        a step never waits for the host, and on the CPU everywhere else (a CPU run's stream is what it
+        always was; MPS generators are not relied on)."""
+        import torch
+        return self.device if self.device.type == "cuda" else torch.device("cpu")
+
+    @property
+    def cuda_graphs(self) -> bool:
+        """Whether torch.compile here replays CUDA graphs (mode "reduce-overhead"): on a CUDA device."""
+        return self.device.type == "cuda"
+
     def describe(self) -> dict:
         import torch
         return {"device": str(self.device), "precision": self.precision, "channels_last": self.channels_last,
@@ -99,3 +124,68 @@ def inference_runtime(info: dict, device: str = "auto", precision: str = "auto")
         recorded = info.get("precision", "fp32")
         precision = "bf16" if recorded == "bf16" and bf16_supported(resolve_device(device)) else "fp32"
     return resolve(device, precision, conv_model=conv)
+
+
+# --------------------------------------------------------------------------- CPU threads
+
+def _runnable(path: str) -> int:
+    """Runnable threads: the whole system's (procs_running in /proc/stat), or one task's state letter."""
+    with open(path) as f:
+        text = f.read()
+    if path == "/proc/stat":
+        return int(text.split("procs_running", 1)[1].split()[0])
+    return int(text.rsplit(")", 1)[1].split()[0] == "R")
+
+
+def busy_cores(samples: int = 5, interval: float = 0.01) -> int | None:
+    """How many of this machine's cores other processes keep busy now: the runnable threads not of
+    this process, the fewest over a few samples 10 ms apart (50 ms in all), so that only work that
+    holds a core throughout counts (a busy process, another training), not a thread that ran for a
+    moment. None where Linux's /proc is not there to tell."""
+    counts = []
+    try:
+        for i in range(samples):
+            own = sum(_runnable(f"/proc/self/task/{t}/stat") for t in os.listdir("/proc/self/task"))
+            counts.append(max(0, _runnable("/proc/stat") - own))
+            if i < samples - 1:
+                time.sleep(interval)
+    except (OSError, ValueError, IndexError):
+        return None
+    return min(counts)
+
+
+def usable_cores() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not on Linux
+        return os.cpu_count() or 1
+
+
+def training_threads(requested: int | None) -> int:
+    """The CPU threads a training run uses: the number asked for, or else the cores other processes
+    leave free, at most the process's current setting (a sweep worker's share, a benchmark's
+    --threads) and at least one.
+
+    Why: torch's worker threads wait for each other at every operation, so one thread more than the
+    cores free makes the whole run wait for the slowest. Beside one busy process on 2 cores, two
+    threads ran `fast` several times slower than one thread did (docs/records.md)."""
+    import torch
+    if requested:
+        return requested
+    busy = busy_cores()
+    current = torch.get_num_threads()
+    if busy is None:
+        return current
+    return max(1, min(current, usable_cores() - busy))
+
+
+@contextmanager
+def threads_for_training(requested: int | None):
+    """torch's CPU threads set for one run (training_threads), and put back afterwards."""
+    import torch
+    before = torch.get_num_threads()
+    torch.set_num_threads(training_threads(requested))
+    try:
+        yield torch.get_num_threads()
+    finally:
+        torch.set_num_threads(before)

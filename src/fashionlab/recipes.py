@@ -1,6 +1,13 @@
 """Named training presets: each reference study's set-up (and the fast and best recipes) as data.
 
 A recipe is a set of TrainConfig values; explicit command-line flags override them.
+
+The rule per device: a recipe may name settings that replace its own on one kind of device
+(`on_device`, keyed by torch's device type). The record recipes use it on CUDA, where a step of 256
+images leaves a GPU idle most of the time: there they train in larger batches (fewer, fuller steps,
+with the learning rate raised to match) and for the epochs that reach their targets at that batch
+size. So `--recipe fast` is the fastest on the hardware at hand; explicit settings still win, and
+config.json records the values a run trained with.
 """
 
 from __future__ import annotations
@@ -18,6 +25,11 @@ class Recipe:
     settings: dict[str, Any]  # TrainConfig field -> value (model is the recipe's default model)
     models: tuple[str, ...]  # the models the study trains with this recipe
     reference: dict[str, float] = field(default_factory=dict)  # model -> test accuracy the study reported
+    on_device: dict[str, dict[str, Any]] = field(default_factory=dict)  # device type -> settings replaced there
+
+    def settings_for(self, device_type: str) -> dict[str, Any]:
+        """The recipe's settings on a device of this type ("cpu", "cuda", "mps")."""
+        return {**self.settings, **self.on_device.get(device_type, {})}
 
 
 RECIPES: dict[str, Recipe] = {}
@@ -77,10 +89,16 @@ register(Recipe(
     "fast",
     "Shortest time to a target accuracy: a small BatchNorm conv-pool net behind a frozen whitening layer, "
     "2 epochs of Nesterov SGD (batch 256, peak lr 1.15) on a one-cycle schedule, label smoothing, flips, "
-    "flip test-time augmentation, all 60,000 training images. --epochs 6 for 93%.",
+    "flip test-time augmentation, all 60,000 training images. --epochs 6 for 93%. On a CUDA GPU: batch 1024, "
+    "peak lr 2.3, 4 epochs.",
     dict(model="fast", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.15, weight_decay=2.5e-4, batch_size=256,
          schedule="onecycle", label_smoothing=0.1, epochs=2, augment={"flip": 0.5}, tta_flip=True, val_split=0.0),
     models=("fast",),
+    # A quarter of the steps, each four times fuller: at batch 1024 two epochs fall short (91.57% and
+    # 91.86% in three), four reach 92.23% and 92.43% (seeds 0 and 1; measured on a CPU, where the
+    # arithmetic is the GPU's up to rounding). Peak lr 3.5 was no better at three epochs; batch 2048
+    # (lr 4) reached 90.98% in four.
+    on_device={"cuda": dict(batch_size=1024, lr=2.3, epochs=4)},
 ))
 register(Recipe(
     "best",
@@ -93,6 +111,9 @@ register(Recipe(
          schedule="onecycle", label_smoothing=0.1, epochs=32, augment={"flip": 0.5, "crop": 2}, tta_flip=True,
          tta_shift=2, val_split=0.0),
     models=("best",),
+    # On a GPU the budget buys a wide ResNet: this recipe with WRN-16-4 for 64 epochs reached 95.47% on
+    # an H200 (one seed), where the CPU model reached 95.00% in 32 epochs and 95.17% in 100.
+    on_device={"cuda": dict(model="wrn16_4", epochs=64)},
 ))
 register(Recipe(
     "fast-robust",

@@ -537,9 +537,12 @@ def default_run_dir(model: str) -> Path:
 
 def train_run(cfg: TrainConfig, out: str | Path | None = None, dataset: DatasetArg = None,
               callbacks: Sequence[Callback] = (), quiet: bool = False, data_dir=None,
-              offline: bool | None = None) -> RunFolder:
+              offline: bool | None = None, calibrate: bool = True) -> RunFolder:
     """Train cfg into a new run folder (default runs/<time>-<model>); returns the finished run.
-    Another process writing into that folder is refused at once (runlock.RunBusy)."""
+    Another process writing into that folder is refused at once (runlock.RunBusy).
+    calibrate=False leaves out the temperature and the out-of-distribution detector (`fashionlab
+    calibrate` fits them later): for a benchmark's throwaway runs, where they cost as much as a short
+    training."""
     cfg.validate()
     folder = RunFolder(out or default_run_dir(cfg.model))
     created = not folder.path.exists()
@@ -548,7 +551,8 @@ def train_run(cfg: TrainConfig, out: str | Path | None = None, dataset: DatasetA
             raise FileExistsError(f"{folder.path} already holds a finished run; choose another --out")
         if folder.checkpoint_path.exists():
             raise FileExistsError(f"{folder.path} holds an interrupted run; continue it with --resume {folder.path}")
-        return _train(cfg, folder, dataset, callbacks, quiet, data_dir, offline, resume=False, created=created)
+        return _train(cfg, folder, dataset, callbacks, quiet, data_dir, offline, resume=False, created=created,
+                      calibrate=calibrate)
 
 
 def resume_run(path: str | Path, dataset: DatasetArg = None, callbacks: Sequence[Callback] = (),
@@ -599,7 +603,7 @@ def train_or_reuse(cfg: TrainConfig, path: str | Path, dataset: DatasetArg = Non
 
 
 def _train(cfg: TrainConfig, folder: RunFolder, dataset: DatasetArg, callbacks: Sequence[Callback], quiet: bool,
-           data_dir, offline, resume: bool, created: bool = False) -> RunFolder:
+           data_dir, offline, resume: bool, created: bool = False, calibrate: bool = True) -> RunFolder:
     """Train under the folder's writer lock (the caller holds it). `created`: the folder was made for
     this run, so a new run that fails takes it away again when nothing else is in it."""
     log = (lambda *a: None) if quiet else (lambda *a: print(*a, flush=True))  # flushed: lines reach a log as they happen
@@ -617,7 +621,8 @@ def _train(cfg: TrainConfig, folder: RunFolder, dataset: DatasetArg, callbacks: 
         if not resume:
             folder.discard_unusable(remove_folder=created)
         raise
-    _calibrate_finished(folder, ds, log)
+    if calibrate:
+        _calibrate_finished(folder, ds, log)
     return folder
 
 

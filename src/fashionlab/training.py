@@ -6,9 +6,11 @@
     trainer.finish()                                 # test metrics, model.safetensors, metrics.json
 
 The whole training set lives on the device as one uint8 tensor; a batch is an index slice,
-converted to floats and augmented as a whole. Shuffling and augmentation draw from a CPU
-generator seeded by (seed, epoch), so a run is repeatable on the same device and precision,
-and a run stopped mid-epoch resumes into exactly the run it would have been.
+converted to floats and augmented as a whole. Shuffling and augmentation draw from a generator
+seeded by (seed, epoch), on the CPU for a CPU run and on the GPU for a CUDA run (no step waits for
+the host), so a run is repeatable on the same device and precision, and a run stopped mid-epoch
+resumes into exactly the run it would have been. Nothing inside an epoch reads a value back from
+a GPU: the running sums stay on the device until the epoch ends.
 
 Progress bars, benchmarks and trackers plug in as `Callback`s (on_epoch_end, should_stop, ...).
 The run folder is written through a `run.RunFolder` handed in by run.py, the module that owns
@@ -147,9 +149,9 @@ def check_split(cfg: TrainConfig, pool: int, n_train: int, n_val: int) -> None:
                           "(rounded per class); raise val_split, or set 0 for no validation")
 
 
-def epoch_generator(seed: int, epoch: int) -> torch.Generator:
-    """The CPU generator an epoch's shuffle and augmentation draw from."""
-    return torch.Generator().manual_seed(seed * 1_000_003 + epoch)
+def epoch_generator(seed: int, epoch: int, device: torch.device | str = "cpu") -> torch.Generator:
+    """The generator an epoch's shuffle and augmentation draw from (device: Runtime.random_device)."""
+    return torch.Generator(device).manual_seed(seed * 1_000_003 + epoch)
 
 
 # --------------------------------------------------------------------------- the trainer
@@ -190,6 +192,8 @@ class Trainer:
         if dataset.num_classes != 10:
             margs.setdefault("num_classes", dataset.num_classes)
         rt = device_mod.resolve(cfg.device, cfg.precision, conv_model=models.MODELS[cfg.model].channels_last)
+        if rt.device.type == "cuda":
+            torch.backends.cudnn.benchmark = True  # the fastest kernels for the few shapes a run uses
         split = split_data(cfg, dataset, rt.device)
         model, init_seconds = build_model(cfg, margs, split, rt, initialise=not resume)
         optimizer = make_optimizer(model, cfg)
@@ -253,6 +257,10 @@ class Trainer:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Train to the end (or until stopped), then evaluate and write the model; returns the metrics."""
+        with device_mod.threads_for_training(self.cfg.threads):
+            return self._run(resume)
+
+    def _run(self, resume: bool) -> dict[str, Any]:
         self.restore() if resume else self.start()
         self.log(self.describe())
         self.attach_stem_cache()
@@ -271,7 +279,9 @@ class Trainer:
 
         A process pays once for what no later run in it pays again: the kernels each layer's shapes need
         (oneDNN creates and JIT-compiles them on the first call), thread pools, lazy initialisation, and
-        torch.compile's compilation when it is on. Paid inside the first epoch, that made a study's first
+        torch.compile's compilation when it is on, and on CUDA the capture of its CUDA graphs (a compiled
+        function runs eagerly once, is recorded on its second call and replayed from the third, so each
+        batch size is warmed up three times there). Paid inside the first epoch, that made a study's first
         run look many times slower than the next seed's on small budgets. Nothing of the run changes: the
         optimiser does not step, the gradients are dropped, the BatchNorm statistics and the global random
         state (dropout draws from it) are put back, augmentation draws from a generator of its own, and the
@@ -281,10 +291,12 @@ class Trainer:
         dev = self.runtime.device
         saved_buffers = [b.detach().clone() for b in self.model.buffers()]
         sizes = sorted({min(self.cfg.batch_size, self.split.n), self.split.n % self.cfg.batch_size} - {0}, reverse=True)
+        repeats = 3 if self.cfg.compile and self.runtime.cuda_graphs else 1
         self.model.train()
         with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev], device_type=dev.type):
             for n in sizes:
-                self._warm_up_step(torch.arange(n, device=dev))
+                for _ in range(repeats):
+                    self._warm_up_step(torch.arange(n, device=dev))
         with torch.no_grad():
             for b, saved in zip(self.model.buffers(), saved_buffers):
                 b.copy_(saved)
@@ -302,15 +314,16 @@ class Trainer:
             with rt.autocast(), torch.no_grad():
                 xb, forward = self.cache.stem(evaluate.to_input(self.split.X[idx], rt)), self.from_stem
         else:
-            xb, forward = self._batch(idx, torch.Generator().manual_seed(0))
+            xb, forward = self._batch(idx, torch.Generator(rt.random_device).manual_seed(0))
+        self._step_begin()
         with rt.autocast():
             out = forward(xb)
         F.cross_entropy(out.float(), self.split.Y[idx], label_smoothing=self.cfg.label_smoothing).backward()
 
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the shuffled training images; returns the epoch's history row (no validation yet)."""
-        g = epoch_generator(self.cfg.seed, epoch)
-        perm = torch.randperm(self.split.n, generator=g).to(self.runtime.device)
+        g = epoch_generator(self.cfg.seed, epoch, self.runtime.random_device)
+        perm = torch.randperm(self.split.n, generator=g, device=g.device).to(self.runtime.device)
         stats, first_step = self._epoch_stats(epoch, g)
         self.model.train()
         self._emit("on_epoch_start", epoch, first_step)
@@ -338,7 +351,11 @@ class Trainer:
         stats.seen, stats.seconds = p["seen"], p["seconds"]
         stats.loss_sum += p["loss_sum"]
         stats.correct += p["correct"]
-        g.set_state(self.resume_gen_state)
+        try:
+            g.set_state(self.resume_gen_state)
+        except RuntimeError:  # another generator's state: a CPU stream resumed on a GPU, or back
+            raise ConfigError(f"{self.folder.checkpoint_path}: this run stopped mid-epoch on another kind of "
+                              f"device; resume it on the kind it was started on, or start it again") from None
         self.state.partial = None
         return stats, p["step"]
 
@@ -351,6 +368,7 @@ class Trainer:
         yb = self.split.Y[idx]
 
         def logits_and_loss():
+            self._step_begin()
             with self.runtime.autocast():
                 out = forward(xb)
             return out, F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
@@ -358,15 +376,26 @@ class Trainer:
         logits, loss = logits_and_loss()
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
+        # The running sums read this forward's outputs now: a CUDA-graph replay (SAM's second forward,
+        # the next step) writes over them.
+        stats.loss_sum += loss.detach() * len(idx)
+        stats.correct += (logits.detach().argmax(1) == yb).sum()
+        stats.seen += len(idx)
         if cfg.sam_rho and self.state.step >= int(cfg.sam_start * self.total_steps):
             sharpness_aware_gradients(self.opt_params, lambda: logits_and_loss()[1], cfg.sam_rho)
         self.optimizer.step()
         if self.ema:
             self.ema.update(self.model, self.state.step)
         self.state.step += 1
-        stats.loss_sum += loss.detach() * len(idx)
-        stats.correct += (logits.detach().argmax(1) == yb).sum()
-        stats.seen += len(idx)
+
+    def _step_begin(self) -> None:
+        """Before each compiled forward on CUDA: a new iteration begins. torch.compile's CUDA graphs
+        (mode "reduce-overhead") reuse their output memory from one replay to the next; marking the step
+        tells them the previous outputs are no longer read, where otherwise a second call before the
+        first one's outputs were freed (the warm-up's two batch sizes, SAM's second pass) fails with
+        "accessing tensor output of CUDAGraphs that has been overwritten by a subsequent run"."""
+        if self.cfg.compile and self.runtime.cuda_graphs:
+            torch.compiler.cudagraph_mark_step_begin()
 
     def _batch(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Callable]:
         """The augmented batch and the forward that takes it (from the stem's cached output when cached)."""
@@ -488,7 +517,7 @@ class Trainer:
         rt = self.runtime
         return (f"{self.cfg.model}: {models.count_params(self.model):,} parameters | {self.split.n:,} train / "
                 f"{self.split.n_val:,} val / {len(self.dataset.test_labels):,} test | {rt.device.type} {rt.precision}"
-                f"{' channels_last' if rt.channels_last else ''}")
+                f"{' channels_last' if rt.channels_last else ''} | {torch.get_num_threads()} CPU threads")
 
     def _emit(self, event: str, *args) -> None:
         for cb in self.callbacks:
@@ -521,7 +550,7 @@ def _compiled(fn: Callable, cfg: TrainConfig, rt: device_mod.Runtime) -> Callabl
     parameters; evaluation and checkpoints use the plain model."""
     if not cfg.compile:
         return fn
-    return torch.compile(fn, mode="reduce-overhead" if rt.device.type == "cuda" else None)
+    return torch.compile(fn, mode="reduce-overhead" if rt.cuda_graphs else None)
 
 
 # --------------------------------------------------------------------------- the pieces of a step
@@ -546,13 +575,15 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     decay = [p for p in trainable if p.ndim > 1]
     no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    # On a GPU, one fused kernel updates every parameter instead of a launch per tensor and operation.
+    fused = {"fused": True} if trainable and trainable[0].is_cuda else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov)
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)
     if cfg.optimizer == "adamw":
-        return torch.optim.AdamW(groups, lr=cfg.lr)
+        return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
     if cfg.weight_decay:
-        return torch.optim.Adam(groups, lr=cfg.lr)  # L2 added to the gradient, as Keras/PyTorch Adam do
-    return torch.optim.Adam(trainable, lr=cfg.lr)
+        return torch.optim.Adam(groups, lr=cfg.lr, **fused)  # L2 added to the gradient, as Keras/PyTorch Adam do
+    return torch.optim.Adam(trainable, lr=cfg.lr, **fused)
 
 
 @torch.no_grad()
@@ -668,19 +699,24 @@ def epoch_line(row: dict, epochs: int) -> str:
 # --------------------------------------------------------------------------- stock callbacks
 
 class ProgressBar(Callback):
-    """A tqdm bar per epoch with the running loss, accuracy and speed (refreshed every 20 steps)."""
+    """A tqdm bar per epoch with the running loss, accuracy and speed, refreshed every 20 steps on a
+    CPU. Reading the running sums waits for a GPU to catch up, so there it is refreshed 4 times an
+    epoch at most (the bar's count still moves every step)."""
 
     def __init__(self):
         self.bar = None
+        self.every = 20
 
     def on_epoch_start(self, trainer: Trainer, epoch: int, first_step: int) -> None:
         from tqdm import tqdm
         self.bar = tqdm(total=trainer.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{trainer.cfg.epochs}",
                         unit="batch", leave=False, mininterval=0.5, dynamic_ncols=True)
         self.t0 = time.perf_counter()
+        on_gpu = trainer.runtime.device.type != "cpu"
+        self.every = max(20, trainer.steps_per_epoch // 4) if on_gpu else 20
 
     def on_step(self, trainer: Trainer, step: int, stats: EpochStats) -> None:
-        if step % 20 == 0 or step == trainer.steps_per_epoch - 1:
+        if step % self.every == 0 or step == trainer.steps_per_epoch - 1:
             el = stats.seconds + time.perf_counter() - self.t0
             self.bar.set_postfix_str(f"loss {stats.loss_sum.item() / stats.seen:.4f} "
                                      f"acc {stats.correct.item() / stats.seen:.4f} "

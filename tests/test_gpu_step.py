@@ -1,0 +1,150 @@
+"""The training step's GPU branches, checked on a CPU: recipes resolved per device, CUDA-graph steps
+marked, the random stream on the device, a compiled step, CPU threads, and the GPU check script end
+to end in its quick mode."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from conftest import ROOT, synthetic_dataset
+from fashionlab import config, device as device_mod, run as run_mod, training
+from fashionlab.recipes import get_recipe
+
+
+def pretend_cuda(monkeypatch) -> None:
+    """make_config sees a CUDA device (the recipe rule asks only for its type)."""
+    real = device_mod.resolve_device
+    monkeypatch.setattr(device_mod, "resolve_device",
+                        lambda name="auto": torch.device("cuda") if name in ("auto", "cuda") else real(name))
+
+
+def test_record_recipes_resolve_per_device(monkeypatch):
+    cpu = config.make_config("fast")
+    assert (cpu.batch_size, cpu.lr, cpu.epochs) == (256, 1.15, 2)
+    assert {**cpu.to_dict(), "device": "cpu"} == config.make_config("fast", device="cpu").to_dict()
+    pretend_cuda(monkeypatch)
+    gpu = config.make_config("fast")
+    assert (gpu.batch_size, gpu.lr, gpu.epochs) == (1024, 2.3, 4)
+    assert gpu.model == "fast" and gpu.augment == cpu.augment  # only the named settings change
+    # Its one-cycle schedule over 4 epochs of 59 steps (60,000 images in batches of 1,024): a quarter
+    # warming up from lr / 25 to the peak, then a cosine down to nothing.
+    steps = -(-60000 // gpu.batch_size)
+    lrs = [training.lr_at(s, 4 * steps, gpu, steps) for s in range(4 * steps)]
+    assert steps == 59 and lrs[0] == pytest.approx(2.3 / 25 + (2.3 - 2.3 / 25) / 59)
+    assert max(lrs) == pytest.approx(2.3) and lrs.index(max(lrs)) == 58 and lrs[-1] < 1e-3
+    assert config.make_config("fast", device="cpu").batch_size == 256  # the device asked for decides
+    assert config.make_config("fast", epochs=10).epochs == 10  # explicit settings still win
+    assert config.make_config("best").model == "wrn16_4"
+    assert config.make_config("dense-vs-conv").batch_size == 128  # a recipe without a rule: as it was
+
+
+def test_recipe_rule_reads_the_device_only_where_a_recipe_has_one(monkeypatch):
+    monkeypatch.setattr(device_mod, "resolve_device", lambda name="auto": pytest.fail("resolved a device"))
+    assert config.recipe_device_type(get_recipe("dense-vs-conv"), None) == "cpu"
+    with pytest.raises(config.ConfigError, match="device='tpu': expected one of"):
+        config.make_config("fast", device="tpu")  # named by validation, not by the rule
+
+
+@dataclasses.dataclass(frozen=True)
+class CudaGraphsOnCpu(device_mod.Runtime):
+    """A CPU runtime that takes the CUDA-graph branches (a fake GPU for the step's bookkeeping)."""
+
+    @property
+    def cuda_graphs(self) -> bool:
+        return True
+
+
+@pytest.mark.parametrize("sam", [False, True])
+def test_compiled_cuda_steps_are_marked_before_every_forward(sam, monkeypatch, tmp_path):
+    """With CUDA graphs, each forward begins a new graph step (else a replay overwrites outputs still in
+    use: the warm-up's, SAM's first pass), and the warm-up runs each batch size three times so that
+    capture happens before the clock starts."""
+    marks = []
+    monkeypatch.setattr(torch.compiler, "cudagraph_mark_step_begin", lambda: marks.append(1))
+    monkeypatch.setattr(torch, "compile", lambda fn, **kw: fn)
+    monkeypatch.setattr(training.device_mod, "resolve",
+                        lambda *a, **k: CudaGraphsOnCpu(torch.device("cpu"), "fp32", True))
+    cfg = config.make_config("fast", epochs=1, batch_size=32, eval_batch_size=50, compile=True,
+                             sam_rho=0.05 if sam else 0.0, sam_start=0.0)
+    ds = synthetic_dataset(n_train=64, n_test=20)
+    metrics = run_mod.train_run(cfg, tmp_path / "run", dataset=ds, quiet=True, calibrate=False).metrics
+    steps = 64 // 32
+    assert len(marks) == 3 + steps * (2 if sam else 1)
+    assert 0.0 <= metrics["test_accuracy"] <= 1.0
+
+
+def test_the_random_stream_is_drawn_where_the_step_runs():
+    cuda = device_mod.Runtime(torch.device("cuda"), "bf16", True)
+    assert cuda.random_device == torch.device("cuda") and cuda.cuda_graphs
+    cpu = device_mod.resolve("cpu", "fp32")
+    assert cpu.random_device == torch.device("cpu") and not cpu.cuda_graphs
+    # On a CPU the stream is the one every run had: a CPU generator seeded by (seed, epoch).
+    g, before = training.epoch_generator(3, 1, cpu.random_device), torch.Generator().manual_seed(3 * 1_000_003 + 1)
+    assert torch.equal(torch.randperm(50, generator=g), torch.randperm(50, generator=before))
+
+
+def test_compiled_step_trains_on_a_cpu(tmp_path):
+    """--compile on a CPU: the compiled forward trains (the stem cache's forward too) and learns."""
+    import torch._dynamo
+    torch._dynamo.reset()
+    cfg = config.make_config("fast", epochs=2, batch_size=50, compile=True, eval_batch_size=100)
+    ds = synthetic_dataset(n_train=300, n_test=100, seed=1)
+    metrics = run_mod.train_run(cfg, tmp_path / "run", dataset=ds, quiet=True, calibrate=False).metrics
+    assert torch._dynamo.utils.counters["stats"]["unique_graphs"] >= 1
+    assert metrics["stem_cached"] and metrics["test_accuracy"] > 0.5
+
+
+def test_threads_are_the_free_cores_unless_asked(monkeypatch, tmp_path):
+    monkeypatch.setattr(device_mod, "usable_cores", lambda: 2)
+    before = torch.get_num_threads()
+    try:
+        torch.set_num_threads(2)
+        monkeypatch.setattr(device_mod, "busy_cores", lambda: 1)
+        assert device_mod.training_threads(None) == 1  # one core left by another process
+        assert device_mod.training_threads(2) == 2  # asked for: as asked
+        monkeypatch.setattr(device_mod, "busy_cores", lambda: 5)
+        assert device_mod.training_threads(None) == 1  # never below one
+        monkeypatch.setattr(device_mod, "busy_cores", lambda: 0)
+        torch.set_num_threads(1)
+        assert device_mod.training_threads(None) == 1  # a process's own setting (a sweep worker's) is a ceiling
+        # A run sets its threads while it trains, records them, and puts the process's setting back.
+        cfg = config.make_config("fast", epochs=1, batch_size=32, threads=2, eval_batch_size=50)
+        folder = run_mod.train_run(cfg, tmp_path / "run", dataset=synthetic_dataset(64, 20), quiet=True,
+                                   calibrate=False)
+        assert json.loads((folder.path / "config.json").read_text())["environment"]["threads"] == 2
+        assert torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_busy_cores_reads_this_machine():
+    busy = device_mod.busy_cores()
+    if sys.platform.startswith("linux"):
+        assert busy is not None and 0 <= busy
+    with pytest.raises(config.ConfigError, match="threads=0: expected an integer >= 1"):
+        config.make_config("fast", threads=0)
+
+
+def test_gpu_check_runs_end_to_end_in_quick_mode(real_data, tmp_path):
+    """benchmarks/gpu_check.sh, as a GPU machine runs it, in its quick mode on this CPU: every stage
+    trains, prints its table and writes its JSON."""
+    env = {**os.environ, "GPU_CHECK_QUICK": "1", "OUT": str(tmp_path), "PYTHON": sys.executable}
+    proc = subprocess.run(["bash", str(ROOT / "benchmarks" / "gpu_check.sh")], capture_output=True, text=True,
+                          env=env, timeout=600)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "stopped" not in proc.stdout, proc.stdout
+    for stage in ("fast", "before", "compiled"):
+        saved = json.loads((tmp_path / f"{stage}.json").read_text())
+        assert all(run["curve"] for runs in saved["results"].values() for run in runs), stage
+    assert "cnn (plain fp32 Adam)" in json.loads((tmp_path / "fast.json").read_text())["results"]
+    assert json.loads((tmp_path / "best.json").read_text())
+    assert "time to test accuracy" in (tmp_path / "fast.txt").read_text()
+    assert Path(tmp_path / "device.txt").read_text().startswith("torch ")
