@@ -274,3 +274,15 @@ def test_a_run_with_shift_tta_records_it_and_its_onnx_export_computes_it(tmp_pat
 def test_tta_shift_setting_is_checked():
     with pytest.raises(ValueError, match="tta_shift=5: expected an integer from 0 to 4"):
         config.make_config("best", tta_shift=5)
+
+
+def test_per_cpu_tables_are_generated_from_the_benchmark_results():
+    """The README's and docs/records.md's per-CPU tables are what benchmarks/cpu_records.py makes of
+    the committed time_to_accuracy.py results (one file per CPU kind)."""
+    import subprocess
+    import sys
+    from conftest import ROOT
+    assert sorted((ROOT / "benchmarks" / "results").glob("time-to-accuracy-*.json"))
+    proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_records.py"), "--check"],
+                          capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
+    assert proc.returncode == 0, proc.stdout + proc.stderr

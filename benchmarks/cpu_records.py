@@ -1,0 +1,103 @@
+"""The per-CPU table of the README and docs/records.md, generated from time_to_accuracy.py's JSON.
+
+    PYTHONPATH=src python benchmarks/time_to_accuracy.py --seeds 3 --epochs 2 6 --reference-epochs 1 \
+        --targets 0.9173 0.93 --json benchmarks/results/time-to-accuracy-<kind>.json
+    python benchmarks/cpu_records.py              # rewrites the tables from benchmarks/results/*.json
+    python benchmarks/cpu_records.py --check      # exit 1 when a table differs from what the files give
+
+One row per file, so per CPU kind measured: the CPU's flags, one plain epoch in that same run, and
+for each target each `fast` schedule's time to it in plain epochs and seconds (mean ± sample sd over
+the seeds that reached it; in bold where every seed did).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from fashionlab import atomic  # noqa: E402
+from time_to_accuracy import PLAIN, first_reaching, in_plain_epochs, plain_epoch_seconds, WALL  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+RESULTS = ROOT / "benchmarks" / "results"
+PAGES = (ROOT / "README.md", ROOT / "docs" / "records.md")
+BEGIN, END = "<!-- cpu-records:begin -->", "<!-- cpu-records:end -->"
+TARGETS = (0.9173, 0.93)
+
+
+def mean_sd(values: list[float], digits: int) -> str:
+    sd = statistics.stdev(values) if len(values) > 1 else 0.0
+    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
+
+
+def schedules(results: dict, target: float, plain: float) -> str:
+    """Each `fast` schedule's time to the target, in seconds and plain epochs, over the seeds that
+    reached it; in bold where every seed did."""
+    cells = []
+    for label, runs in results.items():
+        ratios = in_plain_epochs(runs, target, plain)
+        if label == PLAIN or not ratios:
+            continue
+        seconds = [t for t in (first_reaching(r["curve"], target, WALL) for r in runs) if t is not None]
+        ratio = mean_sd(ratios, 2)
+        every = len(ratios) == len(runs)
+        cells.append(f"{label.removeprefix('fast ').strip('()')}: " + (f"**{ratio}**" if every else ratio)
+                     + f" ({mean_sd(seconds, 1)} s{'' if every else f', {len(ratios)}/{len(runs)} seeds'})")
+    return "; ".join(cells) or "not reached"
+
+
+def row(path: Path) -> list[str]:
+    saved = json.loads(path.read_text())
+    hw, results = saved["hardware"], saved["results"]
+    plain = plain_epoch_seconds(results)
+    if plain is None:
+        raise SystemExit(f"{path}: no plain reference in this run, so no unit to state the times in")
+    seeds = min(len(runs) for runs in results.values())
+    return [f"{hw['cpu']}, {hw['cores']} cores: {hw.get('cpu_kind', '?')}", str(hw["threads"]),
+            f"{plain:.1f} s", *(schedules(results, t, plain) for t in TARGETS), str(seeds),
+            f"`{saved.get('command', '?')}`; load average {saved['load_average_end'][0]} at the end"]
+
+
+def table(files: list[Path]) -> str:
+    head = ["CPU: kind, precision", "threads", "one plain epoch", "`fast` to 91.73%, in plain epochs (seconds)",
+            "to 93%", "seeds", "command and load"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(row(f)) + " |" for f in files]
+    return "\n".join(lines)
+
+
+def rewrite(page: Path, text: str) -> str:
+    old = page.read_text()
+    if BEGIN not in old or END not in old:
+        raise SystemExit(f"{page}: no {BEGIN} ... {END} markers to write the table between")
+    head, rest = old.split(BEGIN, 1)
+    return head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="*", type=Path, help="time_to_accuracy.py --json files (default: benchmarks/results)")
+    ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a page's table is stale")
+    args = ap.parse_args(argv)
+    files = args.files or sorted(RESULTS.glob("time-to-accuracy-*.json"))
+    text = table(files)
+    stale = []
+    for page in PAGES:
+        new = rewrite(page, text)
+        if new != page.read_text():
+            stale.append(page)
+            if not args.check:
+                atomic.write_text(page, new)
+    print(text)
+    if args.check and stale:
+        print(f"stale: {', '.join(map(str, stale))}; run python benchmarks/cpu_records.py", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
