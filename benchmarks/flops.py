@@ -42,8 +42,10 @@ def forward_flops(model: nn.Module, side: int = 28) -> int:
 def host_matmul_rate(seconds: float = 1.0, n: int = 1024) -> tuple[str, float, float]:
     """The host CPU's matmul rate in the precision it trains at (bf16 where it has AVX-512 BF16 or AMX,
     else fp32), measured briefly: (precision, FLOP/s wall-clock, FLOP per CPU second). bf16 on a CPU
-    without it is emulated at a small fraction of fp32's rate: timing it took minutes there."""
-    bf16 = torch.cpu._is_avx512_bf16_supported()
+    without it is emulated at a small fraction of fp32's rate: timing it took minutes there. The rule is
+    training's own (device.cpu_has_bf16), so a CPU held to AVX2 by ONEDNN_MAX_CPU_ISA times fp32."""
+    from fashionlab.device import cpu_has_bf16
+    bf16 = cpu_has_bf16()
     wall, cpu = matmul_rate(torch.bfloat16 if bf16 else torch.float32, n, seconds)
     return ("bf16" if bf16 else "fp32"), wall, cpu
 

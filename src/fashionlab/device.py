@@ -129,9 +129,15 @@ def inference_runtime(info: dict, device: str = "auto", precision: str = "auto")
 # --------------------------------------------------------------------------- CPU threads
 
 def _runnable(path: str) -> int:
-    """Runnable threads: the whole system's (procs_running in /proc/stat), or one task's state letter."""
-    with open(path) as f:
-        text = f.read()
+    """Runnable threads: the whole system's (procs_running in /proc/stat), or one task's state letter
+    (0 for a thread that ended since the folder was listed)."""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        if path == "/proc/stat":
+            raise
+        return 0
     if path == "/proc/stat":
         return int(text.split("procs_running", 1)[1].split()[0])
     return int(text.rsplit(")", 1)[1].split()[0] == "R")
