@@ -128,19 +128,22 @@ def inference_runtime(info: dict, device: str = "auto", precision: str = "auto")
 
 # --------------------------------------------------------------------------- CPU threads
 
-def _runnable(path: str) -> int:
-    """Runnable threads: the whole system's (procs_running in /proc/stat), or one task's state letter
-    (0 for a thread that ended since the folder was listed)."""
-    try:
-        with open(path) as f:
-            text = f.read()
-    except FileNotFoundError:
-        if path == "/proc/stat":
-            raise
-        return 0
-    if path == "/proc/stat":
-        return int(text.split("procs_running", 1)[1].split()[0])
-    return int(text.rsplit(")", 1)[1].split()[0] == "R")
+def _system_runnable() -> int:
+    """Runnable threads on the whole machine (procs_running in /proc/stat), this process's included."""
+    with open("/proc/stat") as f:
+        return int(f.read().split("procs_running", 1)[1].split()[0])
+
+
+def _own_runnable() -> int:
+    """This process's runnable threads (state R); one that ends while they are read counts as not running."""
+    running = 0
+    for task in os.listdir("/proc/self/task"):
+        try:
+            with open(f"/proc/self/task/{task}/stat") as f:
+                running += f.read().rsplit(")", 1)[1].split()[0] == "R"
+        except FileNotFoundError:
+            pass
+    return running
 
 
 def busy_cores(samples: int = 5, interval: float = 0.01) -> int | None:
@@ -151,8 +154,8 @@ def busy_cores(samples: int = 5, interval: float = 0.01) -> int | None:
     counts = []
     try:
         for i in range(samples):
-            own = sum(_runnable(f"/proc/self/task/{t}/stat") for t in os.listdir("/proc/self/task"))
-            counts.append(max(0, _runnable("/proc/stat") - own))
+            own = _own_runnable()
+            counts.append(max(0, _system_runnable() - own))
             if i < samples - 1:
                 time.sleep(interval)
     except (OSError, ValueError, IndexError):
@@ -178,8 +181,10 @@ def training_threads(requested: int | None) -> int:
     import torch
     if requested:
         return requested
-    busy = busy_cores()
     current = torch.get_num_threads()
+    if current == 1:
+        return 1  # nothing to lower: no need to look at the machine
+    busy = busy_cores()
     if busy is None:
         return current
     return max(1, min(current, usable_cores() - busy))
