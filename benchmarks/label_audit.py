@@ -9,7 +9,7 @@ then confident learning), and prints recall and precision on the planted flips, 
 of flip, with the audit's time. The data's own label errors count against precision, so it is a lower
 bound. Finished folds in the output folder are reused: a second run only recounts.
 
-    PYTHONPATH=src python benchmarks/label_audit.py [--recipe fast] [--epochs N] [--folds 5] [--rate 0.03] [--seed 0]
+    PYTHONPATH=src python benchmarks/label_audit.py [--recipe fast-full] [--epochs N] [--folds 5] [--rate 0.03] [--seed 0]
 """
 
 from __future__ import annotations
@@ -56,7 +56,7 @@ def plant_flips(labels: np.ndarray, class_names: list[str], rate: float, seed: i
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--recipe", default="fast")
+    p.add_argument("--recipe", default="fast-full")
     p.add_argument("--folds", type=int, default=5)
     p.add_argument("--epochs", type=int, help="override the recipe's epochs (better probabilities, longer audit)")
     p.add_argument("--rate", type=float, default=0.03, help="share of training labels flipped (default 0.03)")

@@ -15,7 +15,7 @@ passes.
 
     PYTHONPATH=src python benchmarks/ood_detection.py [RUN] [--data-dir DIR] [--seed 0]
 
-Without RUN it trains the `fast` recipe into runs/bench-ood-fast (or reuses it). A run without
+Without RUN it trains the `fast-full` recipe into runs/bench-ood-fast (or reuses it). A run without
 ood.safetensors is calibrated first (and keeps it). Needs scikit-learn (the `report` extra).
 """
 
@@ -138,13 +138,13 @@ def _row(name, n, in_scores, scores, threshold, in_msp, msp_scores, msp_threshol
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("run", nargs="?", help=f"a finished run folder (default: train the fast recipe into {DEFAULT_RUN})")
+    ap.add_argument("run", nargs="?", help=f"a finished run folder (default: train the fast-full recipe into {DEFAULT_RUN})")
     ap.add_argument("--data-dir", help="dataset folder (default: the usual places, offline)")
     ap.add_argument("--seed", type=int, default=0, help="seed of the noise and shape images (default 0)")
     ap.add_argument("--device", default="auto")
     args = ap.parse_args(argv)
     ds = api.load_data(args.data_dir, offline=True)
-    run = api.Run(args.run) if args.run else api.train(recipe="fast", out=DEFAULT_RUN, reuse=True, dataset=ds)
+    run = api.Run(args.run) if args.run else api.train(recipe="fast-full", out=DEFAULT_RUN, reuse=True, dataset=ds)
     if not run.ood_path.exists():
         print(f"{run.ood_path}: not found; calibrating it now", file=sys.stderr)
         run.calibrate_ood(dataset=ds, device=args.device)

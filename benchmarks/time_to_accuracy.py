@@ -21,6 +21,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import statistics
 import sys
 import tempfile
@@ -160,7 +161,7 @@ def main(argv=None) -> int:
     ap.add_argument("--epochs", type=int, nargs="+", default=None,
                     help="time the recipe at each of these schedule lengths, one row each (default: the "
                          "recipe's own). A one-cycle schedule peaks at its end, so each target has its own "
-                         "best length: e.g. --epochs 2 7 for 91.73%% and 93%%")
+                         "best length: e.g. --epochs 4 5")
     ap.add_argument("--seeds", type=int, default=3)
     ap.add_argument("--first-seed", type=int, default=0, help="seeds run from this one (more seeds for a row, later)")
     ap.add_argument("--targets", type=float, nargs="+", default=list(DEFAULT_TARGETS))
@@ -174,6 +175,9 @@ def main(argv=None) -> int:
                     help="every row, the reference too, on a stratified subset of N training images (a quick check)")
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a setting of the timed recipe, e.g. --set epochs=6 --set lr=0.2")
+    ap.add_argument("--variant", action="append", nargs="+", default=[], metavar="LABEL [KEY=JSON ...]",
+                    help="one more row: the recipe with these settings changed, labelled LABEL, e.g. --variant "
+                         "for-93 'model=\"fast\"' epochs=8 hard_fraction=0.3")
     ap.add_argument("--json", help="also write all runs as JSON to this file")
     ap.add_argument("--from-json", metavar="PATH",
                     help="train nothing: print the tables again from the curves a --json run saved")
@@ -200,6 +204,10 @@ def main(argv=None) -> int:
         label = f"{args.recipe} ({epochs} epochs)" if epochs else args.recipe
         configs[label] = lambda seed, kw=kw: make_config(args.recipe, seed=seed, val_split=0.0, subset=args.subset,
                                                          **kw)
+    for label, *items in args.variant:
+        kw = dict(overrides, **parse_overrides(items))
+        configs[f"{args.recipe} {label}"] = lambda seed, kw=kw: make_config(args.recipe, seed=seed, val_split=0.0,
+                                                                            subset=args.subset, **kw)
     if not args.no_reference:
         reference = dict(REFERENCE, epochs=args.reference_epochs, threads=overrides["threads"])
         configs = {PLAIN: lambda seed: make_config(**reference, seed=seed, val_split=0.0, subset=args.subset),
@@ -246,7 +254,7 @@ def main(argv=None) -> int:
                                                "command": "".join(f"{k}={os.environ[k]} " for k in LIMITS
                                                                   if os.environ.get(k))
                                                           + "python benchmarks/time_to_accuracy.py "
-                                                          + " ".join(argv if argv is not None else sys.argv[1:]),
+                                                          + shlex.join(argv if argv is not None else sys.argv[1:]),
                                                "results": results}, indent=1))
     return 0
 

@@ -104,13 +104,13 @@ NOT_RUN = {
     ('sweeps.md', 'fashionlab sweep experiments/conv-layers-small.toml --workers 1 --threads 1 --out runs/sweeps/small-w1t1'),
     ('sweeps.md', 'fashionlab sweep experiments/conv-layers-small.toml --workers 1 --out runs/sweeps/small-w1              # torch default: 2 threads'),
     ('sweeps.md', 'PYTHONPATH=src python -m pytest tests/test_sweep.py'),
-    ('audit.md', 'fashionlab audit --recipe fast --folds 5 --out audits/fast'),
+    ('audit.md', 'fashionlab audit --recipe fast-full --folds 5 --out audits/fast'),
     ('trust.md', 'python benchmarks/trust.py --show fast=runs/fast best=runs/best --figures docs/trust --write docs/trust.md'),
     ('trust.md', 'fashionlab compare runs/fast runs/best --out compare.html'),
     ('trust.md', 'python benchmarks/trust.py --baseline runs/fast-s0 runs/fast-s1 runs/fast-s2 --candidate runs/fast-robust-s0 runs/fast-robust-s1 runs/fast-robust-s2 --write docs/trust.md'),
     ('audit.md', 'import csv'),
-    ('audit.md', 'PYTHONPATH=src python benchmarks/label_audit.py --recipe fast --folds 5 --out runs/bench-label-audit'),
-    ('audit.md', 'PYTHONPATH=src python benchmarks/label_audit.py --recipe fast --epochs 4 --folds 5 --out runs/bench-label-audit-e4'),
+    ('audit.md', 'PYTHONPATH=src python benchmarks/label_audit.py --recipe fast-full --folds 5 --out runs/bench-label-audit'),
+    ('audit.md', 'PYTHONPATH=src python benchmarks/label_audit.py --recipe fast-full --epochs 4 --folds 5 --out runs/bench-label-audit-e4'),
     ('audit.md', 'fashionlab audit --data-dir runs/bench-label-audit/data --class-names "T-shirt/top,Trouser,Pullover,Dress,Coat,Sandal,Shirt,Sneaker,Bag,Ankle boot" --out audits/custom'),
 }
 

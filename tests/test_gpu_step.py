@@ -28,12 +28,12 @@ def pretend_cuda(monkeypatch) -> None:
 
 def test_record_recipes_resolve_per_device(monkeypatch):
     cpu = config.make_config("fast")
-    assert (cpu.batch_size, cpu.lr, cpu.epochs) == (256, 1.15, 2)
+    assert (cpu.model, cpu.batch_size, cpu.lr, cpu.epochs, cpu.hard_fraction) == ("fast_lean", 256, 1.15, 4, 0.3)
     assert {**cpu.to_dict(), "device": "cpu"} == config.make_config("fast", device="cpu").to_dict()
     pretend_cuda(monkeypatch)
     gpu = config.make_config("fast")
     assert (gpu.batch_size, gpu.lr, gpu.epochs) == (1024, 2.3, 4)
-    assert gpu.model == "fast" and gpu.augment == cpu.augment  # only the named settings change
+    assert (gpu.model, gpu.hard_fraction) == ("fast", 1.0) and gpu.augment == cpu.augment  # only the named settings change
     # Its one-cycle schedule over 4 epochs of 59 steps (60,000 images in batches of 1,024): a quarter
     # warming up from lr / 25 to the peak, then a cosine down to nothing.
     steps = -(-60000 // gpu.batch_size)

@@ -17,22 +17,22 @@ from fashionlab.recipes import get_recipe
 from fashionlab.models.records import FastNet, ResNet, wide_resnet_blocks
 
 
-@pytest.mark.parametrize("recipe", ["fast", "best"])
-def test_record_recipe_trains_one_epoch_and_reloads(recipe, tmp_path):
+@pytest.mark.parametrize("recipe, model", [("fast", "fast_lean"), ("fast-full", "fast"), ("best", "best")])
+def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, tmp_path):
     ds = synthetic_dataset(n_train=64, n_test=40)
     seen = []
     cfg = config.make_config(recipe, epochs=1, batch_size=32, eval_batch_size=20)
-    assert cfg.model == get_recipe(recipe).settings["model"] == recipe
+    assert cfg.model == get_recipe(recipe).settings["model"] == model
     hook = training.EpochHook(lambda row, model: seen.append((row["epoch"], model.training)))
     metrics = run_mod.train_run(cfg, tmp_path / "run", dataset=ds, quiet=True, callbacks=[hook]).metrics
-    assert metrics["epochs_run"] == 1 and metrics["model"] == recipe
+    assert metrics["epochs_run"] == 1 and metrics["model"] == model
     assert 0.0 <= metrics["test_accuracy"] <= 1.0 and metrics["train_seconds"] > 0
     assert len(seen) == 1 and seen[0][0] == 1
     # The run folder rebuilds the same network from its recorded family and arguments.
-    model, info = run_mod.RunFolder(tmp_path / "run").load_model()
-    assert info["architecture"]["family"] == models.MODELS[recipe].family
+    net, info = run_mod.RunFolder(tmp_path / "run").load_model()
+    assert info["architecture"]["family"] == models.MODELS[model].family
     rt = resolve("cpu", "fp32", conv_model=True)
-    logits = evaluate.predict_logits(model, ds.test_images, rt, tta_flip=cfg.tta_flip, tta_shift=cfg.tta_shift)
+    logits = evaluate.predict_logits(net, ds.test_images, rt, tta_flip=cfg.tta_flip, tta_shift=cfg.tta_shift)
     assert logits.shape == (40, 10) and torch.isfinite(logits).all()
 
 
@@ -50,6 +50,19 @@ def test_best_recipe_trains_a_bigger_net_longer_with_more_augmentation_than_fast
     assert models.count_params(models.build_model("best")) > 3 * models.count_params(models.build_model("fast"))
     aug = Augment.from_dict(best["augment"])
     assert aug.flip and aug.crop
+
+
+def test_the_lean_net_runs_its_last_conv_after_the_pool():
+    sizes = {}
+    for name in ("fast", "fast_lean"):
+        net = models.build_model(name)
+        net.init_from_data(torch.rand(64, 1, 28, 28))
+        last = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
+        last.register_forward_hook(lambda mod, inp, out, name=name: sizes.update({name: tuple(out.shape[2:])}))
+        assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+        assert net.frozen_stem() is not None  # the stem cache works the same for both
+    assert sizes == {"fast": (7, 7), "fast_lean": (3, 3)}
+    assert models.count_params(models.build_model("fast_lean")) == models.count_params(models.build_model("fast"))
 
 
 def test_wide_resnet_depth_is_data():

@@ -38,9 +38,9 @@ def test_the_runs_layout_is_the_recipe_seed_and_the_next():
     planned = tables.plan("R", ["cnn-vs-rnn", "fast"], 2)
     assert [(r.recipe, r.model, r.seed, str(r.path)) for r in planned] == [
         ("cnn-vs-rnn", "cnn_small", 4, "R/cnn-vs-rnn/cnn_small-s4"), ("cnn-vs-rnn", "lstm", 4, "R/cnn-vs-rnn/lstm-s4"),
-        ("fast", "fast", 0, "R/fast/fast-s0"),
+        ("fast", "fast_lean", 0, "R/fast/fast_lean-s0"),
         ("cnn-vs-rnn", "cnn_small", 5, "R/cnn-vs-rnn/cnn_small-s5"), ("cnn-vs-rnn", "lstm", 5, "R/cnn-vs-rnn/lstm-s5"),
-        ("fast", "fast", 1, "R/fast/fast-s1")]
+        ("fast", "fast_lean", 1, "R/fast/fast_lean-s1")]
     assert planned[0].config().to_dict() == tables.make_config(recipe="cnn-vs-rnn", model="cnn_small", seed=4).to_dict()
     with pytest.raises(UserError, match="unknown recipe.s. nope; the reference recipes are dense-vs-conv"):
         tables.plan("R", ["nope"], 3)
@@ -111,7 +111,7 @@ def test_the_table_is_rendered_from_the_runs(runs):
     assert table[("vgg-early-stop", "vgg")] == [
         "not run: `python benchmarks/reproduce.py --seeds 3 --recipes vgg-early-stop`", "0 of 3",
         "—", "—", "—", "—"]
-    assert table[("fast", "fast")][3] == "—"
+    assert table[("fast", "fast_lean")][3] == "—"
 
     # between a recipe's models: Welch's test, or not enough runs to say
     assert "- `cnn-vs-rnn`: " in block and "not enough runs to say which is better" in block
@@ -122,7 +122,7 @@ def test_the_table_is_rendered_from_the_runs(runs):
     assert "device cpu; precision " in footer and "threads." in footer
     # the records block shows only its own recipes
     records = _table_rows(tables.render_block("records", rows, 3, "Test CPU", "2026-01-02"))
-    assert list(records) == [("fast", "fast"), ("best", "best")]
+    assert list(records) == [("fast", "fast_lean"), ("best", "best")]
 
 
 def test_finished_runs_are_reused_and_runs_of_other_settings_refused(runs, tmp_path):
@@ -186,7 +186,7 @@ def test_the_script_renders_finished_runs_without_training(runs, tmp_path):
     assert readme.startswith("# title\n\nbefore\n")
     assert readme.endswith("<!-- reproduce:recipes:end -->\nend of readme\n")
     assert "| `dropout-cnn` | `cnn_dropout` | " in readme and f"--runs {runs}`" in readme
-    assert "| `fast` | `fast` |" in (tmp_path / "docs" / "records.md").read_text()
+    assert "| `fast` | `fast_lean` |" in (tmp_path / "docs" / "records.md").read_text()
 
     bad = _script("--no-train", "--recipes", "fast,nope", "--root", str(tmp_path))
     assert bad.returncode == 2 and bad.stderr.startswith("reproduce.py: error: unknown recipe(s) nope")

@@ -321,7 +321,7 @@ class AuditResult:
                 f"CSV <code>{html.escape(str(self.csv))}</code></p>")
 
 
-def audit(recipe: str | None = "fast", model: str | None = None, out: str | Path | None = None, *,
+def audit(recipe: str | None = "fast-full", model: str | None = None, out: str | Path | None = None, *,
           folds: int = 5, dataset: data_mod.Dataset | None = None, data_dir=None, offline: bool | None = None,
           class_names: Sequence[str] | None = None, device: str = "auto", log=None,
           callbacks: Sequence[Callback] = (), **settings) -> AuditResult:
@@ -389,7 +389,7 @@ def study(name: str, seeds: int = 3, out: str | Path | None = None, *, run_repor
           log=None, track: str | Sequence[str] | None = None, **settings) -> StudyResult:
     """A reference study (`dense-vs-conv`, `cnn-vs-rnn`, `zoo`) over several seeds, resumable: finished
     runs in `out` (default studies/<name>) are reused. settings override the recipe (epochs, subset, ...).
-    `audit-exclude` trains the fast recipe with and without a label audit's suspects (exclude=, as for
+    `audit-exclude` trains the fast-full recipe with and without a label audit's suspects (exclude=, as for
     `train`: the audit's CSV) and tests the difference.
     track: as for `train`; every run is logged, reused ones from their files, grouped by study."""
     from . import studies

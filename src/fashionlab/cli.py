@@ -509,7 +509,7 @@ def cmd_study(args) -> int:
 
 
 def args_audit(p):
-    p.add_argument("--recipe", default="fast", help="the recipe each fold trains with (default fast; see "
+    p.add_argument("--recipe", default="fast-full", help="the recipe each fold trains with (default fast-full; see "
                    "`fashionlab recipes`)")
     p.add_argument("--model", help="override the recipe's model")
     p.add_argument("--folds", type=int, default=5, help="cross-validation folds, 2 to 20 (default 5): each fold's "

@@ -101,6 +101,10 @@ class TrainConfig:
     # ---- optimisation
     epochs: int = setting(10, "passes over the training images", group="optimisation",
                           check=_positive_int, expected="an integer >= 1")
+    hard_fraction: float = setting(1.0, "after the first epoch, train each epoch on this fraction of the training "
+                                   "images: those whose loss was highest when last trained on (1 = all; "
+                                   "hard_examples.py)", group="optimisation",
+                                   check=lambda v: 0 < v <= 1, expected="a fraction in (0, 1]", metavar="FRACTION")
     batch_size: int = setting(128, "training images per step", group="optimisation",
                               check=_positive_int, expected="an integer >= 1")
     lr: float = setting(1e-3, "peak learning rate", group="optimisation",

@@ -376,11 +376,23 @@ def _check_extras(header: Header, params: dict[str, torch.Tensor], state: dict[s
     for copy, what in (("ema.", "the moving average of the weights"), ("best.", "the best epoch's weights")):
         if any(k.startswith("extra." + copy) for k in header):
             compare_tensors(header, expected_tensors(params), where, what, "extra." + copy)
-    known = {"extra.rng.cpu", "extra.rng.epoch", "extra.rng.cuda"}
+    _check_hard_examples(header, where)
+    known = {"extra.rng.cpu", "extra.rng.epoch", "extra.rng.cuda", "extra.hard.loss", "extra.hard.chosen"}
     unknown = [k for k in header if k.startswith("extra.") and k not in known
                and not k.startswith(("extra.ema.", "extra.best."))]
     if unknown:
         raise RunError(f"{where}: unexpected tensor(s) {_few(unknown, '')}")
+
+
+def _check_hard_examples(header: Header, where: str) -> None:
+    """Hard-example epochs' memory: a loss per training image, and mid-epoch the epoch's choice of them."""
+    loss, chosen = header.get("extra.hard.loss"), header.get("extra.hard.chosen")
+    if loss is not None and (loss[0] != "F32" or len(loss[1]) != 1):
+        raise RunError(f"{where}: tensor extra.hard.loss is {_DTYPE_WORDS.get(loss[0], loss[0])} {list(loss[1])}; "
+                       f"expected float32 of one dimension (a loss per training image)")
+    if chosen is not None and (loss is None or chosen != ("BOOL", loss[1])):
+        raise RunError(f"{where}: tensor extra.hard.chosen is {_DTYPE_WORDS.get(chosen[0], chosen[0])} "
+                       f"{list(chosen[1])}; expected bool of the shape of extra.hard.loss (one per training image)")
 
 
 def checkpoint_state(path: Path) -> dict[str, Any]:

@@ -59,8 +59,8 @@ register(Study("dense-vs-conv", "A dense network against a small CNN: where conv
 register(Study("cnn-vs-rnn", "A small CNN against an LSTM reading image rows (the reference study's claim: the CNN "
                "wins, 88.0% vs 86.2%, and Shirt is the hardest class).", "cnn-vs-rnn", get_recipe("cnn-vs-rnn").models))
 register(Study("zoo", "Every registered model under one recipe (dense-vs-conv's settings).", "dense-vs-conv", None))
-register(Study("audit-exclude", "The fast recipe on every training image against the same recipe without the "
-               "suspected label errors a label audit lists (--exclude audit.csv).", "fast", ("fast",),
+register(Study("audit-exclude", "The fast-full recipe on every training image against the same recipe without "
+               "the suspected label errors a label audit lists (--exclude audit.csv).", "fast-full", ("fast",),
                with_and_without_exclusions=True))
 
 

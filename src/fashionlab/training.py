@@ -37,6 +37,7 @@ from . import __version__, checkpoint, data as data_mod, device as device_mod, e
 from .augment import Augment
 from .config import ConfigError, TrainConfig
 from .errors import TrainingInterrupted
+from .hard_examples import HardExamples
 from .stem_cache import StemCache
 
 INIT_IMAGES = 5000  # training images a model's data-dependent initialisation sees
@@ -176,6 +177,7 @@ class Trainer:
     best_weights: dict[str, torch.Tensor] | None = None
     resume_gen_state: torch.Tensor | None = None  # the epoch generator's state at a mid-epoch stop
     cache: StemCache | None = None
+    hard: HardExamples | None = None  # with hard_fraction < 1: each image's last loss, and the epoch's choice
     from_stem: Callable | None = None
     stop_signal: dict[str, int] = field(default_factory=dict)
     wall_start: float = field(default_factory=time.perf_counter)
@@ -201,15 +203,24 @@ class Trainer:
                    optimizer=optimizer, ema=EMA(model, cfg.ema) if cfg.ema else None,
                    step_model=_compiled(model, cfg, rt), init_seconds=init_seconds,
                    augment=Augment.from_dict(cfg.augment), callbacks=callbacks,
-                   log=log or (lambda message: None), wall_start=wall_start)
+                   log=log or (lambda message: None), wall_start=wall_start,
+                   hard=HardExamples(split.n, cfg.hard_fraction, rt.device) if cfg.hard_fraction < 1 else None)
 
     @property
     def steps_per_epoch(self) -> int:
+        """The steps of a pass over every training image (the unit of warmup_epochs)."""
         return math.ceil(self.split.n / self.cfg.batch_size)
+
+    def images_in(self, epoch: int) -> int:
+        """How many images epoch (0-based) trains on: all, or after the first the hard fraction."""
+        return self.hard.images_in(epoch) if self.hard else self.split.n
+
+    def steps_in(self, epoch: int) -> int:
+        return math.ceil(self.images_in(epoch) / self.cfg.batch_size)
 
     @property
     def total_steps(self) -> int:
-        return self.steps_per_epoch * self.cfg.epochs
+        return sum(self.steps_in(e) for e in range(self.cfg.epochs))
 
     @property
     def opt_params(self) -> list[torch.Tensor]:
@@ -240,6 +251,8 @@ class Trainer:
         if self.ema:
             self.ema.model.load_state_dict({k[4:]: v for k, v in extra.items() if k.startswith("ema.")})
         self.best_weights = {k[5:]: v for k, v in extra.items() if k.startswith("best.")} or None
+        if self.hard:
+            self.hard.load(extra, str(path))
         self.resume_gen_state = extra.get("rng.epoch")
         self.log(f"resuming {self.folder.path} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
@@ -290,7 +303,9 @@ class Trainer:
         t0 = time.perf_counter()
         dev = self.runtime.device
         saved_buffers = [b.detach().clone() for b in self.model.buffers()]
-        sizes = sorted({min(self.cfg.batch_size, self.split.n), self.split.n % self.cfg.batch_size} - {0}, reverse=True)
+        bs = self.cfg.batch_size
+        counts = {self.images_in(e) for e in range(self.cfg.epochs)}
+        sizes = sorted({min(bs, n) for n in counts} | {n % bs for n in counts} - {0}, reverse=True)
         repeats = 3 if self.cfg.compile and self.runtime.cuda_graphs else 1
         self.model.train()
         with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev], device_type=dev.type):
@@ -328,10 +343,13 @@ class Trainer:
         self.model.train()
         self._emit("on_epoch_start", epoch, first_step)
         t0 = time.perf_counter()
-        for s in range(first_step, self.steps_per_epoch):
+        if self.hard:  # inside the timed part: choosing is part of the epoch's cost
+            perm = self.hard.begin_epoch(epoch, perm)
+        steps = self.steps_in(epoch)
+        for s in range(first_step, steps):
             self.train_step(perm[s * self.cfg.batch_size:(s + 1) * self.cfg.batch_size], g, stats)
             self._emit("on_step", s, stats)
-            if self.stop_signal.get("signum") and s < self.steps_per_epoch - 1:
+            if self.stop_signal.get("signum") and s < steps - 1:
                 self._stop_mid_epoch(epoch, s + 1, stats, t0, g)
         self._end_of_pass()
         stats.seconds += time.perf_counter() - t0
@@ -367,13 +385,18 @@ class Trainer:
         xb, forward = self._batch(idx, g)
         yb = self.split.Y[idx]
 
-        def logits_and_loss():
+        def logits_and_loss(record: bool = False):
             self._step_begin()
             with self.runtime.autocast():
                 out = forward(xb)
-            return out, F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
+            if not self.hard:
+                return out, F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing)
+            losses = F.cross_entropy(out.float(), yb, label_smoothing=cfg.label_smoothing, reduction="none")
+            if record:
+                self.hard.record(idx, losses)
+            return out, losses.mean()
 
-        logits, loss = logits_and_loss()
+        logits, loss = logits_and_loss(record=True)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         # The running sums read this forward's outputs now: a CUDA-graph replay (SAM's second forward,
@@ -424,6 +447,8 @@ class Trainer:
         """Work that finishes an epoch's model, inside the timed part."""
         if self.cache:
             self.cache.end_epoch()
+        if self.hard:
+            self.hard.end_epoch()
         if self.cfg.precise_bn:
             recompute_batchnorm(self.eval_model(), self.split.X[:self.cfg.precise_bn], self.runtime,
                                 self.cfg.batch_size)
@@ -483,6 +508,8 @@ class Trainer:
             extra.update({f"best.{k}": v for k, v in self.best_weights.items()})
         if epoch_gen_state is not None:
             extra["rng.epoch"] = epoch_gen_state
+        if self.hard:
+            extra.update(self.hard.state())
         checkpoint.save_state(self.folder.checkpoint_path, self.model, self.optimizer, extra, asdict(self.state))
 
     # ---- the end
@@ -705,24 +732,25 @@ class ProgressBar(Callback):
 
     def __init__(self):
         self.bar = None
-        self.every = 20
+        self.every = self.steps = 20
 
     def on_epoch_start(self, trainer: Trainer, epoch: int, first_step: int) -> None:
         from tqdm import tqdm
-        self.bar = tqdm(total=trainer.steps_per_epoch, initial=first_step, desc=f"epoch {epoch + 1}/{trainer.cfg.epochs}",
+        self.steps = trainer.steps_in(epoch)
+        self.bar = tqdm(total=self.steps, initial=first_step, desc=f"epoch {epoch + 1}/{trainer.cfg.epochs}",
                         unit="batch", leave=False, mininterval=0.5, dynamic_ncols=True)
         self.t0 = time.perf_counter()
         on_gpu = trainer.runtime.device.type != "cpu"
-        self.every = max(20, trainer.steps_per_epoch // 4) if on_gpu else 20
+        self.every = max(20, self.steps // 4) if on_gpu else 20
 
     def on_step(self, trainer: Trainer, step: int, stats: EpochStats) -> None:
-        if step % self.every == 0 or step == trainer.steps_per_epoch - 1:
+        if step % self.every == 0 or step == self.steps - 1:
             el = stats.seconds + time.perf_counter() - self.t0
             self.bar.set_postfix_str(f"loss {stats.loss_sum.item() / stats.seen:.4f} "
                                      f"acc {stats.correct.item() / stats.seen:.4f} "
                                      f"{stats.seen / max(el, 1e-9):,.0f} img/s", refresh=False)
         self.bar.update(1)
-        if step == trainer.steps_per_epoch - 1:
+        if step == self.steps - 1:
             self.close()
 
     def on_interrupt(self, trainer: Trainer) -> None:

