@@ -1,7 +1,7 @@
 """Probabilities that mean what they say: temperature scaling (Guo et al., 2017).
 
 A trained net's softmax is rarely an honest confidence: label smoothing and test-time augmentation
-leave `fast` under-confident (ECE 0.10 on the test set), long training leaves nets over-confident.
+leave `fast-full` under-confident (ECE 0.10 on the test set), long training leaves nets over-confident.
 Temperature scaling divides the logits by one number T fitted to minimise the negative
 log-likelihood on held-out images: the ranking of the classes, and so the accuracy, does not change;
 the probabilities do.
