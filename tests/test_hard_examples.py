@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -102,3 +103,40 @@ def test_the_whole_fraction_is_the_plain_run(tmp_path):
     a = run_mod.train_run(config.make_config(**kw), tmp_path / "a", dataset=ds, quiet=True).metrics
     b = run_mod.train_run(config.make_config(hard_fraction=1.0, **kw), tmp_path / "b", dataset=ds, quiet=True).metrics
     assert a["test_loss"] == b["test_loss"]
+
+
+def _cut_run(tmp_path, ds):
+    """A hard-example run stopped inside its second epoch; returns its config and checkpoint path."""
+    class StopInSecondEpoch(training.Callback):
+        def on_step(self, trainer, step, stats):
+            if trainer.state.step == 15:
+                trainer.stop_signal["signum"] = 15
+
+    cfg = config.make_config(model="cnn_small", epochs=2, batch_size=32, val_split=0.0, hard_fraction=0.5)
+    with pytest.raises(training.TrainingInterrupted):
+        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[StopInSecondEpoch()])
+    return tmp_path / "cut" / run_mod.CHECKPOINT
+
+
+def _rewrite(path, change):
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as fh:
+        tensors, meta = {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: [t.pop("extra.hard.loss"), t.pop("extra.hard.chosen")], "extra.hard.* are missing"),
+    (lambda t: t.update({"extra.hard.loss": t["extra.hard.loss"][:-1]}), "bool of the shape of extra.hard.loss"),
+    (lambda t: t.update({"extra.hard.loss": t["extra.hard.loss"][:-1], "extra.hard.chosen": t["extra.hard.chosen"][:-1]}),
+     "holds 399 losses; this run trains on 400 images"),
+])
+def test_a_checkpoint_without_its_losses_or_with_others_is_refused_by_name(change, message, tmp_path):
+    from fashionlab.schema import RunError
+    ds = synthetic_dataset(n_train=400)
+    path = _cut_run(tmp_path, ds)
+    _rewrite(path, change)
+    with pytest.raises(RunError, match=re.escape(message)):
+        run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True)

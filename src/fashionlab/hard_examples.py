@@ -10,7 +10,8 @@ extra pass over the data: an epoch at fraction f costs f of a full one.
 
 Within an epoch the chosen images keep the order of the epoch's random permutation (the same
 draw a full epoch makes), so the random stream is unchanged. BatchNorm's running statistics then
-follow the hard images, which measured no worse than recomputing them over all images.
+follow the hard images, which measured no worse than recomputing them over all images. A hard
+epoch's train_loss and train_accuracy in history.jsonl are over the images it trained on.
 """
 
 from __future__ import annotations

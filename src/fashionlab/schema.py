@@ -405,14 +405,16 @@ def checkpoint_state(path: Path) -> dict[str, Any]:
 
 def check_resume(path: Path, cfg) -> None:
     """What the run's settings (cfg, from config.json) make a resume read beyond what load_state checks
-    against the model and optimiser: the moving average's weights (ema) and the best epoch's (early
-    stopping that restores them); without them training would go on silently from other weights."""
+    against the model and optimiser: the moving average's weights (ema), the best epoch's (early
+    stopping that restores them) and the images' losses (hard_fraction); without them training would
+    go on silently from other weights or other images."""
     meta, header = tensor_header(path, "checkpoint")
     state = train_state(parse_json(meta["state"], f"{path}: metadata 'state'"), f"{path}: metadata 'state'") \
         if "state" in meta else {}
     needs = {"ema.": ("the moving average of the weights: config.json sets ema", bool(cfg.ema)),
              "best.": ("the best epoch's weights: config.json restores them",
-                       cfg.patience is not None and cfg.restore_best and state.get("best_epoch") is not None)}
+                       cfg.patience is not None and cfg.restore_best and state.get("best_epoch") is not None),
+             "hard.": ("each training image's last loss: config.json sets hard_fraction", cfg.hard_fraction < 1)}
     for prefix, (what, needed) in needs.items():
         if needed and not any(k.startswith("extra." + prefix) for k in header):
             raise RunError(f"{path}: tensors extra.{prefix}* are missing ({what})")

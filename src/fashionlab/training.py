@@ -305,7 +305,7 @@ class Trainer:
         saved_buffers = [b.detach().clone() for b in self.model.buffers()]
         bs = self.cfg.batch_size
         counts = {self.images_in(e) for e in range(self.cfg.epochs)}
-        sizes = sorted({min(bs, n) for n in counts} | {n % bs for n in counts} - {0}, reverse=True)
+        sizes = sorted(({min(bs, n) for n in counts} | {n % bs for n in counts}) - {0}, reverse=True)
         repeats = 3 if self.cfg.compile and self.runtime.cuda_graphs else 1
         self.model.train()
         with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev], device_type=dev.type):
