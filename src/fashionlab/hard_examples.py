@@ -1,4 +1,4 @@
-"""Hard-example epochs: after the first epoch, train only on the images the model still gets wrong.
+"""Hard-example epochs: after the first epoch, train only on the images of highest loss.
 
 Most of Fashion-MNIST is easy: after one epoch a small net is nearly certain of almost every
 trouser, bag, sandal and boot, and a step spent on them moves the weights little. The errors
@@ -9,7 +9,7 @@ hardest). The losses come from the training steps' own forward passes, so rankin
 extra pass over the data: an epoch at fraction f costs f of a full one.
 
 Within an epoch the chosen images keep the order of the epoch's random permutation (the same
-draw a full epoch makes), so the random stream is unchanged. BatchNorm's running statistics then
+draw a full epoch makes): choosing draws nothing from the run's generator. BatchNorm's running statistics then
 follow the hard images, which measured no worse than recomputing them over all images. A hard
 epoch's train_loss and train_accuracy in history.jsonl are over the images it trained on.
 """
