@@ -24,27 +24,25 @@ from .schema import RunError
 
 
 class HardExamples:
+    """Made only for a run with hard_fraction below 1 (Trainer.set_up): with 1 the plain loop runs."""
+
     def __init__(self, n: int, fraction: float, device: torch.device | str = "cpu"):
-        if not 0 < fraction <= 1:
-            raise ValueError(f"hard_fraction must be in (0, 1], got {fraction}")
+        if not 0 < fraction < 1:
+            raise ValueError(f"hard_fraction must be in (0, 1) for hard-example epochs, got {fraction}")
         self.n, self.fraction = n, fraction
         self.loss = torch.full((n,), math.inf, device=device)  # never trained on: the hardest
         self.chosen: torch.Tensor | None = None  # the current epoch's images (a mask), fixed at its start
 
-    @property
-    def active(self) -> bool:
-        return self.fraction < 1
-
     def images_in(self, epoch: int) -> int:
         """How many images epoch (0-based) trains on."""
-        if epoch == 0 or not self.active:
+        if epoch == 0:
             return self.n
         return max(1, round(self.fraction * self.n))
 
     def begin_epoch(self, epoch: int, perm: torch.Tensor) -> torch.Tensor:
         """The epoch's images in training order: the hardest images_in(epoch), in perm's order.
         A run resumed mid-epoch keeps the choice it had made at the epoch's start (self.chosen)."""
-        if epoch == 0 or not self.active:
+        if epoch == 0:
             self.chosen = None
             return perm
         if self.chosen is None:
@@ -57,7 +55,7 @@ class HardExamples:
 
     def record(self, idx: torch.Tensor, losses: torch.Tensor) -> None:
         """Each image's loss (one per image, before averaging) from the step that just trained on it."""
-        self.loss[idx] = losses.detach().float()
+        self.loss[idx] = losses.detach()
 
     # A checkpoint keeps the losses and, mid-epoch, the epoch's choice: resuming continues the same run.
     def state(self) -> dict[str, torch.Tensor]:
