@@ -177,7 +177,7 @@ def main(argv=None) -> int:
                     help="override a setting of the timed recipe, e.g. --set epochs=6 --set lr=0.2")
     ap.add_argument("--variant", action="append", nargs="+", default=[], metavar="LABEL [KEY=JSON ...]",
                     help="one more row: the recipe with these settings changed, labelled LABEL, e.g. --variant "
-                         "for-93 'model=\"fast\"' epochs=8 hard_fraction=0.3")
+                         "for-93 'model=\"fast\"' epochs=6 hard_fraction=0.3")
     ap.add_argument("--json", help="also write all runs as JSON to this file")
     ap.add_argument("--from-json", metavar="PATH",
                     help="train nothing: print the tables again from the curves a --json run saved")

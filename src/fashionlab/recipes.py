@@ -90,7 +90,7 @@ register(Recipe(
     "Shortest time to a target accuracy: a small BatchNorm conv-pool net behind a frozen whitening layer "
     "(fast_lean), 4 epochs of Nesterov SGD (batch 256, peak lr 1.15) on a one-cycle schedule, the last 3 on the "
     "hardest 30% of the images (hard_fraction), label smoothing, flips, flip test-time augmentation, all 60,000 "
-    "training images. For 93%: --model fast --epochs 8 --hard-fraction 0.3. On a CUDA GPU: the fast model on "
+    "training images. For 93%: --model fast --epochs 6 --hard-fraction 0.3. On a CUDA GPU: the fast model on "
     "every image, batch 1024, peak lr 2.3, 4 epochs.",
     dict(model="fast_lean", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.15, weight_decay=2.5e-4,
          batch_size=256, schedule="onecycle", label_smoothing=0.1, epochs=4, hard_fraction=0.3,
