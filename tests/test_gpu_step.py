@@ -29,6 +29,8 @@ def pretend_cuda(monkeypatch) -> None:
 def test_record_recipes_resolve_per_device(monkeypatch):
     cpu = config.make_config("fast")
     assert (cpu.model, cpu.batch_size, cpu.lr, cpu.epochs, cpu.hard_fraction) == ("fast_lean", 256, 1.15, 4, 0.3)
+    f93 = config.make_config("fast-93", device="cpu")  # fast's settings with the fast net, 6 epochs
+    assert {**f93.to_dict(), "recipe": "fast", "model": "fast_lean", "epochs": 4} == config.make_config("fast", device="cpu").to_dict()
     assert {**cpu.to_dict(), "device": "cpu"} == config.make_config("fast", device="cpu").to_dict()
     pretend_cuda(monkeypatch)
     gpu = config.make_config("fast")
@@ -43,6 +45,8 @@ def test_record_recipes_resolve_per_device(monkeypatch):
     assert config.make_config("fast", device="cpu").batch_size == 256  # the device asked for decides
     assert config.make_config("fast", epochs=10).epochs == 10  # explicit settings still win
     assert config.make_config("best").model == "wrn16_4"
+    f93 = config.make_config("fast-93")  # the 93% settings: fast's large-batch epochs, 10 of them
+    assert (f93.model, f93.batch_size, f93.lr, f93.epochs, f93.hard_fraction) == ("fast", 1024, 2.3, 10, 1.0)
     assert config.make_config("dense-vs-conv").batch_size == 128  # a recipe without a rule: as it was
 
 
