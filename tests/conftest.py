@@ -58,6 +58,16 @@ def synthetic_dataset(n_train: int = 200, n_test: int = 100, seed: int = 0, clas
     return data.Dataset(tr_x, tr_y, te_x, te_y, [f"class{i}" for i in range(classes)], "synthetic", "none", "synthetic")
 
 
+def rewrite_tensors(path, change) -> None:
+    """Rewrite a safetensors file (e.g. a checkpoint) with change(tensors) applied to its tensors."""
+    from safetensors import safe_open
+    from safetensors.torch import save_file
+    with safe_open(str(path), framework="pt") as fh:
+        tensors, meta = {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
+    change(tensors)
+    save_file(tensors, str(path), metadata=meta)
+
+
 @pytest.fixture
 def tiny_data() -> data.Dataset:
     return synthetic_dataset()

@@ -12,7 +12,7 @@ import torch
 from fashionlab import config, run as run_mod, training
 from fashionlab.config import ConfigError
 from fashionlab.hard_examples import HardExamples
-from conftest import synthetic_dataset
+from conftest import rewrite_tensors, synthetic_dataset
 
 
 def test_a_later_epoch_takes_the_highest_losses_in_the_epochs_own_order():
@@ -85,11 +85,10 @@ def test_a_run_stopped_inside_a_hard_epoch_resumes_into_the_uninterrupted_one(tm
             if trainer.state.step == 15:  # epoch 2's third step (13 in the first)
                 trainer.stop_signal["signum"] = 15  # as SIGTERM would: checkpoint mid-epoch, then stop
 
-    # The fast model with flips, without its stem cache: a resumed run refills the cache from whichever
-    # mirror image a batch draws first, which matches the uninterrupted run's only up to rounding.
+    # The fast model with flips and its stem cache, which the resumed run recomputes as it was.
     ds = synthetic_dataset(n_train=400)
     cfg = config.make_config(model="fast", epochs=3, batch_size=32, val_split=0.0, hard_fraction=0.5, seed=3,
-                             augment={"flip": 0.5}, cache_stem=False)
+                             augment={"flip": 0.5})
     with pytest.raises(training.TrainingInterrupted):
         run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[StopInSecondEpoch()])
     a = run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True).metrics
@@ -118,15 +117,6 @@ def _cut_run(tmp_path, ds):
     return tmp_path / "cut" / run_mod.CHECKPOINT
 
 
-def _rewrite(path, change):
-    from safetensors import safe_open
-    from safetensors.torch import save_file
-    with safe_open(str(path), framework="pt") as fh:
-        tensors, meta = {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
-    change(tensors)
-    save_file(tensors, str(path), metadata=meta)
-
-
 @pytest.mark.parametrize("change, message", [
     (lambda t: [t.pop("extra.hard.loss"), t.pop("extra.hard.chosen")], "extra.hard.* are missing"),
     (lambda t: t.update({"extra.hard.loss": t["extra.hard.loss"][:-1]}), "bool of the shape of extra.hard.loss"),
@@ -137,6 +127,6 @@ def test_a_checkpoint_without_its_losses_or_with_others_is_refused_by_name(chang
     from fashionlab.schema import RunError
     ds = synthetic_dataset(n_train=400)
     path = _cut_run(tmp_path, ds)
-    _rewrite(path, change)
+    rewrite_tensors(path, change)
     with pytest.raises(RunError, match=re.escape(message)):
         run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True)

@@ -17,7 +17,8 @@ from fashionlab.recipes import get_recipe
 from fashionlab.models.records import FastNet, ResNet, wide_resnet_blocks
 
 
-@pytest.mark.parametrize("recipe, model", [("fast", "fast_lean"), ("fast-93", "fast"), ("fast-full", "fast"), ("best", "best")])
+@pytest.mark.parametrize("recipe, model", [("fast", "fast_lean"), ("fast-93", "fast"), ("fast-full", "fast"),
+                                           ("best", "best")])
 def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, tmp_path):
     ds = synthetic_dataset(n_train=64, n_test=40)
     seen = []

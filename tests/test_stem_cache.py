@@ -3,14 +3,17 @@ what the stem computes (mirror images included), and a cached run trains as an u
 
 from __future__ import annotations
 
+import re
+
 import pytest
 import torch
 
-from conftest import synthetic_dataset
-from fashionlab import config, evaluate, models, run as run_mod, stem_cache
+from conftest import rewrite_tensors, synthetic_dataset
+from fashionlab import config, evaluate, models, run as run_mod, stem_cache, training
 from fashionlab.augment import Augment
 from fashionlab.device import resolve
 from fashionlab.models.records import FastNet
+from fashionlab.schema import RunError
 from fashionlab.stem_cache import StemCache
 
 FP32 = resolve("cpu", "fp32", conv_model=True)
@@ -120,3 +123,66 @@ def test_recipes_use_the_cache_only_where_it_is_exact(tmp_path):
     best = run_mod.train_run(config.make_config("best", epochs=1, batch_size=32), tmp_path / "best", dataset=ds,
                              quiet=True).metrics
     assert fast["stem_cached"] and not best["stem_cached"]  # best crops its images
+
+
+class _StopAtStep(training.Callback):
+    def __init__(self, step: int):
+        self.step = step
+
+    def on_step(self, trainer, step, stats):
+        if trainer.state.step == self.step:
+            trainer.stop_signal["signum"] = 15  # as SIGTERM would: checkpoint mid-epoch, then stop
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+@pytest.mark.parametrize("stop", [5, 11])  # with the cache half filled (first epoch of 8 steps), and once full
+def test_a_cached_run_resumes_into_the_uninterrupted_one(stop, precision, tmp_path):
+    """The resumed run recomputes the cache's entries from the orientations the stopped run computed
+    them from (a mirror image's stem equals the mirrored stem only up to rounding), so it ends with
+    the uninterrupted run's weights, bit for bit."""
+    ds = synthetic_dataset(n_train=256, n_test=50, seed=5)
+    cfg = config.make_config("fast-full", epochs=2, batch_size=32, precision=precision)
+    with pytest.raises(training.TrainingInterrupted):
+        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[_StopAtStep(stop)])
+    resumed = run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True).metrics
+    whole = run_mod.train_run(cfg, tmp_path / "whole", dataset=ds, quiet=True).metrics
+    assert resumed["stem_cached"] and whole["stem_cached"]
+    a, _ = run_mod.RunFolder(tmp_path / "cut").load_model()
+    b, _ = run_mod.RunFolder(tmp_path / "whole").load_model()
+    for (name, p), q in zip(a.state_dict().items(), b.state_dict().values()):
+        assert torch.equal(p, q), name
+    assert resumed["test_loss"] == whole["test_loss"]
+
+
+def test_the_checkpointed_cache_state_must_fit_the_run(tmp_path):
+    images = torch.randint(0, 256, (40, 1, 28, 28), dtype=torch.uint8)
+    net = _whitened(images).to(memory_format=torch.channels_last)
+    cache, _ = StemCache.for_run(net, Augment(flip=0.5), images, FP32)
+    state = cache.state()
+    assert set(state) == {"stem.filled", "stem.mirrored"} and not state["stem.filled"].any()
+    with pytest.raises(RunError, match="extra.stem.filled holds 39 entries; this run trains on 40 images"):
+        cache.load({"stem.filled": torch.ones(39, dtype=torch.bool), "stem.mirrored": torch.ones(39, dtype=torch.bool)},
+                   images, 16, FP32)
+    with pytest.raises(RunError, match="extra.stem.mirrored is missing, but this run flips its images"):
+        cache.load({"stem.filled": torch.ones(40, dtype=torch.bool)}, images, 16, FP32)
+    assert cache.load({"stem.filled": torch.ones(40, dtype=torch.bool), "stem.mirrored": torch.zeros(40, dtype=torch.bool)},
+                      images, 16, FP32) == 40
+    assert cache.complete
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda t: t.update({"extra.stem.filled": t["extra.stem.filled"].float()}),
+     "extra.stem.filled is float32 [256]; expected bool of one dimension"),
+    (lambda t: t.update({"extra.stem.mirrored": t["extra.stem.mirrored"][:-1]}),
+     "extra.stem.mirrored is bool [255]; expected bool of the shape of extra.stem.filled"),
+    (lambda t: t.update({k: t[k][:-1] for k in ("extra.stem.filled", "extra.stem.mirrored")}),
+     "extra.stem.filled holds 255 entries; this run trains on 256 images"),
+])
+def test_a_checkpoint_with_another_cache_state_is_refused_by_name(change, message, tmp_path):
+    ds = synthetic_dataset(n_train=256, n_test=50, seed=5)
+    cfg = config.make_config("fast-full", epochs=2, batch_size=32)
+    with pytest.raises(training.TrainingInterrupted):
+        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[_StopAtStep(5)])
+    rewrite_tensors(tmp_path / "cut" / run_mod.CHECKPOINT, change)
+    with pytest.raises(RunError, match=re.escape(message)):
+        run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True)

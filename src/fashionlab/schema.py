@@ -377,7 +377,9 @@ def _check_extras(header: Header, params: dict[str, torch.Tensor], state: dict[s
         if any(k.startswith("extra." + copy) for k in header):
             compare_tensors(header, expected_tensors(params), where, what, "extra." + copy)
     _check_hard_examples(header, where)
-    known = {"extra.rng.cpu", "extra.rng.epoch", "extra.rng.cuda", "extra.hard.loss", "extra.hard.chosen"}
+    _check_stem_cache(header, where)
+    known = {"extra.rng.cpu", "extra.rng.epoch", "extra.rng.cuda", "extra.hard.loss", "extra.hard.chosen",
+             "extra.stem.filled", "extra.stem.mirrored"}
     unknown = [k for k in header if k.startswith("extra.") and k not in known
                and not k.startswith(("extra.ema.", "extra.best."))]
     if unknown:
@@ -393,6 +395,17 @@ def _check_hard_examples(header: Header, where: str) -> None:
     if chosen is not None and (loss is None or chosen != ("BOOL", loss[1])):
         raise RunError(f"{where}: tensor extra.hard.chosen is {_DTYPE_WORDS.get(chosen[0], chosen[0])} "
                        f"{list(chosen[1])}; expected bool of the shape of extra.hard.loss (one per training image)")
+
+
+def _check_stem_cache(header: Header, where: str) -> None:
+    """The stem cache's memory: which images it holds, and from which orientation each was computed."""
+    filled, mirrored = header.get("extra.stem.filled"), header.get("extra.stem.mirrored")
+    if filled is not None and (filled[0] != "BOOL" or len(filled[1]) != 1):
+        raise RunError(f"{where}: tensor extra.stem.filled is {_DTYPE_WORDS.get(filled[0], filled[0])} "
+                       f"{list(filled[1])}; expected bool of one dimension (one per training image)")
+    if mirrored is not None and (filled is None or mirrored != filled):
+        raise RunError(f"{where}: tensor extra.stem.mirrored is {_DTYPE_WORDS.get(mirrored[0], mirrored[0])} "
+                       f"{list(mirrored[1])}; expected bool of the shape of extra.stem.filled (one per training image)")
 
 
 def checkpoint_state(path: Path) -> dict[str, Any]:

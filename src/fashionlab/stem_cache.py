@@ -13,6 +13,11 @@ a mirrored image is the mirrored output with the channels swapped (FastNet.froze
 flips are drawn from the run's generator exactly as augment.random_flip draws them, so a cached
 run sees the same batches as an uncached one.
 
+The stem's output for a mirrored image equals the mirrored output only up to rounding, so which
+of the two an entry was computed from shows in the last bits. The cache remembers that orientation
+per image, and a checkpoint keeps it (state/load): a resumed run recomputes the entries it had
+from the same orientations, and goes on exactly as the uninterrupted run.
+
 Only mirroring commutes with the stem: a run with any other augmentation (crops, rotations,
 erasing) changes the image before the stem, and trains without the cache.
 """
@@ -24,6 +29,7 @@ import torch
 from . import evaluate
 from .augment import Augment, flip_mask, flip_where
 from .device import Runtime
+from .schema import RunError
 
 MAX_BYTES = 4 << 30  # a larger cache (a bigger stem output or dataset) is not worth its memory: train without it
 
@@ -37,6 +43,8 @@ class StemCache:
         self.features = torch.empty((rows, *sample.shape[1:]), dtype=sample.dtype, device=sample.device,
                                     memory_format=layout)
         self.filled = torch.zeros(n, dtype=torch.bool, device=sample.device)
+        # Per image, whether the stem ran on its mirror image (the other entry is then the mirrored output).
+        self.computed_mirrored = torch.zeros(n, dtype=torch.bool, device=sample.device) if mirrors else None
         self.complete = False  # every entry filled: from then on the stem is never run
 
     @classmethod
@@ -75,16 +83,51 @@ class StemCache:
         rows = idx + self.n * chosen if chosen is not None else idx
         if self.complete:
             return self.features[rows]
+        return self._fill(images_u8, idx, chosen, runtime)
+
+    def _fill(self, images_u8: torch.Tensor, idx: torch.Tensor, chosen: torch.Tensor | None,
+              runtime: Runtime) -> torch.Tensor:
+        """Run the stem on the images at idx (mirrored where chosen), store both entries, return its output."""
         x = evaluate.to_input(images_u8[idx], runtime)
         if chosen is not None:
             x = flip_where(x, chosen)
         with torch.no_grad():
             h = self.stem(x)
-        self.features[rows] = h
-        if chosen is not None:
+        if chosen is None:
+            self.features[idx] = h
+        else:
+            self.features[idx + self.n * chosen] = h
             self.features[idx + self.n * ~chosen] = self.mirror(h)
+            self.computed_mirrored[idx] = chosen
         self.filled[idx] = True
         return h
+
+    # A checkpoint keeps which images are filled and from which orientation; resuming recomputes them.
+    def state(self) -> dict[str, torch.Tensor]:
+        state = {"stem.filled": self.filled.cpu()}
+        if self.computed_mirrored is not None:
+            state["stem.mirrored"] = self.computed_mirrored.cpu()
+        return state
+
+    def load(self, extra: dict[str, torch.Tensor], images_u8: torch.Tensor, batch_size: int, runtime: Runtime,
+             where: str = "checkpoint") -> int:
+        """Recompute the entries a checkpoint's state() says were filled, each from the orientation it was
+        (schema.py checked the types); returns how many. Call under the run's autocast."""
+        filled, mirrored = extra.get("stem.filled"), extra.get("stem.mirrored")
+        if filled is None:
+            return 0
+        if len(filled) != self.n:
+            raise RunError(f"{where}: tensor extra.stem.filled holds {len(filled):,} entries; this run trains on "
+                           f"{self.n:,} images")
+        if (mirrored is None) != (self.computed_mirrored is None):
+            raise RunError(f"{where}: tensor extra.stem.mirrored is {'missing' if mirrored is None else 'there'}, "
+                           f"but this run {'flips' if mirrored is None else 'does not flip'} its images")
+        idx = filled.nonzero().squeeze(1).to(self.features.device)
+        for part in idx.split(batch_size):
+            self._fill(images_u8, part, mirrored[part.cpu()].to(part.device) if mirrored is not None else None,
+                       runtime)
+        self.end_epoch()
+        return len(idx)
 
     def end_epoch(self) -> None:
         """Once per epoch (one device sync): switch to reading once every image has been seen."""

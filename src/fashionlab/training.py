@@ -176,6 +176,7 @@ class Trainer:
     state: TrainState = field(default_factory=TrainState)
     best_weights: dict[str, torch.Tensor] | None = None
     resume_gen_state: torch.Tensor | None = None  # the epoch generator's state at a mid-epoch stop
+    resume_stem: dict[str, torch.Tensor] = field(default_factory=dict)  # the stem cache's checkpointed state
     cache: StemCache | None = None
     hard: HardExamples | None = None  # with hard_fraction < 1: each image's last loss, and the epoch's choice
     from_stem: Callable | None = None
@@ -253,6 +254,7 @@ class Trainer:
         self.best_weights = {k[5:]: v for k, v in extra.items() if k.startswith("best.")} or None
         if self.hard:
             self.hard.load(extra, str(path))
+        self.resume_stem = {k: v for k, v in extra.items() if k.startswith("stem.")}  # for attach_stem_cache
         self.resume_gen_state = extra.get("rng.epoch")
         self.log(f"resuming {self.folder.path} at epoch {self.state.epoch + 1}, step {self.state.step}")
 
@@ -265,6 +267,11 @@ class Trainer:
         if self.cache:
             self.from_stem = _compiled(self.model.forward_from_stem, self.cfg, self.runtime)
             self.log(f"frozen stem: computed in the first epoch, read from a cache after it ({note})")
+            if self.resume_stem:  # before the resumed run's first step, so its time is not training's
+                with self.runtime.autocast():
+                    n = self.cache.load(self.resume_stem, self.split.X, self.cfg.batch_size, self.runtime,
+                                        str(self.folder.checkpoint_path))
+                self.log(f"frozen stem: {n:,} entries recomputed as the checkpointed run computed them")
 
     # ---- the loop
 
@@ -510,6 +517,8 @@ class Trainer:
             extra["rng.epoch"] = epoch_gen_state
         if self.hard:
             extra.update(self.hard.state())
+        if self.cache:
+            extra.update(self.cache.state())
         checkpoint.save_state(self.folder.checkpoint_path, self.model, self.optimizer, extra, asdict(self.state))
 
     # ---- the end
