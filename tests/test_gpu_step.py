@@ -28,10 +28,10 @@ def pretend_cuda(monkeypatch) -> None:
 
 def test_record_recipes_resolve_per_device(monkeypatch):
     cpu = config.make_config("fast")
-    assert (cpu.model, cpu.batch_size, cpu.lr, cpu.epochs, cpu.hard_fraction) == ("fast_lean", 256, 1.15, 4, 0.3)
-    f93 = config.make_config("fast-93", device="cpu")  # fast's settings with the fast net, 6 epochs
+    assert (cpu.model, cpu.batch_size, cpu.lr, cpu.epochs, cpu.hard_fraction) == ("fast_lean", 256, 1.15, 5, 0.25)
+    f93 = config.make_config("fast-93", device="cpu")  # fast's settings with the fast net, 6 epochs at 30%
     fast = config.make_config("fast", device="cpu").to_dict()
-    assert {**f93.to_dict(), "recipe": "fast", "model": "fast_lean", "epochs": 4} == fast
+    assert {**f93.to_dict(), "recipe": "fast", "model": "fast_lean", "epochs": 5, "hard_fraction": 0.25} == fast
     assert {**cpu.to_dict(), "device": "cpu"} == config.make_config("fast", device="cpu").to_dict()
     pretend_cuda(monkeypatch)
     gpu = config.make_config("fast")
