@@ -31,7 +31,7 @@ def flipped():
 @pytest.fixture(scope="module")
 def audited(flipped, tmp_path_factory):
     ds, _ = flipped
-    return fl.audit("fast", out=tmp_path_factory.mktemp("audit"), folds=2, dataset=ds, epochs=4)
+    return fl.audit("fast-full", out=tmp_path_factory.mktemp("audit"), folds=2, dataset=ds, epochs=4)
 
 
 # --------------------------------------------------------------------------- confident learning
@@ -107,13 +107,13 @@ def test_audit_writes_its_files_and_each_fold_predicts_only_images_it_left_out(a
 
 
 def test_a_second_audit_reuses_every_fold(audited, flipped):
-    again = fl.audit("fast", out=audited.folder, folds=2, dataset=flipped[0], epochs=4)
+    again = fl.audit("fast-full", out=audited.folder, folds=2, dataset=flipped[0], epochs=4)
     assert again.summary["folds_trained"] == 0 and again.suspects == audited.suspects
 
 
 def test_an_audit_folder_of_other_settings_is_refused_not_overwritten(audited, flipped):
     with pytest.raises(RunError, match="other settings"):
-        fl.audit("fast", out=audited.folder, folds=2, dataset=flipped[0], epochs=3)
+        fl.audit("fast-full", out=audited.folder, folds=2, dataset=flipped[0], epochs=3)
 
 
 @pytest.mark.parametrize("kwargs, message", [
