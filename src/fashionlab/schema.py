@@ -376,36 +376,31 @@ def _check_extras(header: Header, params: dict[str, torch.Tensor], state: dict[s
     for copy, what in (("ema.", "the moving average of the weights"), ("best.", "the best epoch's weights")):
         if any(k.startswith("extra." + copy) for k in header):
             compare_tensors(header, expected_tensors(params), where, what, "extra." + copy)
-    _check_hard_examples(header, where)
-    _check_stem_cache(header, where)
-    known = {"extra.rng.cpu", "extra.rng.epoch", "extra.rng.cuda", "extra.hard.loss", "extra.hard.chosen",
-             "extra.stem.filled", "extra.stem.mirrored"}
+    _check_per_image_extras(header, where)
+    known = {"extra.rng.cpu", "extra.rng.epoch", "extra.rng.cuda",
+             *(name for row in PER_IMAGE_EXTRAS for name in (row[0], row[3]))}
     unknown = [k for k in header if k.startswith("extra.") and k not in known
                and not k.startswith(("extra.ema.", "extra.best."))]
     if unknown:
         raise RunError(f"{where}: unexpected tensor(s) {_few(unknown, '')}")
 
 
-def _check_hard_examples(header: Header, where: str) -> None:
-    """Hard-example epochs' memory: a loss per training image, and mid-epoch the epoch's choice of them."""
-    loss, chosen = header.get("extra.hard.loss"), header.get("extra.hard.chosen")
-    if loss is not None and (loss[0] != "F32" or len(loss[1]) != 1):
-        raise RunError(f"{where}: tensor extra.hard.loss is {_DTYPE_WORDS.get(loss[0], loss[0])} {list(loss[1])}; "
-                       f"expected float32 of one dimension (a loss per training image)")
-    if chosen is not None and (loss is None or chosen != ("BOOL", loss[1])):
-        raise RunError(f"{where}: tensor extra.hard.chosen is {_DTYPE_WORDS.get(chosen[0], chosen[0])} "
-                       f"{list(chosen[1])}; expected bool of the shape of extra.hard.loss (one per training image)")
+# Per-image tensors a checkpoint may keep: the tensor, its dtype, what each entry is, and the bool
+# tensor of the same shape that may come with it (hard-example epochs' losses and the epoch's choice;
+# the stem cache's filled entries and the orientation each was computed from).
+PER_IMAGE_EXTRAS = (("extra.hard.loss", "F32", "a loss per training image", "extra.hard.chosen"),
+                    ("extra.stem.filled", "BOOL", "one per training image", "extra.stem.mirrored"))
 
 
-def _check_stem_cache(header: Header, where: str) -> None:
-    """The stem cache's memory: which images it holds, and from which orientation each was computed."""
-    filled, mirrored = header.get("extra.stem.filled"), header.get("extra.stem.mirrored")
-    if filled is not None and (filled[0] != "BOOL" or len(filled[1]) != 1):
-        raise RunError(f"{where}: tensor extra.stem.filled is {_DTYPE_WORDS.get(filled[0], filled[0])} "
-                       f"{list(filled[1])}; expected bool of one dimension (one per training image)")
-    if mirrored is not None and (filled is None or mirrored != filled):
-        raise RunError(f"{where}: tensor extra.stem.mirrored is {_DTYPE_WORDS.get(mirrored[0], mirrored[0])} "
-                       f"{list(mirrored[1])}; expected bool of the shape of extra.stem.filled (one per training image)")
+def _check_per_image_extras(header: Header, where: str) -> None:
+    for name, dtype, what, companion in PER_IMAGE_EXTRAS:
+        main, extra = header.get(name), header.get(companion)
+        if main is not None and (main[0] != dtype or len(main[1]) != 1):
+            raise RunError(f"{where}: tensor {name} is {_DTYPE_WORDS.get(main[0], main[0])} {list(main[1])}; "
+                           f"expected {_DTYPE_WORDS[dtype]} of one dimension ({what})")
+        if extra is not None and (main is None or extra != ("BOOL", main[1])):
+            raise RunError(f"{where}: tensor {companion} is {_DTYPE_WORDS.get(extra[0], extra[0])} "
+                           f"{list(extra[1])}; expected bool of the shape of {name} (one per training image)")
 
 
 def checkpoint_state(path: Path) -> dict[str, Any]:

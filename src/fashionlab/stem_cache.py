@@ -122,10 +122,11 @@ class StemCache:
         if (mirrored is None) != (self.computed_mirrored is None):
             raise RunError(f"{where}: tensor extra.stem.mirrored is {'missing' if mirrored is None else 'there'}, "
                            f"but this run {'flips' if mirrored is None else 'does not flip'} its images")
-        idx = filled.nonzero().squeeze(1).to(self.features.device)
+        device = self.features.device
+        idx = filled.nonzero().squeeze(1).to(device)
+        mirrored = mirrored.to(device) if mirrored is not None else None
         for part in idx.split(batch_size):
-            self._fill(images_u8, part, mirrored[part.cpu()].to(part.device) if mirrored is not None else None,
-                       runtime)
+            self._fill(images_u8, part, mirrored[part] if mirrored is not None else None, runtime)
         self.end_epoch()
         return len(idx)
 
