@@ -277,6 +277,7 @@ class Trainer:
 
     def run(self, resume: bool = False) -> dict[str, Any]:
         """Train to the end (or until stopped), then evaluate and write the model; returns the metrics."""
+        device_mod.keep_freed_memory()
         with device_mod.threads_for_training(self.cfg.threads):
             return self._run(resume)
 
