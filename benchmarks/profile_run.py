@@ -2,6 +2,8 @@
 
     PYTHONPATH=src python benchmarks/profile_run.py fast                # the recipe, seed 0, 2 threads
     PYTHONPATH=src python benchmarks/profile_run.py fast-full --threads 1
+    PYTHONPATH=src python benchmarks/profile_run.py fast --ops 12   # and the 12 costliest operations
+    PYTHONPATH=src python benchmarks/profile_run.py fast --set model='"fast_lean"'
 
 The operations' own CPU time (self time) summed into convolution backward and forward, max-pool,
 BatchNorm and the rest, beside the run's training seconds (the profiler's own overhead included, so
@@ -20,7 +22,7 @@ from pathlib import Path
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import machine  # noqa: E402
+from common import machine, parse_overrides  # noqa: E402
 
 from fashionlab import data  # noqa: E402
 from fashionlab.config import make_config  # noqa: E402
@@ -58,6 +60,10 @@ class WholeRun(Callback):
         if row["epoch"] == trainer.cfg.epochs:
             self.profiler.__exit__(None, None, None)
 
+    def top(self, n: int) -> list:
+        """The n operations of most own (self) CPU time."""
+        return sorted(self.profiler.key_averages(), key=lambda e: -e.self_cpu_time_total)[:n]
+
     def table(self) -> dict[str, float]:
         kinds = dict.fromkeys(["convolution backward", "convolution forward", "max-pool", "BatchNorm", "the rest"], 0.0)
         for event in self.profiler.key_averages():
@@ -70,8 +76,10 @@ def main(argv=None) -> int:
     ap.add_argument("recipe")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--ops", type=int, default=0, metavar="N", help="also list the N operations of most own time")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON", help="override a recipe setting")
     args = ap.parse_args(argv)
-    cfg = make_config(args.recipe, seed=args.seed, val_split=0.0, threads=args.threads)
+    cfg = make_config(args.recipe, seed=args.seed, val_split=0.0, threads=args.threads, **parse_overrides(args.set))
     prof = WholeRun()
     with tempfile.TemporaryDirectory() as tmp:
         train_run(cfg, Path(tmp) / "run", dataset=data.load(data.FASHION_MNIST), quiet=True, callbacks=[prof],
@@ -82,6 +90,8 @@ def main(argv=None) -> int:
           f"{cfg.epochs} epochs: {prof.seconds:.2f} s of training")
     for kind, seconds in kinds.items():
         print(f"{kind:22s} {seconds:6.2f} s ({100 * seconds / total:.0f}%)")
+    for event in prof.top(args.ops):
+        print(f"  {event.key:40s} {event.self_cpu_time_total / 1e6:6.2f} s in {event.count:,} calls")
     return 0
 
 

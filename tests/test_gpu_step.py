@@ -27,12 +27,12 @@ def pretend_cuda(monkeypatch) -> None:
 
 
 def test_record_recipes_resolve_per_device(monkeypatch):
-    cpu = config.make_config("fast")
+    cpu = config.make_config("fast", precision="bf16")
     assert (cpu.model, cpu.batch_size, cpu.lr, cpu.epochs, cpu.hard_fraction) == ("fast_lean", 256, 1.15, 5, 0.25)
-    f93 = config.make_config("fast-93", device="cpu")  # fast's settings with the fast net, 6 epochs at 30%
-    fast = config.make_config("fast", device="cpu").to_dict()
+    f93 = config.make_config("fast-93", device="cpu", precision="bf16")  # fast's settings, the fast net, 6 at 30%
+    fast = config.make_config("fast", device="cpu", precision="bf16").to_dict()
     assert {**f93.to_dict(), "recipe": "fast", "model": "fast_lean", "epochs": 5, "hard_fraction": 0.25} == fast
-    assert {**cpu.to_dict(), "device": "cpu"} == config.make_config("fast", device="cpu").to_dict()
+    assert {**cpu.to_dict(), "device": "cpu"} == fast
     pretend_cuda(monkeypatch)
     gpu = config.make_config("fast")
     assert (gpu.batch_size, gpu.lr, gpu.epochs) == (1024, 2.3, 4)
@@ -51,9 +51,28 @@ def test_record_recipes_resolve_per_device(monkeypatch):
     assert config.make_config("dense-vs-conv").batch_size == 128  # a recipe without a rule: as it was
 
 
+def test_fast_trains_the_narrow_net_where_the_cpu_trains_in_fp32(monkeypatch):
+    assert config.make_config("fast", precision="fp32").model == "fast_narrow"
+    assert config.make_config("fast", precision="bf16").model == "fast_lean"
+    for native_bf16, model in [(False, "fast_narrow"), (True, "fast_lean")]:  # "auto": as training resolves it
+        monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: native_bf16)
+        cfg = config.make_config("fast", device="cpu")
+        assert (cfg.model, cfg.precision) == (model, "auto")
+        lean = config.make_config("fast", device="cpu", precision="bf16").to_dict()
+        assert {**cfg.to_dict(), "model": "fast_lean"} == {**lean, "precision": "auto"}  # only the net changes
+    assert config.make_config("fast", precision="fp32", model="fast").model == "fast"  # explicit settings win
+    assert config.make_config("fast-93", precision="fp32").model == "fast"  # a recipe without the rule
+    pretend_cuda(monkeypatch)
+    assert config.make_config("fast", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
+
+
 def test_recipe_rule_reads_the_device_only_where_a_recipe_has_one(monkeypatch):
     monkeypatch.setattr(device_mod, "resolve_device", lambda name="auto": pytest.fail("resolved a device"))
     assert config.recipe_device_type(get_recipe("dense-vs-conv"), None) == "cpu"
+    with monkeypatch.context() as m:
+        m.setattr(device_mod, "auto_precision", lambda *a: pytest.fail("resolved a precision"))
+        assert config.recipe_precision(get_recipe("dense-vs-conv"), "cpu", None) is None
+        assert config.recipe_precision(get_recipe("fast"), "cpu", "fp16") is None  # named by validation
     with pytest.raises(config.ConfigError, match="device='tpu': expected one of"):
         config.make_config("fast", device="tpu")  # named by validation, not by the rule
 

@@ -17,13 +17,14 @@ from fashionlab.recipes import get_recipe
 from fashionlab.models.records import FastNet, ResNet, wide_resnet_blocks
 
 
-@pytest.mark.parametrize("recipe, model", [("fast", "fast_lean"), ("fast-93", "fast"), ("fast-full", "fast"),
-                                           ("best", "best")])
-def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, tmp_path):
+@pytest.mark.parametrize("recipe, model, precision", [
+    ("fast", "fast_lean", "bf16"), ("fast", "fast_narrow", "fp32"), ("fast-93", "fast", "auto"),
+    ("fast-full", "fast", "auto"), ("best", "best", "auto")])
+def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, precision, tmp_path):
     ds = synthetic_dataset(n_train=64, n_test=40)
     seen = []
-    cfg = config.make_config(recipe, epochs=1, batch_size=32, eval_batch_size=20)
-    assert cfg.model == get_recipe(recipe).settings["model"] == model
+    cfg = config.make_config(recipe, epochs=1, batch_size=32, eval_batch_size=20, precision=precision)
+    assert cfg.model == get_recipe(recipe).settings_for("cpu", "fp32" if precision == "fp32" else None)["model"] == model
     hook = training.EpochHook(lambda row, model: seen.append((row["epoch"], model.training)))
     metrics = run_mod.train_run(cfg, tmp_path / "run", dataset=ds, quiet=True, callbacks=[hook]).metrics
     assert metrics["epochs_run"] == 1 and metrics["model"] == model
@@ -55,15 +56,17 @@ def test_best_recipe_trains_a_bigger_net_longer_with_more_augmentation_than_fast
 
 def test_the_lean_net_runs_its_last_conv_after_the_pool():
     sizes = {}
-    for name in ("fast", "fast_lean"):
+    for name in ("fast", "fast_lean", "fast_narrow"):
         net = models.build_model(name)
         net.init_from_data(torch.rand(64, 1, 28, 28))
         last = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
         last.register_forward_hook(lambda mod, inp, out, name=name: sizes.update({name: tuple(out.shape[2:])}))
         assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
         assert net.frozen_stem() is not None  # the stem cache works the same for both
-    assert sizes == {"fast": (7, 7), "fast_lean": (3, 3)}
+    assert sizes == {"fast": (7, 7), "fast_lean": (3, 3), "fast_narrow": (3, 3)}
     assert models.count_params(models.build_model("fast_lean")) == models.count_params(models.build_model("fast"))
+    trained = [m.out_channels for m in models.build_model("fast_narrow").modules() if isinstance(m, torch.nn.Conv2d)]
+    assert trained == [16, 48, 128]  # the frozen whitening layer, then the narrower first trained conv
 
 
 def test_wide_resnet_depth_is_data():

@@ -398,7 +398,8 @@ def make_config(recipe: str | None = None, **overrides) -> TrainConfig:
         except KeyError as e:
             raise ConfigError(e.args[0]) from None
         device_type = recipe_device_type(chosen, overrides.get("device"))
-        values.update(copy.deepcopy(chosen.settings_for(device_type)))
+        precision = recipe_precision(chosen, device_type, overrides.get("precision"))
+        values.update(copy.deepcopy(chosen.settings_for(device_type, precision)))
         values["recipe"] = recipe
     values.update({k: v for k, v in overrides.items() if v is not None})
     return TrainConfig.from_dict(values).validate()
@@ -410,6 +411,15 @@ def recipe_device_type(recipe, device: str | None) -> str:
     if not recipe.on_device or (device is not None and device not in device_mod.DEVICES):
         return "cpu"  # an unknown device name is reported by validation, with the setting's choices
     return device_mod.resolve_device(device or TrainConfig.device).type
+
+
+def recipe_precision(recipe, device_type: str, precision: str | None) -> str | None:
+    """The precision a run on this device type will train at ("auto" resolved as training resolves it),
+    where the recipe's settings depend on it; else None, without asking torch."""
+    precision = precision or recipe.settings.get("precision") or TrainConfig.precision
+    if not recipe.has_precision_rule(device_type) or precision not in device_mod.PRECISIONS:
+        return None  # an unknown precision is reported by validation, with the setting's choices
+    return device_mod.auto_precision(device_type) if precision == "auto" else precision
 
 
 def settings_of(saved: dict[str, Any]) -> dict[str, Any]:

@@ -100,12 +100,18 @@ class Runtime:
                 "torch": torch.__version__, "threads": torch.get_num_threads()}
 
 
+def auto_precision(device_type: str) -> str:
+    """What `--precision auto` trains at on a device of this type: bf16 where it runs natively, else fp32."""
+    import torch
+    return "bf16" if bf16_supported(torch.device(device_type)) else "fp32"
+
+
 def resolve(device: str = "auto", precision: str = "auto", conv_model: bool = True) -> Runtime:
     dev = resolve_device(device)
     if precision not in PRECISIONS:
         raise ArgumentError(f"precision must be one of {', '.join(PRECISIONS)}; got {precision!r}")
     if precision == "auto":
-        precision = "bf16" if bf16_supported(dev) else "fp32"
+        precision = auto_precision(dev.type)
     elif precision == "bf16" and dev.type == "mps":
         raise ArgumentError("--precision bf16 is not supported on MPS here; use fp32")
     # NHWC: on a CPU at any precision (in fp32, NCHW max-pooling runs about 14x slower; conv nets train
