@@ -209,10 +209,10 @@ def keep_freed_memory() -> bool:
     Why: every step allocates and frees the same activations and gradients, tens of MB each. By
     default glibc serves blocks of that size with their own mmap and returns them to the system
     when freed (or trims them off the top of its heap), so the next step takes a page fault on
-    every 4 KiB it writes. A `fast` run with fp32 kernels spent 11 to 18 s of system time on 4.5 to
-    7.5 million such faults; served from a heap that is kept (blocks up to 256 MiB, up to 512 MiB
-    left free before any is given back), 2 s and half a million, and its training ran 13 to 22%
-    faster (docs/records.md). The cost is that up to 512 MiB freed stays with the process;
+    every 4 KiB it writes. The training of a `fast` run with fp32 kernels took 4.5 million such
+    faults and 9 s of system time; served from a heap that is kept (blocks up to 256 MiB, up to 512
+    MiB left free before any is given back), 0.37 million (first touches) and 0.7 s, and it ran a
+    fifth faster (docs/records.md). The cost is that up to 512 MiB freed stays with the process;
     FASHIONLAB_KEEP_FREED_MEMORY=0 leaves malloc as it was (benchmarks/malloc_reuse.py compares)."""
     global _kept_freed
     if _kept_freed is None:

@@ -27,7 +27,8 @@ class Recipe:
     settings: dict[str, Any]  # TrainConfig field -> value (model is the recipe's default model)
     models: tuple[str, ...]  # the models the study trains with this recipe
     reference: dict[str, float] = field(default_factory=dict)  # model -> test accuracy the study reported
-    on_device: dict[str, dict[str, Any]] = field(default_factory=dict)  # device type -> settings replaced there
+    # device type ("cuda") or type and precision ("cpu-fp32") -> settings replaced there
+    on_device: dict[str, dict[str, Any]] = field(default_factory=dict)
 
     def settings_for(self, device_type: str, precision: str | None = None) -> dict[str, Any]:
         """The recipe's settings on a device of this type ("cpu", "cuda", "mps") training at this
