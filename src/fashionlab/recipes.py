@@ -114,7 +114,7 @@ register(Recipe(
     # arithmetic is the GPU's up to rounding). Peak lr 3.5 was no better at three epochs; batch 2048
     # (lr 4) reached 90.98% in four.
     # In fp32 on a CPU the first trained conv 48 wide instead of 64 (a quarter fewer multiply-adds)
-    # reached 91.73% on each of seeds 0 to 9 (91.79 to 92.25%) in 15% less time (AVX2 kernels).
+    # reached 91.73% on each of seeds 0 to 9 in 9 to 21% less time (AVX2 kernels; docs/records.md).
     on_device={"cuda": dict(model="fast", hard_fraction=1.0, batch_size=1024, lr=2.3, epochs=4),
                "cpu-fp32": dict(model="fast_narrow")},
 ))
