@@ -93,8 +93,9 @@ def main() -> int:
             fmt.format(r[key]) for r in done) + ")"
         rows.append([kind, figure("seconds", "{:.2f}"), figure("faults", "{:,.0f}"), figure("system", "{:.2f}"),
                      ", ".join(f"{r['accuracy']:.4f}" for r in done)])
-    title = (f"# {machine()}; {cpu_kind()}; {PLAIN + ', 1 epoch' if args.plain else 'recipe ' + args.recipe}, seed {args.seed}, {args.repeats} runs each, "
-             f"alternating; median (each run)")
+    what = f"{PLAIN}, 1 epoch" if args.plain else f"recipe {args.recipe}"
+    title = (f"# {machine()}; {cpu_kind()}; {what}, seed {args.seed}, {args.repeats} runs each, alternating; "
+             "median (each run)")
     print(table(["malloc", "training s", "page faults in training", "system CPU s in training", "test accuracy"],
                 rows, title))
     return 0

@@ -6,13 +6,13 @@ faults and the time of whole runs). Each case is a fresh process, since the sett
 from __future__ import annotations
 
 import os
-import platform
 import subprocess
 import sys
 
 import pytest
 
 from conftest import ROOT
+from fashionlab.device import glibc_malloc
 
 # A 40 MiB activation, written and freed: prints whether the setting took, whether the block lay in
 # malloc's heap (not a mapping of its own) and how much resident memory its freeing gave back.
@@ -32,7 +32,6 @@ del x
 print(kept, in_heap, before - resident())
 """
 BLOCK = 40 << 20
-GLIBC = platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
 
 
 def probe(**env) -> tuple[bool, bool, int]:
@@ -43,13 +42,13 @@ def probe(**env) -> tuple[bool, bool, int]:
     return kept == "True", in_heap == "True", int(released)
 
 
-@pytest.mark.skipif(not GLIBC, reason="malloc's thresholds are glibc's")
+@pytest.mark.skipif(not glibc_malloc(), reason="malloc's thresholds are glibc's")
 def test_a_freed_activation_stays_with_the_process():
     kept, in_heap, released = probe()
     assert kept and in_heap and released < BLOCK // 10
 
 
-@pytest.mark.skipif(not GLIBC, reason="malloc's thresholds are glibc's")
+@pytest.mark.skipif(not glibc_malloc(), reason="malloc's thresholds are glibc's")
 def test_the_setting_can_be_turned_off():
     kept, in_heap, released = probe(FASHIONLAB_KEEP_FREED_MEMORY="0")
     assert not kept and not in_heap and released > BLOCK * 9 // 10  # glibc as it comes: its own mapping, unmapped

@@ -221,10 +221,15 @@ def keep_freed_memory() -> bool:
     return _kept_freed
 
 
+def glibc_malloc() -> bool:
+    """Whether this process's malloc is glibc's, whose thresholds keep_freed_memory sets."""
+    import platform
+    return platform.system() == "Linux" and platform.libc_ver()[0] == "glibc"
+
+
 def _set_malloc_thresholds() -> bool:
     import ctypes
-    import platform
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+    if not glibc_malloc():
         return False
     try:
         mallopt = ctypes.CDLL("libc.so.6").mallopt
