@@ -1,13 +1,14 @@
 """The per-CPU table of the README and docs/records.md, generated from time_to_accuracy.py's JSON.
 
-    PYTHONPATH=src python benchmarks/time_to_accuracy.py --seeds 3 --epochs 2 6 --reference-epochs 1 \
-        --targets 0.9173 0.93 --json benchmarks/results/time-to-accuracy-<kind>.json
+    PYTHONPATH=src python benchmarks/time_to_accuracy.py --seeds 5 --reference-epochs 1 \
+        --targets 0.9173 0.93 --also fast-93 --json benchmarks/results/time-to-accuracy-<kind>.json
     python benchmarks/cpu_records.py              # rewrites the tables from benchmarks/results/*.json
     python benchmarks/cpu_records.py --check      # exit 1 when a table differs from what the files give
 
 One row per file, so per CPU kind measured: the CPU's flags, one plain epoch in that same run, and
-for each target each `fast` schedule's time to it in plain epochs and seconds (mean ± sample sd over
-the seeds that reached it; in bold where every seed did).
+for each target the time to it of each timed row (`fast`, its variants, the `--also` recipes) in
+plain epochs and seconds (mean ± sample sd over the seeds that reached it; in bold where every seed
+did).
 """
 
 from __future__ import annotations

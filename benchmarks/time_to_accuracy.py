@@ -1,6 +1,7 @@
 """Time to a target test accuracy: the fast recipe against the plain reference CNN, in the same run.
 
     PYTHONPATH=src python benchmarks/time_to_accuracy.py --seeds 3 --epochs 2 6 7
+    PYTHONPATH=src python benchmarks/time_to_accuracy.py --seeds 5 --targets 0.9173 0.93 --also fast-93
     PYTHONPATH=src python benchmarks/time_to_accuracy.py --from-json runs.json   # the tables again
 
 "Time to reach" a target is the cumulative training time (evaluation excluded) at the end of the
@@ -178,6 +179,9 @@ def main(argv=None) -> int:
     ap.add_argument("--variant", action="append", nargs="+", default=[], metavar="LABEL [KEY=JSON ...]",
                     help="one more row: the recipe with these settings changed, labelled LABEL, e.g. --variant "
                          "for-93 'model=\"fast\"' epochs=6 hard_fraction=0.3")
+    ap.add_argument("--also", nargs="+", default=[], metavar="RECIPE",
+                    help="more recipes, a row each, labelled by name: each as it resolves on this machine "
+                         "(its rule per device and precision), with --set's overrides, e.g. --also fast-93")
     ap.add_argument("--json", help="also write all runs as JSON to this file")
     ap.add_argument("--from-json", metavar="PATH",
                     help="train nothing: print the tables again from the curves a --json run saved")
@@ -208,6 +212,9 @@ def main(argv=None) -> int:
         kw = dict(overrides, **parse_overrides(items))
         configs[f"{args.recipe} {label}"] = lambda seed, kw=kw: make_config(args.recipe, seed=seed, val_split=0.0,
                                                                             subset=args.subset, **kw)
+    for name in args.also:
+        configs[name] = lambda seed, name=name: make_config(name, seed=seed, val_split=0.0, subset=args.subset,
+                                                            **overrides)
     if not args.no_reference:
         reference = dict(REFERENCE, epochs=args.reference_epochs, threads=overrides["threads"])
         configs = {PLAIN: lambda seed: make_config(**reference, seed=seed, val_split=0.0, subset=args.subset),

@@ -61,9 +61,21 @@ def test_fast_trains_the_narrow_net_where_the_cpu_trains_in_fp32(monkeypatch):
         lean = config.make_config("fast", device="cpu", precision="bf16").to_dict()
         assert {**cfg.to_dict(), "model": "fast_lean"} == {**lean, "precision": "auto"}  # only the net changes
     assert config.make_config("fast", precision="fp32", model="fast").model == "fast"  # explicit settings win
-    assert config.make_config("fast-93", precision="fp32").model == "fast"  # a recipe without the rule
+    assert config.make_config("fast-full", precision="fp32").model == "fast"  # a recipe without the rule
     pretend_cuda(monkeypatch)
     assert config.make_config("fast", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
+
+
+def test_fast_93_trains_the_4x4_net_for_two_more_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
+    bf16 = config.make_config("fast-93", device="cpu", precision="bf16").to_dict()
+    fp32 = config.make_config("fast-93", device="cpu", precision="fp32").to_dict()
+    assert (bf16["model"], bf16["epochs"]) == ("fast", 6) and (fp32["model"], fp32["epochs"]) == ("fast_mid", 8)
+    assert {**fp32, "model": "fast", "epochs": 6} == {**bf16, "precision": "fp32"}  # only the net and its epochs
+    monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: False)
+    assert config.make_config("fast-93", device="cpu").model == "fast_mid"  # "auto" resolved as training does
+    assert config.make_config("fast-93", device="cpu", precision="fp32", epochs=7).epochs == 7  # explicit wins
+    pretend_cuda(monkeypatch)
+    assert config.make_config("fast-93", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
 
 
 def test_recipe_rule_reads_the_device_only_where_a_recipe_has_one(monkeypatch):

@@ -18,7 +18,8 @@ from fashionlab.models.records import FastNet, ResNet, wide_resnet_blocks
 
 
 @pytest.mark.parametrize("recipe, model, precision", [
-    ("fast", "fast_lean", "bf16"), ("fast", "fast_narrow", "fp32"), ("fast-93", "fast", "auto"),
+    ("fast", "fast_lean", "bf16"), ("fast", "fast_narrow", "fp32"), ("fast-93", "fast", "bf16"),
+    ("fast-93", "fast_mid", "fp32"),
     ("fast-full", "fast", "auto"), ("best", "best", "auto")])
 def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, precision, tmp_path):
     ds = synthetic_dataset(n_train=64, n_test=40)
@@ -56,17 +57,31 @@ def test_best_recipe_trains_a_bigger_net_longer_with_more_augmentation_than_fast
 
 def test_the_lean_net_runs_its_last_conv_after_the_pool():
     sizes = {}
-    for name in ("fast", "fast_lean", "fast_narrow"):
+    for name in ("fast", "fast_lean", "fast_narrow", "fast_mid"):
         net = models.build_model(name)
         net.init_from_data(torch.rand(64, 1, 28, 28))
         last = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
         last.register_forward_hook(lambda mod, inp, out, name=name: sizes.update({name: tuple(out.shape[2:])}))
         assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
         assert net.frozen_stem() is not None  # the stem cache works the same for both
-    assert sizes == {"fast": (7, 7), "fast_lean": (3, 3), "fast_narrow": (3, 3)}
+    # The lean nets' pool drops the 7x7 map's last row and column; fast_mid's rounds up and keeps them.
+    assert sizes == {"fast": (7, 7), "fast_lean": (3, 3), "fast_narrow": (3, 3), "fast_mid": (4, 4)}
     assert models.count_params(models.build_model("fast_lean")) == models.count_params(models.build_model("fast"))
     trained = [m.out_channels for m in models.build_model("fast_narrow").modules() if isinstance(m, torch.nn.Conv2d)]
     assert trained == [16, 48, 128]  # the frozen whitening layer, then the narrower first trained conv
+
+
+def test_the_4x4_net_sees_the_images_last_row_where_the_lean_net_drops_it():
+    """The lean net's floor pool of the 7x7 map drops its last row, the only one the image's last row of
+    pixels reaches; fast_mid's pools round up and keep it (as the fast net's conv at 7x7 does)."""
+    torch.manual_seed(0)
+    x = torch.rand(4, 1, 28, 28)
+    y = x.clone()
+    y[..., 27, :] = torch.rand(4, 1, 28)
+    for name, sees in [("fast", True), ("fast_lean", False), ("fast_narrow", False), ("fast_mid", True)]:
+        net = models.build_model(name).eval()
+        net.init_from_data(x)
+        assert (not torch.equal(net(x), net(y))) == sees, name
 
 
 def test_wide_resnet_depth_is_data():
