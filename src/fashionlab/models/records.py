@@ -16,6 +16,9 @@ The `fast` entry keeps 16 of the 18 whitening filters (the least varying patch d
 dropped) and nothing else in that layer: 16 channels instead of 32 made a step about a third
 cheaper at the same two-epoch accuracy. It uses ReLU (in place) instead of GELU: 9% less
 CPU time per epoch (benchmarks/floor.py), and two-epoch runs were no less accurate (3 seeds each).
+A pool of 2 rounds down, so on the 7x7 map it drops the last row and column, the only ones the
+image's last row and column of pixels reach: with pool_before_last the last conv never sees them.
+ceil_pools=True rounds up instead (7x7 -> 4x4, the edge in a window of its own).
 
 ResNet is the pre-activation residual network (He et al. 2016) with a width multiplier, so
 WRN-d-k (Zagoruyko & Komodakis) is ResNet(blocks=((d-4)//6,)*3, widths=(16k, 32k, 64k)).
@@ -66,7 +69,7 @@ class FastNet(nn.Module):
                 raise ValueError(f"input of side {resize or 28} is too small for {len(widths)} pooling blocks")
             conv_pool = [nn.Conv2d(c_in, w, 3, padding=1, bias=False), nn.MaxPool2d(2, ceil_mode=ceil_pools)]
             if pool_before_last and i == len(widths) - 1:
-                conv_pool.reverse()  # the last conv at the pooled size: 3x3 instead of 7x7, a fifth of the work
+                conv_pool.reverse()  # the last conv at the pooled size: 3x3 (4x4 with ceil_pools) instead of 7x7
             layers += [*conv_pool, nn.BatchNorm2d(w), ACTIVATIONS[act]()]
             side = -(-side // 2) if ceil_pools else side // 2
             for _ in range(convs_per_block - 1):
