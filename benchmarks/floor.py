@@ -38,7 +38,7 @@ VERSIONS = [
     ("fast: the same with ReLU", "fast", {}, True, 256),
     ("fast: the same, frozen stem cached (the recipe after its first epoch)", "fast", {}, True, 256),
     ("resnet8 (best until the wider fastnet), batch 128", "resnet8", {}, True, 128),
-    ("best: fastnet 16-96-192, two convs per block, batch 256", "best", {}, True, 256),
+    ("best: fastnet 16-128-256, two convs per block, batch 256", "best", {}, True, 256),
 ]
 STEM_CACHED = {"fast: the same, frozen stem cached (the recipe after its first epoch)"}
 

@@ -91,6 +91,7 @@ NOT_RUN = {
     ('records.md', 'GPU_CHECK_QUICK=1 bash benchmarks/gpu_check.sh    # the same script end to end on a CPU, about a minute'),
     ('records.md', 'PYTHONPATH=src python benchmarks/time_to_accuracy.py --seeds 3 --epochs 2 6 7'),
     ('records.md', 'PYTHONPATH=src python benchmarks/floor.py      # one thread, CPU seconds, synthetic batches'),
+    ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 1 --first-seed 1 --threads 1'),
     ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 1 --first-seed 1 --threads 1 --set \'model_args={"stem":16}\''),
     ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 3 --out runs/best --set \'model_args={"stem":0}\''),
     ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 1 --first-seed 1 --threads 1 --set sam_rho=0.1 --set sam_start=0.5'),

@@ -45,7 +45,8 @@ def test_record_recipes_resolve_per_device(monkeypatch):
     assert max(lrs) == pytest.approx(2.3) and lrs.index(max(lrs)) == 58 and lrs[-1] < 1e-3
     assert config.make_config("fast", device="cpu").batch_size == 256  # the device asked for decides
     assert config.make_config("fast", epochs=10).epochs == 10  # explicit settings still win
-    assert config.make_config("best").model == "wrn16_4"
+    best = config.make_config("best")
+    assert (best.model, best.epochs, best.hard_fraction) == ("wrn16_4", 64, 1.0)  # every image, as measured
     f93 = config.make_config("fast-93")  # the 93% settings: fast's large-batch epochs, 10 of them
     assert (f93.model, f93.batch_size, f93.lr, f93.epochs, f93.hard_fraction) == ("fast", 1024, 2.3, 10, 1.0)
     assert config.make_config("dense-vs-conv").batch_size == 128  # a recipe without a rule: as it was

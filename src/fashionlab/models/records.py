@@ -255,9 +255,11 @@ for _entry in [
                "net's pool drops the map's last row and column), 56% of the fast net's multiply-adds; fast-93's net"),
     # stem=16 with whiten: the whitening layer runs at 28x28 as the stem, and a trained conv sees its
     # output at full resolution before the first pool (the first block's conv); 10% more multiply-adds.
-    ModelEntry("best", "fastnet", dict(stem=16, widths=(16, 96, 192), convs_per_block=2, whiten=True),
-               "accuracy record on a CPU budget: the fast net's shape, wider and two convs per block (16, 96, "
-               "192), a trained conv at full resolution behind the frozen whitening layer"),
+    # widths 16-128-256 (65.9 MFLOP, 1.6x the 16-96-192 net before) with hard-example epochs (the best
+    # recipe): 95.32% on seed 0 where the narrower net's 32 full epochs gave 95.06%, in about the same time.
+    ModelEntry("best", "fastnet", dict(stem=16, widths=(16, 128, 256), convs_per_block=2, whiten=True),
+               "accuracy record on a CPU budget: the fast net's shape, wider and two convs per block (16, 128, "
+               "256), a trained conv at full resolution behind the frozen whitening layer"),
     ModelEntry("resnet8", "resnet", dict(blocks=(1, 1, 1), widths=(32, 64, 128), stem=32),
                "pre-activation ResNet, 3 stages of 1 block, widths 32-64-128 (8 weight layers)"),
     ModelEntry("wrn16_4", "resnet", dict(blocks=wide_resnet_blocks(16), widths=(64, 128, 256), stem=16),
