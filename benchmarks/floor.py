@@ -25,6 +25,9 @@ from flops import forward_flops, matmul_rate  # noqa: E402
 
 from fashionlab import models  # noqa: E402
 
+# The registry's widths of `best`, so its row's label follows the entry it times.
+BEST_WIDTHS = "-".join(str(w) for w in models.MODELS["best"].kwargs["widths"])
+
 # (label, model, model arguments, bf16 + channels_last, batch size); STEM_CACHED: versions timed from
 # the frozen stem's output, as train() runs them once its stem cache is filled
 VERSIONS = [
@@ -38,7 +41,7 @@ VERSIONS = [
     ("fast: the same with ReLU", "fast", {}, True, 256),
     ("fast: the same, frozen stem cached (the recipe after its first epoch)", "fast", {}, True, 256),
     ("resnet8 (best until the wider fastnet), batch 128", "resnet8", {}, True, 128),
-    ("best: fastnet 16-128-256, two convs per block, batch 256", "best", {}, True, 256),
+    (f"best: fastnet {BEST_WIDTHS}, two convs per block, batch 256", "best", {}, True, 256),
 ]
 STEM_CACHED = {"fast: the same, frozen stem cached (the recipe after its first epoch)"}
 
