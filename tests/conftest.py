@@ -22,6 +22,14 @@ def _isolated_cache(tmp_path_factory, monkeypatch):
     monkeypatch.delenv("FASHIONLAB_DATA", raising=False)
 
 
+@pytest.fixture(autouse=True)
+def _no_amx_rule(monkeypatch):
+    """The recipes' AMX rule stays off unless a test turns it on: the settings a test resolves must not
+    depend on whether the machine running it has AMX tiles (test_gpu_step checks the rule itself)."""
+    from fashionlab import device
+    monkeypatch.setattr(device, "cpu_has_amx", lambda: False)
+
+
 _REAL: data.Dataset | None = None
 
 

@@ -18,6 +18,8 @@ from conftest import ROOT, synthetic_dataset
 from fashionlab import config, device as device_mod, run as run_mod, training
 from fashionlab.recipes import get_recipe
 
+CPU_HAS_AMX = device_mod.cpu_has_amx  # the real test, before conftest turns the rule off in every test
+
 
 def pretend_cuda(monkeypatch) -> None:
     """make_config sees a CUDA device (the recipe rule asks only for its type)."""
@@ -77,6 +79,39 @@ def test_fast_93_trains_the_4x4_net_for_two_more_epochs_where_the_cpu_trains_in_
     assert config.make_config("fast-93", device="cpu", precision="fp32", epochs=7).epochs == 7  # explicit wins
     pretend_cuda(monkeypatch)
     assert config.make_config("fast-93", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
+
+
+def test_fast_trains_the_fast_net_for_3_epochs_where_the_cpu_runs_bf16_on_amx(monkeypatch):
+    bf16 = config.make_config("fast", device="cpu", precision="bf16").to_dict()
+    assert (bf16["model"], bf16["epochs"]) == ("fast_lean", 5)  # no AMX (conftest): as on AVX-512 BF16
+    monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)
+    amx = config.make_config("fast", device="cpu", precision="bf16").to_dict()
+    assert (amx["model"], amx["epochs"]) == ("fast", 3)
+    assert {**amx, "model": "fast_lean", "epochs": 5} == bf16  # only the net and its epochs change
+    assert config.make_config("fast", device="cpu", precision="fp32").model == "fast_narrow"  # AMX runs bf16 only
+    assert config.make_config("fast", device="cpu", precision="bf16", epochs=4).epochs == 4  # explicit settings win
+    assert config.make_config("fast-93", device="cpu", precision="bf16").epochs == 6  # a recipe without the rule
+    monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: True)
+    assert config.make_config("fast", device="cpu").model == "fast"  # "auto" resolved as training does
+    pretend_cuda(monkeypatch)
+    gpu = config.make_config("fast")
+    assert (gpu.model, gpu.epochs, gpu.batch_size) == ("fast", 4, 1024)  # on CUDA the CUDA rule alone
+
+
+def test_amx_counts_only_where_onednn_may_use_it(monkeypatch):
+    monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
+    for cap, allowed in [(None, True), ("AVX512_CORE_AMX", True), ("avx512_core_amx_fp16", True),
+                         ("AVX512_CORE_BF16", False), ("AVX2", False)]:
+        if cap is None:
+            monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
+        else:
+            monkeypatch.setenv("ONEDNN_MAX_CPU_ISA", cap)
+        assert CPU_HAS_AMX() is allowed, cap
+        assert device_mod.onednn_allows_bf16() is (allowed or cap == "AVX512_CORE_BF16"), cap
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA")
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: False)
+    assert CPU_HAS_AMX() is False
 
 
 def test_recipe_rule_reads_the_device_only_where_a_recipe_has_one(monkeypatch):
