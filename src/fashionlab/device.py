@@ -38,10 +38,10 @@ def cpu_has_bf16() -> bool:
 
 
 def cpu_has_amx() -> bool:
-    """AMX tiles that oneDNN may use: bf16 convolutions then run at several times the AVX-512 BF16 rate
-    (2.7 TFLOP/s on 2 cores of an Intel Xeon, where AVX-512 BF16 gave 0.4 on a 2-core AMD EPYC), so a
-    recipe can afford more arithmetic per image (its `cpu-amx` rule). Not when ONEDNN_MAX_CPU_ISA holds
-    oneDNN below AMX."""
+    """AMX tiles that oneDNN may use: bf16 matrix work then runs at several times the AVX-512 BF16 rate
+    (1.46 TFLOP/s on 2 cores of an Intel Xeon, against 0.41 with AVX-512 BF16 on a 2-core AMD EPYC;
+    docs/records.md), so a recipe can afford more arithmetic per image (its `cpu-amx` rule). Not when
+    ONEDNN_MAX_CPU_ISA holds oneDNN below AMX."""
     import torch
     if not onednn_allows("AMX"):
         return False
