@@ -399,7 +399,7 @@ def make_config(recipe: str | None = None, **overrides) -> TrainConfig:
             raise ConfigError(e.args[0]) from None
         device_type = recipe_device_type(chosen, overrides.get("device"))
         precision = recipe_precision(chosen, device_type, overrides.get("precision"))
-        amx = precision == "bf16" and f"{device_type}-amx" in chosen.on_device and device_mod.cpu_has_amx()
+        amx = f"{device_type}-amx" in chosen.on_device and device_mod.cpu_has_amx()  # settings_for checks bf16
         values.update(copy.deepcopy(chosen.settings_for(device_type, precision, amx)))
         values["recipe"] = recipe
     values.update({k: v for k, v in overrides.items() if v is not None})
