@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from conftest import ROOT, synthetic_dataset
-from fashionlab import config, device as device_mod, run as run_mod, training
+from fashionlab import config, device as device_mod, models, run as run_mod, training
 from fashionlab.recipes import get_recipe
 
 CPU_HAS_AMX = device_mod.cpu_has_amx  # the real test, before conftest turns the rule off in every test
@@ -90,12 +90,24 @@ def test_fast_trains_the_fast_net_for_3_epochs_where_the_cpu_runs_bf16_on_amx(mo
     assert {**amx, "model": "fast_lean", "epochs": 5} == bf16  # only the net and its epochs change
     assert config.make_config("fast", device="cpu", precision="fp32").model == "fast_narrow"  # AMX runs bf16 only
     assert config.make_config("fast", device="cpu", precision="bf16", epochs=4).epochs == 4  # explicit settings win
-    assert config.make_config("fast-93", device="cpu", precision="bf16").epochs == 6  # a recipe without the rule
+    assert config.make_config("fast-full", device="cpu", precision="bf16").epochs == 2  # a recipe without the rule
     monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: True)
     assert config.make_config("fast", device="cpu").model == "fast"  # "auto" resolved as training does
     pretend_cuda(monkeypatch)
     gpu = config.make_config("fast")
     assert (gpu.model, gpu.epochs, gpu.batch_size) == ("fast", 4, 1024)  # on CUDA the CUDA rule alone
+
+
+def test_fast_93_trains_the_wider_net_for_5_epochs_where_the_cpu_runs_bf16_on_amx(monkeypatch):
+    bf16 = config.make_config("fast-93", device="cpu", precision="bf16").to_dict()
+    monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)
+    amx = config.make_config("fast-93", device="cpu", precision="bf16").to_dict()
+    assert (amx["model"], amx["epochs"]) == ("fast_wide", 5)
+    assert {**amx, "model": "fast", "epochs": 6} == bf16  # only the net and its epochs change
+    assert config.make_config("fast-93", device="cpu", precision="fp32").model == "fast_mid"  # AMX runs bf16 only
+    wide, fast = models.build_model("fast_wide"), models.build_model("fast")
+    assert [m.out_channels for m in wide.modules() if isinstance(m, torch.nn.Conv2d)] == [16, 96, 192]
+    assert models.count_params(wide) > 2 * models.count_params(fast)
 
 
 def test_amx_counts_only_where_onednn_may_use_it(monkeypatch):
