@@ -110,6 +110,14 @@ def test_fast_93_trains_the_wider_net_for_5_epochs_where_the_cpu_runs_bf16_on_am
     assert models.count_params(wide) > 2 * models.count_params(fast)
 
 
+def test_best_trains_80_epochs_where_the_cpu_runs_bf16_on_amx(monkeypatch):
+    bf16 = config.make_config("best", device="cpu", precision="bf16").to_dict()
+    monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)
+    amx = config.make_config("best", device="cpu", precision="bf16").to_dict()
+    assert (bf16["epochs"], amx["epochs"]) == (48, 80) and {**amx, "epochs": 48} == bf16  # only the epochs
+    assert config.make_config("best", device="cpu", precision="fp32").epochs == 48  # AMX runs bf16 only
+
+
 def test_amx_counts_only_where_onednn_may_use_it(monkeypatch):
     monkeypatch.delenv("DNNL_MAX_CPU_ISA", raising=False)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: True)
