@@ -81,14 +81,24 @@ def test_fast_93_trains_the_4x4_net_for_two_more_epochs_where_the_cpu_trains_in_
     assert config.make_config("fast-93", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
 
 
-def test_fast_trains_the_fast_net_for_3_epochs_where_the_cpu_runs_bf16_on_amx(monkeypatch):
-    bf16 = config.make_config("fast", device="cpu", precision="bf16").to_dict()
-    assert (bf16["model"], bf16["epochs"]) == ("fast_lean", 5)  # no AMX (conftest): as on AVX-512 BF16
+@pytest.mark.parametrize("recipe, without, with_amx, fp32", [
+    ("fast", dict(model="fast_lean", epochs=5), dict(model="fast", epochs=3), dict(model="fast_narrow")),
+    ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_mid")),
+    ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(epochs=48)),
+])
+def test_amx_rule_changes_only_the_net_and_its_epochs_of_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):
+    bf16 = config.make_config(recipe, device="cpu", precision="bf16").to_dict()
+    assert {k: bf16[k] for k in without} == without  # no AMX (conftest): as on AVX-512 BF16
     monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)
-    amx = config.make_config("fast", device="cpu", precision="bf16").to_dict()
-    assert (amx["model"], amx["epochs"]) == ("fast", 3)
-    assert {**amx, "model": "fast_lean", "epochs": 5} == bf16  # only the net and its epochs change
-    assert config.make_config("fast", device="cpu", precision="fp32").model == "fast_narrow"  # AMX runs bf16 only
+    amx = config.make_config(recipe, device="cpu", precision="bf16").to_dict()
+    assert {k: amx[k] for k in with_amx} == with_amx
+    assert {**amx, **without} == bf16  # only the net and its epochs change
+    in_fp32 = config.make_config(recipe, device="cpu", precision="fp32").to_dict()
+    assert {k: in_fp32[k] for k in fp32} == fp32  # AMX runs bf16 only: the fp32 rule, if any, alone
+
+
+def test_amx_rule_yields_to_explicit_settings_auto_precision_and_cuda(monkeypatch):
+    monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)
     assert config.make_config("fast", device="cpu", precision="bf16", epochs=4).epochs == 4  # explicit settings win
     assert config.make_config("fast-full", device="cpu", precision="bf16").epochs == 2  # a recipe without the rule
     monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: True)
@@ -98,24 +108,10 @@ def test_fast_trains_the_fast_net_for_3_epochs_where_the_cpu_runs_bf16_on_amx(mo
     assert (gpu.model, gpu.epochs, gpu.batch_size) == ("fast", 4, 1024)  # on CUDA the CUDA rule alone
 
 
-def test_fast_93_trains_the_wider_net_for_5_epochs_where_the_cpu_runs_bf16_on_amx(monkeypatch):
-    bf16 = config.make_config("fast-93", device="cpu", precision="bf16").to_dict()
-    monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)
-    amx = config.make_config("fast-93", device="cpu", precision="bf16").to_dict()
-    assert (amx["model"], amx["epochs"]) == ("fast_wide", 5)
-    assert {**amx, "model": "fast", "epochs": 6} == bf16  # only the net and its epochs change
-    assert config.make_config("fast-93", device="cpu", precision="fp32").model == "fast_mid"  # AMX runs bf16 only
+def test_the_wide_fast_net_is_the_fast_net_at_16_96_192():
     wide, fast = models.build_model("fast_wide"), models.build_model("fast")
     assert [m.out_channels for m in wide.modules() if isinstance(m, torch.nn.Conv2d)] == [16, 96, 192]
     assert models.count_params(wide) > 2 * models.count_params(fast)
-
-
-def test_best_trains_80_epochs_where_the_cpu_runs_bf16_on_amx(monkeypatch):
-    bf16 = config.make_config("best", device="cpu", precision="bf16").to_dict()
-    monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)
-    amx = config.make_config("best", device="cpu", precision="bf16").to_dict()
-    assert (bf16["epochs"], amx["epochs"]) == (48, 80) and {**amx, "epochs": 48} == bf16  # only the epochs
-    assert config.make_config("best", device="cpu", precision="fp32").epochs == 48  # AMX runs bf16 only
 
 
 def test_amx_counts_only_where_onednn_may_use_it(monkeypatch):
