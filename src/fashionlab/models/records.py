@@ -136,13 +136,10 @@ class FastNet(nn.Module):
         norm, first = self.net[0], self.net[1]
         x = norm(images.float().cpu())  # on the CPU: float64 eigh is not available on every device
         k = first.kernel_size[0]
-        patches = F.unfold(x, k, padding=first.padding[0]).transpose(1, 2).reshape(-1, x.shape[1] * k * k)
-        patches = patches.double()
-        mirror = torch.arange(patches.shape[1]).reshape(x.shape[1], k, k).flip(-1).reshape(-1)
+        second, mean = _patch_moments(x, k, first.padding[0])
+        mirror = torch.arange(len(mean)).reshape(x.shape[1], k, k).flip(-1).reshape(-1)
         # Second moment and mean of the patches and their mirror images (a mirror image's patches are
         # the mirrored patches): a permutation of the same sums, so no second pass over the data.
-        second = patches.T @ patches / len(patches)
-        mean = patches.mean(0)
         second = (second + second[mirror][:, mirror]) / 2
         mean = (mean + mean[mirror]) / 2
         evals, evecs = _mirror_eigh(second - torch.outer(mean, mean), mirror)
@@ -151,6 +148,22 @@ class FastNet(nn.Module):
         filters = (evecs / (evals + eps).sqrt()).T.float().reshape(-1, *first.weight.shape[1:])
         filters = torch.cat([filters, -filters])
         first.weight[: len(filters)] = filters.to(first.weight)
+
+
+def _patch_moments(x: torch.Tensor, k: int, padding: int, chunk: int = 250) -> tuple[torch.Tensor, torch.Tensor]:
+    """Second moment (d x d) and mean (d) in float64 of the k x k patches of images x (N, C, H, W),
+    d = C k k. A few hundred images at a time, each image's patches as the columns of one matrix: the
+    patches of 5,000 images in one (patches, d) matrix took 3.5 times as long (0.26 s against 0.07 s on 2
+    cores), mostly in copying them into it. The sums differ from that matrix's in the last bits of
+    float64, which the whitening filters, rounded to float32, do not keep."""
+    d = x.shape[1] * k * k
+    second, total, count = torch.zeros(d, d, dtype=torch.float64), torch.zeros(d, dtype=torch.float64), 0
+    for part in x.split(chunk):
+        u = F.unfold(part.double(), k, padding=padding)  # (images, d, patches per image)
+        second += torch.bmm(u, u.transpose(1, 2)).sum(0)
+        total += u.sum((0, 2))
+        count += u.shape[0] * u.shape[2]
+    return second / count, total / count
 
 
 def _mirror_eigh(cov: torch.Tensor, mirror: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
