@@ -53,11 +53,25 @@ def test_no_frozen_stem_where_mirroring_does_not_map_it_onto_itself():
     assert cache is None and "crop changes the image before the stem" in why
 
 
+@pytest.mark.parametrize("side", [28, 27])  # the pool as the maximum of four views, and as the layer (odd sides)
+def test_the_cache_runs_the_stem_to_the_bit(side):
+    images = torch.randint(0, 256, (64, 1, side, side), dtype=torch.uint8)
+    net = _whitened(images).to(memory_format=torch.channels_last)
+    cache, _ = StemCache.for_run(net, Augment(flip=0.5), images, FP32)
+    x = evaluate.to_input(images).contiguous(memory_format=torch.channels_last)
+    x[0, 0, 3, 4] = float("nan")  # a NaN pixel stays NaN, as max_pool2d keeps it
+    with torch.no_grad():
+        expected, h = net.frozen_stem()[0](x), cache.run_stem(x)
+    assert torch.equal(h.isnan(), expected.isnan()) and h[0].isnan().any()
+    assert torch.equal(h.nan_to_num(), expected.nan_to_num()) and h.is_contiguous(memory_format=torch.channels_last)
+
+
 def test_no_cache_beyond_its_memory_limit(monkeypatch):
     images = torch.from_numpy(synthetic_dataset(n_train=100, n_test=10).train_images).unsqueeze(1)
     cache, why = StemCache.for_run(_whitened(images), Augment(flip=0.5), images, FP32)
-    assert cache is not None and len(cache.features) == 200 and "200 x (16, 14, 14) float32" in why
-    monkeypatch.setattr(stem_cache, "MAX_BYTES", 200 * 16 * 14 * 14 * 4 - 1)
+    assert cache is not None and len(cache.features) == 100 and "100 x (16, 14, 14) float32" in why
+    assert "mirrored when drawn the other way round" in why
+    monkeypatch.setattr(stem_cache, "MAX_BYTES", 100 * 16 * 14 * 14 * 4 - 1)
     cache, why = StemCache.for_run(_whitened(images), Augment(flip=0.5), images, FP32)
     assert cache is None and "limit" in why
 
@@ -70,32 +84,66 @@ def test_cache_holds_what_the_stem_computes_for_images_and_their_mirrors(real_da
     aug = Augment(flip=0.5)
     cache, _ = StemCache.for_run(net, aug, images, rt)
     stem, order = net.frozen_stem()
-    g = torch.Generator().manual_seed(1)
-    perm = torch.randperm(len(images), generator=g)
+    mirrored = torch.rand(len(images), generator=torch.Generator().manual_seed(1)) < 0.5
     with rt.autocast():
-        for start in range(0, 900, 300):  # 900 of the 1,000 images: not complete yet
-            cache.batch(images, perm[start:start + 300], aug, g, rt)
-        cache.end_epoch()
+        with pytest.raises(RuntimeError, match="read before it was filled"):
+            cache.batch(torch.arange(8), aug, torch.Generator())
+        # 900 of the 1,000 images, in two pieces that are not ranges: not complete yet
+        assert cache.fill(images, mirrored, 128, rt, which=torch.arange(0, 900, 2)) == 450
+        assert cache.fill(images, mirrored, 128, rt, which=torch.arange(1, 900, 2)) == 450
         assert not cache.complete
-        cache.batch(images, perm[900:], aug, g, rt)
-        cache.end_epoch()
-        assert cache.complete
+        assert cache.fill(images, mirrored, 128, rt) == 100 and cache.complete  # the rest, a range
         x = evaluate.to_input(images).contiguous(memory_format=torch.channels_last)
         with torch.no_grad():
             direct, direct_mirrored = stem(x), stem(x.flip(-1))
-        tol = dict(atol=1e-5) if precision == "fp32" else dict(atol=0.05, rtol=0.02)  # bf16 rounds to 8 bits
-        assert len(cache.features) == 2 * len(images)  # each image's entry, then its mirror's
-        assert torch.allclose(cache.features.float(), torch.cat([direct, direct_mirrored]).float(), **tol)
-        # Read back: the same flips as random_flip would draw, each served from the stored entry.
+        # Each entry is the stem's output for the orientation it was computed from, to the bit.
+        assert torch.equal(cache.computed_mirrored, mirrored)
+        assert torch.equal(cache.features, torch.where(mirrored[:, None, None, None], direct_mirrored, direct))
+        # Read back: the same flips as random_flip would draw, mirrored where drawn the other way round.
         idx = torch.arange(len(images))
         g1, g2 = torch.Generator().manual_seed(7), torch.Generator().manual_seed(7)
-        served = cache.batch(images, idx, aug, g1, rt)
+        served = cache.batch(idx, aug, g1)
         flipped = torch.rand(len(images), generator=g2) < 0.5
+    tol = dict(atol=1e-5) if precision == "fp32" else dict(atol=0.05, rtol=0.02)  # bf16 rounds to 8 bits
     expected = torch.where(flipped[:, None, None, None], direct_mirrored, direct)
     assert torch.allclose(served.float(), expected.float(), **tol)
+    drawn_as_computed = flipped == mirrored
+    assert torch.equal(served[drawn_as_computed], expected[drawn_as_computed])  # read as stored, not mirrored
+    other_way = ~drawn_as_computed  # the stored entry mirrored, exactly (mirroring moves values, no arithmetic)
+    assert torch.equal(served[other_way], cache.mirror(cache.features[other_way]))
     if rt.channels_last:  # the layout the convolutions after the stem run fastest on
         assert served.is_contiguous(memory_format=torch.channels_last)
-    assert 300 < int(flipped.sum()) < 700
+    assert 300 < int(flipped.sum()) < 700 and 300 < int(drawn_as_computed.sum()) < 700
+
+
+@pytest.mark.parametrize("start", [0, 3])  # an epoch from its start, and resumed after its third step
+def test_the_first_epochs_flips_are_replayed_without_moving_the_generator(start):
+    aug, n, batch = Augment(flip=0.5), 1000, 64
+    g = torch.Generator().manual_seed(3)
+    perm = torch.randperm(n, generator=g)
+    for step in range(start):  # the steps a resumed epoch has behind it
+        stem_cache.flip_mask(batch, 0.5, g, "cpu")
+    before = g.get_state()
+    mirrored = StemCache.first_epoch_mirrors(n, perm[start * batch:], batch, aug, g)
+    assert torch.equal(g.get_state(), before)
+    for idx in perm[start * batch:].split(batch):  # as the epoch's steps then draw them
+        assert torch.equal(stem_cache.flip_mask(len(idx), 0.5, g, "cpu"), mirrored[idx])
+    assert not mirrored[perm[:start * batch]].any()  # images already trained on are not drawn again
+    assert StemCache.first_epoch_mirrors(n, perm, batch, Augment(), g) is None  # no flips: nothing to mirror
+
+
+def test_the_first_epoch_reads_every_image_as_it_was_computed(tmp_path, monkeypatch):
+    """The replayed orientations are the ones the first epoch's steps draw: it mirrors no entry."""
+    mirrored_batches = []
+    mirror = StemCache.mirror
+    monkeypatch.setattr(StemCache, "mirror", lambda self, h: mirrored_batches.append(len(h)) or mirror(self, h))
+    ds = synthetic_dataset(n_train=256, n_test=50, seed=5)
+    cfg = config.make_config("fast-full", epochs=1, batch_size=32)
+    assert run_mod.train_run(cfg, tmp_path / "one", dataset=ds, quiet=True).metrics["stem_cached"]
+    assert mirrored_batches == []
+    cfg = config.make_config("fast-full", epochs=2, batch_size=32)
+    run_mod.train_run(cfg, tmp_path / "two", dataset=ds, quiet=True)
+    assert len(mirrored_batches) == 256 // 32  # each of the second epoch's steps mirrors some
 
 
 def test_a_cached_run_trains_as_an_uncached_one(tmp_path):
@@ -160,6 +208,8 @@ def test_the_checkpointed_cache_state_must_fit_the_run(tmp_path):
     cache, _ = StemCache.for_run(net, Augment(flip=0.5), images, FP32)
     state = cache.state()
     assert set(state) == {"stem.filled", "stem.mirrored"} and not state["stem.filled"].any()
+    with pytest.raises(RuntimeError, match="read before it was filled"):
+        cache.batch(torch.arange(4), Augment(flip=0.5), torch.Generator())
     with pytest.raises(RunError, match="extra.stem.filled holds 39 entries; this run trains on 40 images"):
         cache.load({"stem.filled": torch.ones(39, dtype=torch.bool), "stem.mirrored": torch.ones(39, dtype=torch.bool)},
                    images, 16, FP32)

@@ -266,7 +266,8 @@ class Trainer:
         self.cache, note = StemCache.for_run(self.model, self.augment, self.split.X, self.runtime)
         if self.cache:
             self.from_stem = _compiled(self.model.forward_from_stem, self.cfg, self.runtime)
-            self.log(f"frozen stem: computed in the first epoch, read from a cache after it ({note})")
+            self.log(f"frozen stem: computed once per image in the first epoch, before its first step; every step "
+                     f"reads it from a cache ({note})")
             if self.resume_stem:  # before the resumed run's first step, so its time is not training's
                 with self.runtime.autocast():
                     n = self.cache.load(self.resume_stem, self.split.X, self.cfg.batch_size, self.runtime,
@@ -333,9 +334,9 @@ class Trainer:
         """A training step's forward and backward on the batch at idx, as train_step runs them, without
         its side effects (see warm_up)."""
         rt = self.runtime
-        if self.cache:  # the cached path's shapes, without writing the cache
+        if self.cache:  # the cached path's shapes (the fill's too), without writing the cache
             with rt.autocast(), torch.no_grad():
-                xb, forward = self.cache.stem(evaluate.to_input(self.split.X[idx], rt)), self.from_stem
+                xb, forward = self.cache.run_stem(evaluate.to_input(self.split.X[idx], rt)), self.from_stem
         else:
             xb, forward = self._batch(idx, torch.Generator(rt.random_device).manual_seed(0))
         self._step_begin()
@@ -353,6 +354,8 @@ class Trainer:
         t0 = time.perf_counter()
         if self.hard:  # inside the timed part: choosing is part of the epoch's cost
             perm = self.hard.begin_epoch(epoch, perm)
+        if self.cache and not self.cache.complete:  # the first epoch computes the frozen stem once per image
+            self._fill_stem_cache(perm[first_step * self.cfg.batch_size:], g)
         steps = self.steps_in(epoch)
         for s in range(first_step, steps):
             self.train_step(perm[s * self.cfg.batch_size:(s + 1) * self.cfg.batch_size], g, stats)
@@ -365,6 +368,13 @@ class Trainer:
         return {"epoch": epoch + 1, "train_loss": float(stats.loss_sum) / stats.seen,
                 "train_accuracy": int(stats.correct) / stats.seen, "lr": self.optimizer.param_groups[0]["lr"],
                 "seconds": stats.seconds, "images_per_s": stats.seen / stats.seconds}
+
+    def _fill_stem_cache(self, perm: torch.Tensor, g: torch.Generator) -> None:
+        """Every entry of the stem cache, each image from the orientation this epoch's steps (those still
+        to run, on perm's images) will draw for it, before the first of them."""
+        mirrored = StemCache.first_epoch_mirrors(self.split.n, perm, self.cfg.batch_size, self.augment, g)
+        with self.runtime.autocast():
+            self.cache.fill(self.split.X, mirrored, self.cfg.batch_size, self.runtime)
 
     def _epoch_stats(self, epoch: int, g: torch.Generator) -> tuple[EpochStats, int]:
         dev = self.runtime.device
@@ -432,8 +442,7 @@ class Trainer:
         """The augmented batch and the forward that takes it (from the stem's cached output when cached)."""
         rt = self.runtime
         if self.cache:
-            with rt.autocast():
-                return self.cache.batch(self.split.X, idx, self.augment, g, rt), self.from_stem
+            return self.cache.batch(idx, self.augment, g), self.from_stem
         xb = evaluate.to_input(self.split.X[idx])
         if self.augment.active:
             xb = self.augment(xb, g)
@@ -453,8 +462,6 @@ class Trainer:
 
     def _end_of_pass(self) -> None:
         """Work that finishes an epoch's model, inside the timed part."""
-        if self.cache:
-            self.cache.end_epoch()
         if self.hard:
             self.hard.end_epoch()
         if self.cfg.precise_bn:
