@@ -82,7 +82,7 @@ def test_fast_93_trains_the_4x4_net_for_two_more_epochs_where_the_cpu_trains_in_
 
 
 @pytest.mark.parametrize("recipe, without, with_amx, fp32", [
-    ("fast", dict(model="fast_lean", epochs=5), dict(model="fast", epochs=3), dict(model="fast_narrow")),
+    ("fast", dict(model="fast_lean", epochs=5), dict(model="fast_slim", epochs=3), dict(model="fast_narrow")),
     ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_mid")),
     ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(epochs=48)),
 ])
@@ -102,7 +102,7 @@ def test_amx_rule_yields_to_explicit_settings_auto_precision_and_cuda(monkeypatc
     assert config.make_config("fast", device="cpu", precision="bf16", epochs=4).epochs == 4  # explicit settings win
     assert config.make_config("fast-full", device="cpu", precision="bf16").epochs == 2  # a recipe without the rule
     monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: True)
-    assert config.make_config("fast", device="cpu").model == "fast"  # "auto" resolved as training does
+    assert config.make_config("fast", device="cpu").model == "fast_slim"  # "auto" resolved as training does
     pretend_cuda(monkeypatch)
     gpu = config.make_config("fast")
     assert (gpu.model, gpu.epochs, gpu.batch_size) == ("fast", 4, 1024)  # on CUDA the CUDA rule alone
@@ -112,6 +112,14 @@ def test_the_wide_fast_net_is_the_fast_net_at_16_96_192():
     wide, fast = models.build_model("fast_wide"), models.build_model("fast")
     assert [m.out_channels for m in wide.modules() if isinstance(m, torch.nn.Conv2d)] == [16, 96, 192]
     assert models.count_params(wide) > 2 * models.count_params(fast)
+
+
+def test_the_slim_fast_net_is_the_fast_net_with_its_first_trained_conv_48_wide():
+    slim, fast = models.build_model("fast_slim"), models.build_model("fast")
+    assert [m.out_channels for m in slim.modules() if isinstance(m, torch.nn.Conv2d)] == [16, 48, 128]
+    assert [type(m) for m in slim.net] == [type(m) for m in fast.net]  # the same layers, in the same order
+    slim.init_from_data(torch.rand(64, 1, 28, 28))
+    assert slim.frozen_stem() is not None  # its stem is cached as the fast net's is
 
 
 def test_amx_counts_only_where_onednn_may_use_it(monkeypatch):
