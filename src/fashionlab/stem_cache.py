@@ -19,7 +19,7 @@ it (state/load): a resumed run recomputes the entries from the same orientations
 exactly as the uninterrupted run.
 
 Filled all at once, a batch of images in index order at a time, one entry per image: 60,000 `fast`
-entries (359 MiB in bf16) in about 0.5 s on 2 cores of a CPU with AMX. Filling two entries per image
+entries (359 MiB in bf16) in about 0.4 s on 2 cores of a CPU with AMX. Filling two entries per image
 (each orientation) in the steps, as the cache did before, cost 0.8 s there: writing twice the memory,
 scattered, cost more than the stem itself; mirroring half of each later batch costs far less. A
 batch's images are computed each independently of the others in its batch, so the entries are the
