@@ -7,6 +7,7 @@ import errno
 import os
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -263,6 +264,40 @@ def test_check_writable_tries_for_real_and_leaves_nothing_behind(tmp_path):
         check_writable(tmp_path / "f", folder=True)
     with pytest.raises(OutputError, match="File name too long"):
         check_writable(tmp_path / ("x" * 300) / "y")
+
+
+def test_check_writable_holds_when_another_process_checks_the_same_new_folder(tmp_path, monkeypatch):
+    """A sweep's workers start together and check the same experiment folder: one makes it between the
+    other's look and its mkdir, or removes it again between the other's mkdir and its probe."""
+    real_mkdir, real_mkstemp = Path.mkdir, tempfile.mkstemp
+    target = tmp_path / "exp"
+
+    def made_by_the_other_first(self, *args, **kwargs):
+        if self == target and not self.exists():
+            real_mkdir(self)  # the other process wins the race...
+        return real_mkdir(self, *args, **kwargs)  # ...so this one finds it there: FileExistsError
+
+    monkeypatch.setattr(Path, "mkdir", made_by_the_other_first)
+    assert check_writable(target, folder=True) and target.is_dir()  # used, and left to the other process
+    target.rmdir()
+    monkeypatch.setattr(Path, "mkdir", real_mkdir)
+    removed = []
+
+    def removed_by_the_other_once(*args, **kwargs):
+        if not removed:
+            removed.append(target.rmdir())  # the other process's check cleans up before this probe
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", removed_by_the_other_once)
+    assert check_writable(target, folder=True) and removed and not target.exists()  # made again, then removed
+    def removed_by_the_other_every_time(*args, **kwargs):
+        target.rmdir()
+        return real_mkstemp(*args, **kwargs)
+
+    monkeypatch.setattr(tempfile, "mkstemp", removed_by_the_other_every_time)
+    with pytest.raises(OutputError, match="kept disappearing while it was tried"):
+        check_writable(target, folder=True)
+    assert not target.exists()
 
 
 def test_atomic_write_errors_name_the_target_never_the_temporary_file(tmp_path, monkeypatch):

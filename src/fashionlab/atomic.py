@@ -47,7 +47,22 @@ def check_writable(path: str | os.PathLike, folder: bool = False) -> Path:
 
 
 def why_not_writable(path: Path, folder: bool = False) -> str | None:
-    """Why `path` cannot be written (see check_writable), or None when it can; leaves nothing behind."""
+    """Why `path` cannot be written (see check_writable), or None when it can; leaves nothing behind.
+
+    Processes started together (a sweep's workers) check the same new folder at once: a folder another
+    one made meanwhile is used and left to it, and one it removed again before the probe went in is
+    made once more."""
+    for _ in range(3):
+        reason = _why_not_writable_once(path, folder)
+        if reason is not _VANISHED:
+            return reason
+    return f"a folder on the way to {path} kept disappearing while it was tried"
+
+
+_VANISHED = "a folder it made was removed meanwhile"  # by another process's check: try again
+
+
+def _why_not_writable_once(path: Path, folder: bool) -> str | None:
     made: list[Path] = []
     try:
         if path.exists() and path.is_dir() != folder:
@@ -59,12 +74,18 @@ def why_not_writable(path: Path, folder: bool = False) -> str | None:
             if not d.exists():
                 try:
                     d.mkdir()
+                except FileExistsError:
+                    if not d.is_dir():
+                        return f"{d} is a file, not a folder"
+                    continue  # another process made it meanwhile: not ours to remove
                 except OSError as e:
                     return f"cannot create the folder {d} ({e.strerror or e})"
                 made.append(d)
         try:
             fd, probe = tempfile.mkstemp(dir=target, prefix=".fashionlab-probe.")
         except OSError as e:  # the probe's name would mean nothing to the user: name the folder
+            if isinstance(e, FileNotFoundError) and not target.is_dir():  # not /proc's refusal: it is gone
+                return _VANISHED
             return f"cannot create a file in {target} ({e.strerror or e})"
         os.close(fd)
         os.unlink(probe)
