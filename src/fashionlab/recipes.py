@@ -10,8 +10,8 @@ larger batches (fewer, fuller steps, with the learning rate raised to match) and
 reach their targets at that batch size. `fast` also uses it on a CPU that trains in fp32 (no native
 bf16, or --precision fp32), where the convolutions run at half the bf16 rate and take two thirds of
 the time: there it trains a narrower net; and on a CPU with AMX, whose bf16 convolutions run at several
-times the AVX-512 BF16 rate, where it trains the fast net for fewer epochs (fast-93 a wider net, and
-best more epochs in the same budget). So `--recipe fast` is the fastest on the hardware at hand;
+times the AVX-512 BF16 rate and the rest of a step costs more than its convolutions, where it trains
+a slimmer net for fewer epochs (fast-93 a wider net, and best more epochs in the same budget). So `--recipe fast` is the fastest on the hardware at hand;
 explicit settings still win, and config.json records the values a run trained with.
 """
 
@@ -106,8 +106,8 @@ register(Recipe(
     "(fast_lean), 5 epochs of Nesterov SGD (batch 256, peak lr 1.15) on a one-cycle schedule, the last 4 on the "
     "hardest 25% of the images (hard_fraction), label smoothing, flips, flip test-time augmentation, all 60,000 "
     "training images. For 93%: the fast-93 recipe. On a CPU that trains in fp32: the narrower fast_narrow. On a "
-    "CPU with AMX: fast_slim (the fast net, its first trained conv 48 wide) for 3 epochs. On a CUDA GPU: the fast model on every image, batch 1024, peak lr "
-    "2.3, 4 epochs.",
+    "CPU with AMX: fast_slim (the fast net, its first trained conv 48 wide) for 3 epochs. On a CUDA GPU: the "
+    "fast model on every image, batch 1024, peak lr 2.3, 4 epochs.",
     dict(model="fast_lean", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.15, weight_decay=2.5e-4,
          batch_size=256, schedule="onecycle", label_smoothing=0.1, epochs=5, hard_fraction=0.25,
          augment={"flip": 0.5}, tta_flip=True, val_split=0.0),
