@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from fashionlab import config, data, predict, run as run_mod, training
+from fashionlab import config, data, models, predict, run as run_mod, training
 from fashionlab.errors import UserError
 from fashionlab.device import resolve
 from conftest import ROOT, synthetic_dataset
@@ -94,6 +94,33 @@ def test_sharpness_aware_gradients_are_taken_at_the_steepest_nearby_point():
     assert torch.allclose(w.grad, expected) and not torch.allclose(w.grad, g)
     assert torch.equal(w.detach(), torch.tensor([0.3, -0.2, 2.0]))  # the weights are put back exactly
     assert frozen.grad is None
+
+
+def test_sgd_on_a_cpu_is_fused_and_gives_the_per_tensor_kernels_bits():
+    """The fused SGD kernel is a speed choice only: on the weights of a FastNet, with both parameter
+    groups (decayed and not), Nesterov momentum and a changing learning rate, 20 steps land on the same
+    bits as the per-tensor (foreach) kernel runs used before."""
+    cfg = config.make_config(model="fast", optimizer="sgd", nesterov=True, momentum=0.9, weight_decay=2.5e-4)
+    weights = {}
+    for fused in (True, False):
+        torch.manual_seed(0)
+        model = models.build_model("fast")
+        opt = training.make_optimizer(model, cfg)
+        assert opt.defaults["fused"] is True
+        if not fused:  # the same groups and settings on the per-tensor kernel
+            groups = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in opt.param_groups]
+            opt = torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=True, foreach=True)
+        g = torch.Generator().manual_seed(1)
+        for step in range(20):
+            for group in opt.param_groups:
+                group["lr"] = 0.05 * (1 + step)
+            for p in model.parameters():
+                p.grad = torch.randn(p.shape, generator=g) if p.requires_grad else None
+            opt.step()
+        weights[fused] = [p.detach().clone() for p in model.parameters()]
+    assert all(torch.equal(a, b) for a, b in zip(weights[True], weights[False]))
+    torch.manual_seed(0)
+    assert not all(torch.equal(a, b.detach()) for a, b in zip(weights[True], models.build_model("fast").parameters()))
 
 
 def test_sam_starts_where_configured(tmp_path):

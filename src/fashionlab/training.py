@@ -619,10 +619,14 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     decay = [p for p in trainable if p.ndim > 1]
     no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-    # On a GPU, one fused kernel updates every parameter instead of a launch per tensor and operation.
+    # One fused kernel updates every parameter instead of a launch (on a CPU, a pass over memory) per
+    # tensor and operation. On a GPU for every optimiser; on a CPU for SGD, whose fused kernel computes
+    # the same bits as the per-tensor one, 6 times faster for `best` (2.2 against 0.4 ms a step on 2
+    # cores). Adam's CPU kernel rounds differently, so Adam stays as it was there.
     fused = {"fused": True} if trainable and trainable[0].is_cuda else {}
     if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused)
+        fused_sgd = {"fused": True} if trainable and trainable[0].device.type in ("cuda", "cpu") else {}
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=cfg.momentum, nesterov=cfg.nesterov, **fused_sgd)
     if cfg.optimizer == "adamw":
         return torch.optim.AdamW(groups, lr=cfg.lr, **fused)
     if cfg.weight_decay:
