@@ -84,7 +84,7 @@ def test_fast_93_trains_the_4x4_net_for_two_more_epochs_where_the_cpu_trains_in_
 @pytest.mark.parametrize("recipe, without, with_amx, fp32", [
     ("fast", dict(model="fast_lean", epochs=5), dict(model="fast_slim", epochs=3), dict(model="fast_narrow")),
     ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_mid")),
-    ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(epochs=48)),
+    ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(model="best_slim", epochs=44)),
 ])
 def test_amx_rule_changes_only_the_net_and_its_epochs_of_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):
     bf16 = config.make_config(recipe, device="cpu", precision="bf16").to_dict()
@@ -120,6 +120,13 @@ def test_the_slim_fast_net_is_the_fast_net_with_its_first_trained_conv_48_wide()
     assert [type(m) for m in slim.net] == [type(m) for m in fast.net]  # the same layers, in the same order
     slim.init_from_data(torch.rand(64, 1, 28, 28))
     assert slim.frozen_stem() is not None  # its stem is cached as the fast net's is
+
+
+def test_the_slim_best_net_is_the_best_net_at_16_96_192():
+    slim, best = models.build_model("best_slim"), models.build_model("best")
+    widths = lambda net: [m.out_channels for m in net.modules() if isinstance(m, torch.nn.Conv2d)]
+    assert widths(slim) == [16, 16, 16, 96, 96, 192, 192] and widths(best) == [16, 16, 16, 128, 128, 256, 256]
+    assert [type(m) for m in slim.net] == [type(m) for m in best.net]  # the same layers, in the same order
 
 
 def test_amx_counts_only_where_onednn_may_use_it(monkeypatch):
