@@ -78,6 +78,17 @@ def save_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     _save_tensors(Path(path), tensors, {"state": json.dumps(state), "optimizer": json.dumps(opt_meta)})
 
 
+def _laid_out_as(value: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """An optimiser state tensor (a momentum buffer, Adam's moments) in its parameter's memory layout.
+    The file keeps every tensor contiguous, but a channels_last net's weights are not, and the fused
+    optimiser kernels walk a weight, its gradient and its buffers in memory order: a buffer laid out
+    otherwise would be added to the wrong elements (a resumed run then drifts from the uninterrupted
+    one). Tensors of another shape (a step count) are returned as they are."""
+    if value.shape != param.shape or value.stride() == param.stride():
+        return value
+    return torch.empty_like(param, dtype=value.dtype).copy_(value)
+
+
 def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimizer
                ) -> tuple[dict[str, torch.Tensor], dict[str, Any]]:
     """Load a checkpoint into model and optimizer; returns the extra tensors and the training state.
@@ -89,10 +100,12 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
     except Exception as e:
         raise RunError(f"{path}: not a readable checkpoint ({e})") from None
     model.load_state_dict({k[6:]: v for k, v in tensors.items() if k.startswith("model.")})
+    params = [p for group in optimizer.param_groups for p in group["params"]]  # the state's ids index these
     opt_state: dict[int, dict[str, Any]] = {}
     for pid, pstate in opt_meta["state"].items():
         opt_state[int(pid)] = {
-            name: (tensors[f"optim.{pid}.{name}"] if value == "tensor" else value) for name, value in pstate.items()
+            name: (_laid_out_as(tensors[f"optim.{pid}.{name}"], params[int(pid)]) if value == "tensor" else value)
+            for name, value in pstate.items()
         }
     optimizer.load_state_dict({"state": opt_state, "param_groups": opt_meta["param_groups"]})
     extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
