@@ -285,9 +285,9 @@ for _entry in [
                "accuracy record on a CPU budget: the fast net's shape, wider and two convs per block (16, 128, "
                "256), a trained conv at full resolution behind the frozen whitening layer"),
     ModelEntry("best_slim", "fastnet", dict(stem=16, widths=(16, 96, 192), convs_per_block=2, whiten=True),
-               "the best net at widths 16, 96, 192 (40.5 against 65.9 MFLOP forward per image): best's net on a CPU that trains in "
-               "fp32, where the convolutions take most of an epoch and the wider net's 48 epochs overrun the "
-               "budget"),
+               "the best net at widths 16, 96, 192 (40.5 against 65.9 MFLOP forward per image): best's net "
+               "on a CPU that trains in fp32, where the convolutions take most of an epoch and the wider "
+               "net's 48 epochs overrun the budget"),
     ModelEntry("resnet8", "resnet", dict(blocks=(1, 1, 1), widths=(32, 64, 128), stem=32),
                "pre-activation ResNet, 3 stages of 1 block, widths 32-64-128 (8 weight layers)"),
     ModelEntry("wrn16_4", "resnet", dict(blocks=wide_resnet_blocks(16), widths=(64, 128, 256), stem=16),
