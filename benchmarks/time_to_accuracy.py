@@ -44,7 +44,8 @@ from fashionlab.training import Callback  # noqa: E402
 DEFAULT_TARGETS = (0.90, 0.9173, 0.93, 0.94)
 REFERENCE = dict(model="cnn", optimizer="adam", lr=1e-3, batch_size=128, precision="fp32", epochs=15)
 PLAIN = "cnn (plain fp32 Adam)"
-LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY")  # variables that hold the CPU's kernels below its best
+# Variables that hold the CPU's kernels below its best (oneDNN's, PyTorch's own, MKL's matrix products)
+LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 WALL, CPU = 0, 1  # positions of the two clocks in a curve point (wall s, CPU s, test accuracy)
