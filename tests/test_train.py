@@ -174,6 +174,14 @@ def _idx_folder(tmp_path, n_train=3000):
     return ds, folder, ",".join(ds.class_names)
 
 
+def _checkpoint_position(path) -> dict:
+    """The epoch and, when stopped mid-epoch, the step a checkpoint holds (its safetensors metadata)."""
+    from safetensors import safe_open
+    with safe_open(str(path), framework="pt") as fh:
+        state = json.loads(fh.metadata()["state"])
+    return {"epoch": state["epoch"], "partial": state["partial"]}
+
+
 def test_sigint_saves_and_resume_continues_exactly(tmp_path):
     """A real SIGINT mid-run: exit 130 with a checkpoint; --resume then finishes the very run an
     uninterrupted process would have produced (same metrics to the last digit)."""
@@ -196,6 +204,7 @@ def test_sigint_saves_and_resume_continues_exactly(tmp_path):
     assert "continue with: fashionlab train --resume" in rest
     assert (tmp_path / "cut" / run_mod.CHECKPOINT).exists() and not (tmp_path / "cut" / "metrics.json").exists()
 
+    stopped_at = _checkpoint_position(tmp_path / "cut" / run_mod.CHECKPOINT)  # where the signal landed
     resumed = subprocess.run([sys.executable, "-m", "fashionlab", "train", "--resume", str(tmp_path / "cut"), "--quiet",
                               "--data-dir", str(folder), "--offline"],
                              capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
@@ -205,7 +214,11 @@ def test_sigint_saves_and_resume_continues_exactly(tmp_path):
     assert whole.returncode == 0, whole.stderr
     a = json.loads((tmp_path / "cut" / "metrics.json").read_text())
     b = json.loads((tmp_path / "whole" / "metrics.json").read_text())
-    assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
+    # On a mismatch, say where the run stopped and how the two histories part, not just the final loss.
+    histories = [(tmp_path / name / "history.jsonl").read_text() for name in ("cut", "whole")]
+    assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"], (
+        f"stopped at {stopped_at}; resumed history:\n{histories[0]}uninterrupted:\n{histories[1]}"
+        f"cut run's output after the signal:\n{rest}")
     assert a["epochs_run"] == 3 and not (tmp_path / "cut" / run_mod.CHECKPOINT).exists()
 
 
@@ -236,9 +249,7 @@ def test_resume_mid_epoch_in_process(model, tmp_path, monkeypatch):
     with pytest.raises(training.TrainingInterrupted):
         run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[Started()])
     monkeypatch.setattr(training.evaluate, "to_input", real_to_input)
-    from safetensors import safe_open
-    with safe_open(str(tmp_path / "cut" / run_mod.CHECKPOINT), framework="pt") as fh:
-        saved = json.loads(fh.metadata()["state"])
+    saved = _checkpoint_position(tmp_path / "cut" / run_mod.CHECKPOINT)
     assert saved["epoch"] == 0 and saved["partial"]["step"] == 30
     a = run_mod.resume_run(tmp_path / "cut", quiet=True, dataset=ds).metrics
     b = run_mod.train_run(cfg, tmp_path / "whole", dataset=ds, quiet=True).metrics
@@ -264,3 +275,41 @@ def test_real_data_training(real_data, tmp_path):
     recalls = {k: v["recall"] for k, v in metrics["per_class"].items()}
     assert min(recalls, key=recalls.get) in {"Shirt", "Pullover", "Coat", "T-shirt/top"}
     assert math.isfinite(metrics["ece"]) and 0 <= metrics["ece"] < 0.1
+
+
+def test_checkpoint_lays_momentum_out_as_its_channels_last_weight(tmp_path):
+    """A checkpoint keeps every tensor contiguous, but a channels_last conv weight is not, and fused SGD
+    walks a weight, its gradient and its momentum in memory order: the loaded momentum must take its
+    weight's layout, so the next step after a resume is the step the uninterrupted run takes."""
+    from dataclasses import asdict
+    from fashionlab import checkpoint
+    cfg = config.make_config(model="fast", optimizer="sgd", momentum=0.9, nesterov=True, lr=0.1)
+
+    def net_and_optimizer():
+        torch.manual_seed(0)
+        net = models.build_model("fast").to(memory_format=torch.channels_last)
+        return net, training.make_optimizer(net, cfg)
+
+    def one_step(net, opt, seed):
+        x = torch.rand(8, 1, 28, 28, generator=torch.Generator().manual_seed(seed))
+        opt.zero_grad(set_to_none=True)
+        net(x.contiguous(memory_format=torch.channels_last)).square().mean().backward()
+        opt.step()
+
+    net, opt = net_and_optimizer()
+    one_step(net, opt, seed=1)  # the momentum buffers now exist, laid out as their weights
+    weight = next(p for p in net.parameters() if p.requires_grad and p.dim() == 4)
+    assert not weight.is_contiguous() and weight.is_contiguous(memory_format=torch.channels_last)
+    checkpoint.save_state(tmp_path / "checkpoint.safetensors", net, opt, {"rng.cpu": torch.get_rng_state()},
+                          asdict(training.TrainState()))
+
+    loaded_net, loaded_opt = net_and_optimizer()
+    checkpoint.load_state(tmp_path / "checkpoint.safetensors", loaded_net, loaded_opt)
+    for p, q in zip(net.parameters(), loaded_net.parameters()):
+        if p.requires_grad:
+            mine, theirs = opt.state[p]["momentum_buffer"], loaded_opt.state[q]["momentum_buffer"]
+            assert theirs.stride() == q.stride() and torch.equal(theirs, mine)
+    one_step(net, opt, seed=2)
+    one_step(loaded_net, loaded_opt, seed=2)
+    for (name, p), q in zip(net.named_parameters(), loaded_net.parameters()):
+        assert torch.equal(p, q), f"{name} differs after the resumed step"
