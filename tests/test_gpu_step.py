@@ -54,10 +54,10 @@ def test_record_recipes_resolve_per_device(monkeypatch):
     assert config.make_config("dense-vs-conv").batch_size == 128  # a recipe without a rule: as it was
 
 
-def test_fast_trains_the_narrow_net_where_the_cpu_trains_in_fp32(monkeypatch):
-    assert config.make_config("fast", precision="fp32").model == "fast_narrow"
+def test_fast_trains_the_strided_lean_net_where_the_cpu_trains_in_fp32(monkeypatch):
+    assert config.make_config("fast", precision="fp32").model == "fast_strided_narrow"
     assert config.make_config("fast", precision="bf16").model == "fast_lean"
-    for native_bf16, model in [(False, "fast_narrow"), (True, "fast_lean")]:  # "auto": as training resolves it
+    for native_bf16, model in [(False, "fast_strided_narrow"), (True, "fast_lean")]:  # "auto": as training resolves it
         monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: native_bf16)
         cfg = config.make_config("fast", device="cpu")
         assert (cfg.model, cfg.precision) == (model, "auto")
@@ -69,21 +69,21 @@ def test_fast_trains_the_narrow_net_where_the_cpu_trains_in_fp32(monkeypatch):
     assert config.make_config("fast", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
 
 
-def test_fast_93_trains_the_4x4_net_for_two_more_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
+def test_fast_93_trains_the_strided_4x4_net_for_two_more_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
     bf16 = config.make_config("fast-93", device="cpu", precision="bf16").to_dict()
     fp32 = config.make_config("fast-93", device="cpu", precision="fp32").to_dict()
-    assert (bf16["model"], bf16["epochs"]) == ("fast", 6) and (fp32["model"], fp32["epochs"]) == ("fast_mid", 8)
+    assert (bf16["model"], bf16["epochs"]) == ("fast", 6) and (fp32["model"], fp32["epochs"]) == ("fast_strided_mid", 8)
     assert {**fp32, "model": "fast", "epochs": 6} == {**bf16, "precision": "fp32"}  # only the net and its epochs
     monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: False)
-    assert config.make_config("fast-93", device="cpu").model == "fast_mid"  # "auto" resolved as training does
+    assert config.make_config("fast-93", device="cpu").model == "fast_strided_mid"  # "auto" resolved as training does
     assert config.make_config("fast-93", device="cpu", precision="fp32", epochs=7).epochs == 7  # explicit wins
     pretend_cuda(monkeypatch)
     assert config.make_config("fast-93", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
 
 
 @pytest.mark.parametrize("recipe, without, with_amx, fp32", [
-    ("fast", dict(model="fast_lean", epochs=5), dict(model="fast_slim", epochs=3), dict(model="fast_narrow")),
-    ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_mid")),
+    ("fast", dict(model="fast_lean", epochs=5), dict(model="fast_strided", epochs=4), dict(model="fast_strided_narrow")),
+    ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_strided_mid")),
     ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(model="best_slim", epochs=44)),
 ])
 def test_amx_rule_changes_only_the_net_and_its_epochs_of_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):
@@ -102,7 +102,7 @@ def test_amx_rule_yields_to_explicit_settings_auto_precision_and_cuda(monkeypatc
     assert config.make_config("fast", device="cpu", precision="bf16", epochs=4).epochs == 4  # explicit settings win
     assert config.make_config("fast-full", device="cpu", precision="bf16").epochs == 2  # a recipe without the rule
     monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: True)
-    assert config.make_config("fast", device="cpu").model == "fast_slim"  # "auto" resolved as training does
+    assert config.make_config("fast", device="cpu").model == "fast_strided"  # "auto" resolved as training does
     pretend_cuda(monkeypatch)
     gpu = config.make_config("fast")
     assert (gpu.model, gpu.epochs, gpu.batch_size) == ("fast", 4, 1024)  # on CUDA the CUDA rule alone

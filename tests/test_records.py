@@ -18,8 +18,8 @@ from fashionlab.models.records import FastNet, ResNet, wide_resnet_blocks
 
 
 @pytest.mark.parametrize("recipe, model, precision", [
-    ("fast", "fast_lean", "bf16"), ("fast", "fast_narrow", "fp32"), ("fast-93", "fast", "bf16"),
-    ("fast-93", "fast_mid", "fp32"),
+    ("fast", "fast_lean", "bf16"), ("fast", "fast_strided_narrow", "fp32"), ("fast-93", "fast", "bf16"),
+    ("fast-93", "fast_strided_mid", "fp32"),
     ("fast-full", "fast", "auto"), ("best", "best", "auto")])
 def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, precision, tmp_path):
     ds = synthetic_dataset(n_train=64, n_test=40)
@@ -57,7 +57,8 @@ def test_best_recipe_trains_a_bigger_net_longer_with_more_augmentation_than_fast
 
 def test_the_lean_net_runs_its_last_conv_after_the_pool():
     sizes = {}
-    for name in ("fast", "fast_lean", "fast_narrow", "fast_mid"):
+    for name in ("fast", "fast_lean", "fast_narrow", "fast_mid", "fast_strided", "fast_strided_narrow",
+                 "fast_strided_mid"):
         net = models.build_model(name)
         net.init_from_data(torch.rand(64, 1, 28, 28))
         last = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
@@ -65,7 +66,8 @@ def test_the_lean_net_runs_its_last_conv_after_the_pool():
         assert net(torch.rand(2, 1, 28, 28)).shape == (2, 10)
         assert net.frozen_stem() is not None  # the stem cache works the same for both
     # The lean nets' pool drops the 7x7 map's last row and column; fast_mid's rounds up and keeps them.
-    assert sizes == {"fast": (7, 7), "fast_lean": (3, 3), "fast_narrow": (3, 3), "fast_mid": (4, 4)}
+    assert sizes == {"fast": (7, 7), "fast_lean": (3, 3), "fast_narrow": (3, 3), "fast_mid": (4, 4),
+                     "fast_strided": (7, 7), "fast_strided_narrow": (4, 4), "fast_strided_mid": (4, 4)}
     assert models.count_params(models.build_model("fast_lean")) == models.count_params(models.build_model("fast"))
     trained = [m.out_channels for m in models.build_model("fast_narrow").modules() if isinstance(m, torch.nn.Conv2d)]
     assert trained == [16, 48, 128]  # the frozen whitening layer, then the narrower first trained conv
@@ -78,10 +80,39 @@ def test_the_4x4_net_sees_the_images_last_row_where_the_lean_net_drops_it():
     x = torch.rand(4, 1, 28, 28)
     y = x.clone()
     y[..., 27, :] = torch.rand(4, 1, 28)
-    for name, sees in [("fast", True), ("fast_lean", False), ("fast_narrow", False), ("fast_mid", True)]:
+    for name, sees in [("fast", True), ("fast_lean", False), ("fast_narrow", False), ("fast_mid", True),
+                       ("fast_strided", True), ("fast_strided_narrow", True), ("fast_strided_mid", True)]:
         net = models.build_model(name).eval()
         net.init_from_data(x)
         assert (not torch.equal(net(x), net(y))) == sees, name
+
+
+def test_a_strided_block_is_one_conv_of_stride_2_in_place_of_its_conv_and_pool():
+    """fast_strided is fast_slim with its first trained conv strided: the same widths and parameter count,
+    one max-pool fewer, and that conv computes its 7x7 output directly (a quarter of the 14x14 positions)."""
+    slim, strided = models.build_model("fast_slim"), models.build_model("fast_strided")
+    pools = [sum(isinstance(m, torch.nn.MaxPool2d) for m in net.modules()) for net in (slim, strided)]
+    assert pools == [3, 2] and models.count_params(slim) == models.count_params(strided)
+    outputs = {}
+    conv = [m for m in strided.modules() if isinstance(m, torch.nn.Conv2d)][1]  # after the whitening conv
+    conv.register_forward_hook(lambda mod, inp, out: outputs.update(shape=tuple(out.shape[1:]), stride=mod.stride))
+    strided(torch.rand(2, 1, 28, 28))
+    assert outputs == {"shape": (48, 7, 7), "stride": (2, 2)}
+    lean = [m for m in models.build_model("fast_strided_narrow").modules() if isinstance(m, torch.nn.Conv2d)]
+    assert [(c.kernel_size, c.stride) for c in lean] == [((3, 3), (1, 1)), ((4, 4), (2, 2)), ((3, 3), (1, 1))]
+    # An odd map: a 3x3 conv of stride 2 with padding 1 rounds up (7 -> 4), as the size check counts it.
+    odd = FastNet(stem=0, widths=(8, 8, 8), whiten=True, strided_blocks=(1, 2), strided_kernel=3)
+    assert odd(torch.rand(1, 1, 28, 28)).shape == (1, 10)
+
+
+def test_strided_blocks_are_checked():
+    with pytest.raises(ValueError, match="block indices 0 to 2"):
+        FastNet(widths=(8, 8, 8), strided_blocks=(3,))
+    with pytest.raises(ValueError, match="block 0 with whiten"):
+        FastNet(stem=0, widths=(16, 8), whiten=True, strided_blocks=(0,))
+    with pytest.raises(ValueError, match="strided_kernel must be at least 2"):
+        FastNet(widths=(8, 8), strided_blocks=(1,), strided_kernel=1)
+    assert FastNet(widths=(8, 8), strided_blocks=(0,))(torch.rand(1, 1, 28, 28)).shape == (1, 10)  # no whitening
 
 
 def test_wide_resnet_depth_is_data():
