@@ -69,10 +69,10 @@ def test_fast_trains_the_strided_lean_net_where_the_cpu_trains_in_fp32(monkeypat
     assert config.make_config("fast", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
 
 
-def test_fast_93_trains_the_strided_4x4_net_for_two_more_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
+def test_fast_93_trains_the_strided_4x4_net_for_four_more_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
     bf16 = config.make_config("fast-93", device="cpu", precision="bf16").to_dict()
     fp32 = config.make_config("fast-93", device="cpu", precision="fp32").to_dict()
-    assert (bf16["model"], bf16["epochs"]) == ("fast", 6) and (fp32["model"], fp32["epochs"]) == ("fast_strided_mid", 8)
+    assert (bf16["model"], bf16["epochs"]) == ("fast", 6) and (fp32["model"], fp32["epochs"]) == ("fast_strided_mid", 10)
     assert {**fp32, "model": "fast", "epochs": 6} == {**bf16, "precision": "fp32"}  # only the net and its epochs
     monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: False)
     assert config.make_config("fast-93", device="cpu").model == "fast_strided_mid"  # "auto" resolved as training does
