@@ -106,8 +106,8 @@ register(Recipe(
     "Shortest time to a target accuracy: a small BatchNorm conv-pool net behind a frozen whitening layer "
     "(fast_lean), 5 epochs of Nesterov SGD (batch 256, peak lr 1.15) on a one-cycle schedule, the last 4 on the "
     "hardest 25% of the images (hard_fraction), label smoothing, flips, flip test-time augmentation, all 60,000 "
-    "training images. For 93%: the fast-93 recipe. On a CPU that trains in fp32: fast_strided_narrow (the narrower "
-    "lean net, its first trained conv of stride 2). On a CPU with AMX: fast_strided (the fast net, its first "
+    "training images. For 93%: the fast-93 recipe. On a CPU that trains in fp32: fast_strided_narrow (48 wide, "
+    "its first trained conv of stride 2, its last at 4x4). On a CPU with AMX: fast_strided (the fast net, its first "
     "trained conv 48 wide and of stride 2) for 4 epochs. On a CUDA GPU: the fast model on every image, batch "
     "1024, peak lr 2.3, 4 epochs.",
     dict(model="fast_lean", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.15, weight_decay=2.5e-4,
@@ -152,8 +152,8 @@ register(Recipe(
 # where the fast net's 6 epochs took 9.0 s and missed on seed 4 (92.91%), in the same run (docs/records.md).
 # Later in fp32 the 4x4 net with its first trained conv of stride 2 (fast_strided_mid, as for fast) took
 # a quarter less time an epoch. For 8 epochs it reached 93% on 2 of seeds 0 to 4 (92.77 to 93.11%); for 10,
-# on each of them (93.03 to 93.19%) in 23 to 27 s, where fast_mid's 8 had reached it on 4 of 5 seeds in
-# 26.7 ± 1.7 s (AVX2 kernels; docs/records.md).
+# on each of them (93.03 to 93.19%), in 1.78 ± 0.08 plain epochs, where fast_mid's 8 had reached it on 4
+# of 5 seeds in 1.96 ± 0.12 (AVX2 kernels; docs/records.md).
 register(Recipe(
     "fast-93",
     "The fast recipe with the fast net (its last conv at 7x7) for 6 epochs, the last 5 on the hardest 30% of "

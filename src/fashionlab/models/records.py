@@ -22,8 +22,8 @@ ceil_pools=True rounds up instead (7x7 -> 4x4, the edge in a window of its own).
 strided_blocks names blocks whose conv and max-pool become one conv of stride 2 (kernel
 strided_kernel): the conv then computes a quarter of the positions and no pool runs. On a CPU the
 first trained conv (16 -> 48 at 14x14) and the max-pool after it are the largest part of a `fast`
-step (its multiply-adds in fp32, the pool's memory traffic in bf16), so striding it made a run
-reach 91.73% in a fifth less time with one epoch more (docs/records.md).
+step (its multiply-adds in fp32, the pool's memory traffic in bf16), so striding it made `fast`
+reach 91.73% in 13% (AMX, with one epoch more) to 23% (fp32) less time (docs/records.md).
 
 ResNet is the pre-activation residual network (He et al. 2016) with a width multiplier, so
 WRN-d-k (Zagoruyko & Komodakis) is ResNet(blocks=((d-4)//6,)*3, widths=(16k, 32k, 64k)).
