@@ -100,9 +100,10 @@ def test_a_strided_block_is_one_conv_of_stride_2_in_place_of_its_conv_and_pool()
     assert outputs == {"shape": (48, 7, 7), "stride": (2, 2)}
     lean = [m for m in models.build_model("fast_strided_narrow").modules() if isinstance(m, torch.nn.Conv2d)]
     assert [(c.kernel_size, c.stride) for c in lean] == [((3, 3), (1, 1)), ((4, 4), (2, 2)), ((3, 3), (1, 1))]
-    # An odd map: a 3x3 conv of stride 2 with padding 1 rounds up (7 -> 4), as the size check counts it.
-    odd = FastNet(stem=0, widths=(8, 8, 8), whiten=True, strided_blocks=(1, 2), strided_kernel=3)
-    assert odd(torch.rand(1, 1, 28, 28)).shape == (1, 10)
+    # On an odd map a 3x3 conv of stride 2 with padding 1 rounds up (7 -> 4 -> 2 -> 1), and the size check
+    # counts it so: rounding down (7 -> 3 -> 1) would refuse the fifth block as too small.
+    deep = FastNet(stem=0, widths=(8,) * 5, whiten=True, strided_blocks=(1, 2, 3, 4), strided_kernel=3)
+    assert deep(torch.rand(2, 1, 28, 28)).shape == (2, 10)
 
 
 def test_strided_blocks_are_checked():

@@ -12,7 +12,7 @@ import sys
 import pytest
 import torch
 
-from fashionlab import config, data, models, predict, run as run_mod, training
+from fashionlab import config, data, models, predict, run as run_mod, schema, training
 from fashionlab.errors import UserError
 from fashionlab.device import resolve
 from conftest import ROOT, synthetic_dataset
@@ -174,14 +174,6 @@ def _idx_folder(tmp_path, n_train=3000):
     return ds, folder, ",".join(ds.class_names)
 
 
-def _checkpoint_position(path) -> dict:
-    """The epoch and, when stopped mid-epoch, the step a checkpoint holds (its safetensors metadata)."""
-    from safetensors import safe_open
-    with safe_open(str(path), framework="pt") as fh:
-        state = json.loads(fh.metadata()["state"])
-    return {"epoch": state["epoch"], "partial": state["partial"]}
-
-
 def test_sigint_saves_and_resume_continues_exactly(tmp_path):
     """A real SIGINT mid-run: exit 130 with a checkpoint; --resume then finishes the very run an
     uninterrupted process would have produced (same metrics to the last digit)."""
@@ -204,7 +196,8 @@ def test_sigint_saves_and_resume_continues_exactly(tmp_path):
     assert "continue with: fashionlab train --resume" in rest
     assert (tmp_path / "cut" / run_mod.CHECKPOINT).exists() and not (tmp_path / "cut" / "metrics.json").exists()
 
-    stopped_at = _checkpoint_position(tmp_path / "cut" / run_mod.CHECKPOINT)  # where the signal landed
+    saved = schema.checkpoint_state(tmp_path / "cut" / run_mod.CHECKPOINT)
+    stopped_at = {"epoch": saved["epoch"], "partial": saved["partial"]}  # where the signal landed
     resumed = subprocess.run([sys.executable, "-m", "fashionlab", "train", "--resume", str(tmp_path / "cut"), "--quiet",
                               "--data-dir", str(folder), "--offline"],
                              capture_output=True, text=True, env={**os.environ, **env}, timeout=300)
@@ -249,7 +242,7 @@ def test_resume_mid_epoch_in_process(model, tmp_path, monkeypatch):
     with pytest.raises(training.TrainingInterrupted):
         run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[Started()])
     monkeypatch.setattr(training.evaluate, "to_input", real_to_input)
-    saved = _checkpoint_position(tmp_path / "cut" / run_mod.CHECKPOINT)
+    saved = schema.checkpoint_state(tmp_path / "cut" / run_mod.CHECKPOINT)
     assert saved["epoch"] == 0 and saved["partial"]["step"] == 30
     a = run_mod.resume_run(tmp_path / "cut", quiet=True, dataset=ds).metrics
     b = run_mod.train_run(cfg, tmp_path / "whole", dataset=ds, quiet=True).metrics
