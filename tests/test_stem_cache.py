@@ -53,6 +53,23 @@ def test_no_frozen_stem_where_mirroring_does_not_map_it_onto_itself():
     assert cache is None and "crop changes the image before the stem" in why
 
 
+@pytest.mark.parametrize("layout", [torch.channels_last, torch.contiguous_format])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_mirroring_a_cached_entry_is_the_flip_and_the_channel_swap_to_the_bit(layout, dtype):
+    """mirror gathers the flipped positions and swapped channels in one pass; the values are the
+    flip's and the swap's exactly, in the batch's own layout, odd widths and a batch of one included."""
+    order = torch.arange(16)
+    order[[0, 1, 5, 12]] = torch.tensor([1, 0, 12, 5])  # mirror pairs swap; symmetric filters stay
+    for shape in [(5, 16, 14, 14), (3, 16, 7, 9), (1, 16, 4, 4)]:
+        h = torch.randn(shape).to(dtype).contiguous(memory_format=layout)
+        cache = StemCache(torch.nn.Identity(), order, 10, True, h[:1])
+        mirrored = cache.mirror(h)
+        assert torch.equal(mirrored, h.flip(-1)[:, order])
+        assert torch.equal(cache.mirror(mirrored), h)  # and back
+        if layout == torch.channels_last:
+            assert mirrored.is_contiguous(memory_format=torch.channels_last)
+
+
 @pytest.mark.parametrize("side", [28, 27])  # the pool as the maximum of four views, and as the layer (odd sides)
 def test_the_cache_runs_the_stem_to_the_bit(side):
     images = torch.randint(0, 256, (64, 1, side, side), dtype=torch.uint8)
