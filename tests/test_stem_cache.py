@@ -81,6 +81,13 @@ def test_the_cache_runs_the_stem_to_the_bit(side):
         expected, h = net.frozen_stem()[0](x), cache.run_stem(x)
     assert torch.equal(h.isnan(), expected.isnan()) and h[0].isnan().any()
     assert torch.equal(h.nan_to_num(), expected.nan_to_num()) and h.is_contiguous(memory_format=torch.channels_last)
+    # Written straight into a range of the cache (fill's path for a run of indices), and through a copy for
+    # scattered indices: the same bits either way.
+    with torch.no_grad():
+        cache.run_stem(x[:40], out=cache.features[:40])
+        cache.features[[40, 50, 63]] = cache.run_stem(x[[40, 50, 63]])
+    assert torch.equal(cache.features[:40].nan_to_num(), expected[:40].nan_to_num())
+    assert torch.equal(cache.features[[40, 50, 63]], expected[[40, 50, 63]])
 
 
 def test_no_cache_beyond_its_memory_limit(monkeypatch):

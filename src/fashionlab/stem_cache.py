@@ -134,8 +134,9 @@ class StemCache:
             h[which] = self.mirror(h[which])
         return h
 
-    def run_stem(self, x: torch.Tensor) -> torch.Tensor:
-        """The stem's output for images x, without autograd. A last 2x2 max-pool over even sides runs as
+    def run_stem(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """The stem's output for images x, without autograd, written into `out` if given (a view of the
+        cache: the result is then stored without a copy). A last 2x2 max-pool over even sides runs as
         the maximum of its four strided views: the same values, without the indices max_pool2d keeps
         for a backward pass, and a fifth less time to fill (0.42 against 0.51 s for 60,000 images in
         bf16 on 2 cores of a CPU with AMX)."""
@@ -143,9 +144,11 @@ class StemCache:
         for layer in layers:
             x = layer(x)
         if not _plain_2x2(pool) or x.shape[-2] % 2 or x.shape[-1] % 2:
-            return pool(x)
-        return torch.maximum(torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2]),
-                             torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2]))
+            h = pool(x)
+            return h if out is None else out.copy_(h)
+        top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
+        bottom = torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
+        return torch.maximum(top, bottom) if out is None else torch.maximum(top, bottom, out=out)
 
     def _fill(self, images_u8: torch.Tensor, rows: slice | torch.Tensor, mirrored: torch.Tensor | None,
               runtime: Runtime) -> None:
@@ -155,7 +158,10 @@ class StemCache:
             x = flip_where(x, mirrored)
             self.computed_mirrored[rows] = mirrored
         with torch.no_grad():
-            self.features[rows] = self.run_stem(x)
+            if isinstance(rows, slice):  # a range of entries: computed straight into the cache
+                self.run_stem(x, out=self.features[rows])
+            else:
+                self.features[rows] = self.run_stem(x)
         self.filled[rows] = True
 
     # A checkpoint keeps which images are filled and from which orientation; resuming recomputes them.
