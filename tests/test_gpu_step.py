@@ -54,7 +54,7 @@ def test_record_recipes_resolve_per_device(monkeypatch):
     assert config.make_config("dense-vs-conv").batch_size == 128  # a recipe without a rule: as it was
 
 
-def test_fast_trains_the_strided_lean_net_where_the_cpu_trains_in_fp32(monkeypatch):
+def test_fast_trains_the_strided_lean_net_for_4_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
     assert config.make_config("fast", precision="fp32").model == "fast_strided_narrow"
     assert config.make_config("fast", precision="bf16").model == "fast_lean"
     for native_bf16, model in [(False, "fast_strided_narrow"), (True, "fast_lean")]:  # "auto": as training resolves it
@@ -62,7 +62,9 @@ def test_fast_trains_the_strided_lean_net_where_the_cpu_trains_in_fp32(monkeypat
         cfg = config.make_config("fast", device="cpu")
         assert (cfg.model, cfg.precision) == (model, "auto")
         lean = config.make_config("fast", device="cpu", precision="bf16").to_dict()
-        assert {**cfg.to_dict(), "model": "fast_lean"} == {**lean, "precision": "auto"}  # only the net changes
+        changes = {"model": "fast_lean", "epochs": 5}
+        assert {**cfg.to_dict(), **changes} == {**lean, "precision": "auto"}  # only the net and its epochs change
+        assert cfg.epochs == (5 if native_bf16 else 4)
     assert config.make_config("fast", precision="fp32", model="fast").model == "fast"  # explicit settings win
     assert config.make_config("fast-full", precision="fp32").model == "fast"  # a recipe without the rule
     pretend_cuda(monkeypatch)
@@ -82,24 +84,26 @@ def test_fast_93_trains_the_strided_4x4_net_for_four_more_epochs_where_the_cpu_t
 
 
 @pytest.mark.parametrize("recipe, without, with_amx, fp32", [
-    ("fast", dict(model="fast_lean", epochs=5), dict(model="fast_strided", epochs=4), dict(model="fast_strided_narrow")),
+    ("fast", dict(model="fast_lean", epochs=5, hard_fraction=0.25), dict(model="fast_strided", epochs=4, hard_fraction=0.2),
+     dict(model="fast_strided_narrow", epochs=4, hard_fraction=0.25)),
     ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_strided_mid")),
     ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(model="best_slim", epochs=44)),
 ])
-def test_amx_rule_changes_only_the_net_and_its_epochs_of_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):
+def test_amx_rule_changes_only_the_net_and_its_schedule_of_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):
     bf16 = config.make_config(recipe, device="cpu", precision="bf16").to_dict()
     assert {k: bf16[k] for k in without} == without  # no AMX (conftest): as on AVX-512 BF16
     monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)
     amx = config.make_config(recipe, device="cpu", precision="bf16").to_dict()
     assert {k: amx[k] for k in with_amx} == with_amx
-    assert {**amx, **without} == bf16  # only the net and its epochs change
+    assert {**amx, **without} == bf16  # only the net, its epochs and its hard fraction change
     in_fp32 = config.make_config(recipe, device="cpu", precision="fp32").to_dict()
     assert {k: in_fp32[k] for k in fp32} == fp32  # AMX runs bf16 only: the fp32 rule, if any, alone
 
 
 def test_amx_rule_yields_to_explicit_settings_auto_precision_and_cuda(monkeypatch):
     monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)
-    assert config.make_config("fast", device="cpu", precision="bf16", epochs=4).epochs == 4  # explicit settings win
+    explicit = config.make_config("fast", device="cpu", precision="bf16", epochs=3, hard_fraction=0.3)
+    assert (explicit.model, explicit.epochs, explicit.hard_fraction) == ("fast_strided", 3, 0.3)  # explicit settings win
     assert config.make_config("fast-full", device="cpu", precision="bf16").epochs == 2  # a recipe without the rule
     monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: True)
     assert config.make_config("fast", device="cpu").model == "fast_strided"  # "auto" resolved as training does

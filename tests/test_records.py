@@ -350,3 +350,19 @@ def test_per_cpu_tables_are_generated_from_the_benchmark_results():
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_records.py"), "--check"],
                           capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_the_per_cpu_table_gives_fast_s_whole_runs_only_where_they_trained_to_the_end():
+    """A run stops early once it reaches every target, so only runs that did not are whole runs."""
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cpu_records
+    # (training wall-clock s, CPU s, test accuracy) at the end of each epoch
+    plain = [{"curve": [[10.0, 20.0, 0.88]]}, {"curve": [[10.0, 20.0, 0.87]]}]
+    whole = [{"curve": [[5.0, 10.0, 0.91], [6.0, 12.0, 0.9210]]}, {"curve": [[5.0, 10.0, 0.90], [7.0, 14.0, 0.9190]]}]
+    results = {"cnn (plain fp32 Adam)": plain, "fast": whole}
+    assert cpu_records.whole_runs(results, [0.9173, 0.93], 10.0) == "0.65 ± 0.07 (6.5 ± 0.7 s), 91.90 to 92.10%"
+    stopped = [whole[0], {"curve": [[5.0, 10.0, 0.90], [7.0, 14.0, 0.9301]]}]
+    assert cpu_records.whole_runs({**results, "fast": stopped}, [0.9173, 0.93], 10.0) == "stopped at the targets"
+    assert cpu_records.whole_runs({"cnn (plain fp32 Adam)": plain}, [0.9173], 10.0) == "not run"
