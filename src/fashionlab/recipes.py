@@ -107,9 +107,9 @@ register(Recipe(
     "(fast_lean), 5 epochs of Nesterov SGD (batch 256, peak lr 1.15) on a one-cycle schedule, the last 4 on the "
     "hardest 25% of the images (hard_fraction), label smoothing, flips, flip test-time augmentation, all 60,000 "
     "training images. For 93%: the fast-93 recipe. On a CPU that trains in fp32: fast_strided_narrow (48 wide, "
-    "its first trained conv of stride 2, its last at 4x4) for 4 epochs. On a CPU with AMX: fast_strided (the fast net, its first "
-    "trained conv 48 wide and of stride 2) for 4 epochs, the last 3 on the hardest 20%. On a CUDA GPU: the fast model on every image, batch "
-    "1024, peak lr 2.3, 4 epochs.",
+    "its first trained conv of stride 2, its last at 4x4) for 4 epochs. On a CPU with AMX: fast_strided (the "
+    "fast net, its first trained conv 48 wide and of stride 2) for 4 epochs, the last 3 on the hardest 20%. On a "
+    "CUDA GPU: the fast model on every image, batch 1024, peak lr 2.3, 4 epochs.",
     dict(model="fast_lean", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.15, weight_decay=2.5e-4,
          batch_size=256, schedule="onecycle", label_smoothing=0.1, epochs=5, hard_fraction=0.25,
          augment={"flip": 0.5}, tta_flip=True, val_split=0.0),
