@@ -232,6 +232,33 @@ def test_threads_are_the_free_cores_unless_asked(monkeypatch, tmp_path):
         torch.set_num_threads(before)
 
 
+def test_a_run_pinned_to_more_threads_than_the_free_cores_says_so(monkeypatch, tmp_path, caplog):
+    monkeypatch.setattr(device_mod, "usable_cores", lambda: 2)
+    monkeypatch.setattr(device_mod, "busy_cores", lambda: 1)
+    assert device_mod.oversubscribed(1) is None  # fits the free core
+    crowded = device_mod.oversubscribed(2)
+    assert "--threads 2" in crowded and "keep 1 of this machine's 2 cores busy (1 free)" in crowded
+    assert "leave --threads unset" in crowded
+    monkeypatch.setattr(device_mod, "busy_cores", lambda: 3)
+    assert device_mod.oversubscribed(1) is None  # one thread is the least a run can have
+    assert "(0 free)" in device_mod.oversubscribed(2)
+    monkeypatch.setattr(device_mod, "busy_cores", lambda: None)  # no /proc: nothing to say
+    assert device_mod.oversubscribed(8) is None
+    # A run says it once, on stderr's logger, naming its folder; one that fits, or chooses its threads, does not.
+    monkeypatch.setattr(device_mod, "busy_cores", lambda: 1)
+    before = torch.get_num_threads()
+    try:
+        for name, threads in [("pinned", 2), ("fits", 1), ("chosen", None)]:
+            caplog.clear()
+            cfg = config.make_config("fast", epochs=1, batch_size=32, threads=threads, eval_batch_size=50)
+            with caplog.at_level("WARNING", logger="fashionlab.threads"):
+                run_mod.train_run(cfg, tmp_path / name, dataset=synthetic_dataset(64, 20), quiet=True, calibrate=False)
+            warned = [r.getMessage() for r in caplog.records if r.name == "fashionlab.threads"]
+            assert len(warned) == (name == "pinned") and all(str(tmp_path / name) in w for w in warned)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_busy_cores_reads_this_machine():
     busy = device_mod.busy_cores()
     if sys.platform.startswith("linux"):

@@ -259,6 +259,25 @@ def _set_malloc_thresholds() -> bool:
                 and mallopt(_M_TRIM_THRESHOLD, KEEP_FREED["trim_threshold"]))
 
 
+def oversubscribed(threads: int) -> str | None:
+    """Why `threads` pinned CPU threads are more than the cores other processes leave free now, or None
+    where they fit (or Linux's /proc is not there to tell).
+
+    Why ask: pinned threads beside a busy process wait for each other at every operation. Beside one
+    `yes` on 2 cores, `fast` pinned to 2 threads took 14 times its quiet time on an Intel Xeon VM (3 to
+    3.5 times on an AMD EPYC), where the one thread chosen by default took 1.7 to 2.1 times."""
+    busy = busy_cores()
+    if busy is None:
+        return None
+    cores = usable_cores()
+    free = max(0, cores - busy)
+    if threads <= max(free, 1):
+        return None
+    return (f"--threads {threads}, but other processes keep {busy} of this machine's {cores} cores busy "
+            f"({free} free): threads beyond the free cores wait for each other at every operation, so this "
+            f"run may take many times its quiet time; leave --threads unset to train on the free cores")
+
+
 @contextmanager
 def threads_for_training(requested: int | None):
     """torch's CPU threads set for one run (training_threads), and put back afterwards."""

@@ -20,6 +20,7 @@ the folder's layout; this module never imports it, so data flows one way (traini
 from __future__ import annotations
 
 import copy
+import logging
 import math
 import platform
 import signal
@@ -41,6 +42,7 @@ from .hard_examples import HardExamples
 from .stem_cache import StemCache
 
 INIT_IMAGES = 5000  # training images a model's data-dependent initialisation sees
+threads_log = logging.getLogger("fashionlab.threads")  # pinned threads beyond the free cores
 
 
 class Callback:
@@ -285,6 +287,10 @@ class Trainer:
     def _run(self, resume: bool) -> dict[str, Any]:
         self.restore() if resume else self.start()
         self.log(self.describe())
+        if self.cfg.threads and self.runtime.device.type == "cpu":
+            crowded = device_mod.oversubscribed(self.cfg.threads)
+            if crowded:
+                threads_log.warning("%s: %s", self.folder.path, crowded)
         self.attach_stem_cache()
         self.warm_up()
         self._emit("on_train_start")
