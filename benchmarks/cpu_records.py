@@ -18,24 +18,19 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from fashionlab import atomic  # noqa: E402
-from time_to_accuracy import PLAIN, first_reaching, in_plain_epochs, plain_epoch_seconds, WALL  # noqa: E402
+from time_to_accuracy import (PLAIN, first_reaching, in_plain_epochs, mean_sd, plain_epoch_seconds,  # noqa: E402
+                              whole_run_seconds, WALL)
 
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAGES = (ROOT / "README.md", ROOT / "docs" / "records.md")
 BEGIN, END = "<!-- cpu-records:begin -->", "<!-- cpu-records:end -->"
 TARGETS = (0.9173, 0.93)
-
-
-def mean_sd(values: list[float], digits: int) -> str:
-    sd = statistics.stdev(values) if len(values) > 1 else 0.0
-    return f"{statistics.mean(values):.{digits}f} ± {sd:.{digits}f}"
 
 
 def schedules(results: dict, target: float, plain: float) -> str:
@@ -59,9 +54,10 @@ def whole_runs(results: dict, targets: list[float], plain: float) -> str:
     runs = results.get("fast")
     if not runs:
         return "not run"
-    if any(r["curve"][-1][2] >= max(targets) for r in runs):  # stopped at the targets, maybe before its end
+    seconds = whole_run_seconds(runs, targets)
+    if seconds is None:  # stopped at the targets, maybe before its end
         return "stopped at the targets"
-    ratios, seconds = [r["curve"][-1][WALL] / plain for r in runs], [r["curve"][-1][WALL] for r in runs]
+    ratios = [s / plain for s in seconds]
     accuracy = [r["curve"][-1][2] * 100 for r in runs]
     return f"{mean_sd(ratios, 2)} ({mean_sd(seconds, 1)} s), {min(accuracy):.2f} to {max(accuracy):.2f}%"
 

@@ -366,3 +366,12 @@ def test_the_per_cpu_table_gives_fast_s_whole_runs_only_where_they_trained_to_th
     stopped = [whole[0], {"curve": [[5.0, 10.0, 0.90], [7.0, 14.0, 0.9301]]}]
     assert cpu_records.whole_runs({**results, "fast": stopped}, [0.9173, 0.93], 10.0) == "stopped at the targets"
     assert cpu_records.whole_runs({"cnn (plain fp32 Adam)": plain}, [0.9173], 10.0) == "not run"
+    # The benchmark prints the same whole runs under its tables.
+    import contextlib
+    import io
+    import time_to_accuracy
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        time_to_accuracy.print_tables(results, [0.9173, 0.93], [2.0, 2.0, 2.0])
+    assert "# fast: a whole run 6.5 ± 0.7 s, 0.65 ± 0.07 plain epochs" in printed.getvalue()
+    assert "cnn (plain fp32 Adam): a whole run" not in printed.getvalue()
