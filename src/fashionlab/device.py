@@ -196,6 +196,12 @@ def usable_cores() -> int:
         return os.cpu_count() or 1
 
 
+def free_cores() -> int | None:
+    """The cores other processes leave free now (busy_cores), 0 or more; None where /proc cannot tell."""
+    busy = busy_cores()
+    return None if busy is None else max(0, usable_cores() - busy)
+
+
 def training_threads(requested: int | None) -> int:
     """The CPU threads a training run uses: the number asked for, or else the cores other processes
     leave free, at most the process's current setting (a sweep worker's share, a benchmark's
@@ -210,10 +216,8 @@ def training_threads(requested: int | None) -> int:
     current = torch.get_num_threads()
     if current == 1:
         return 1  # nothing to lower: no need to look at the machine
-    busy = busy_cores()
-    if busy is None:
-        return current
-    return max(1, min(current, usable_cores() - busy))
+    free = free_cores()
+    return current if free is None else max(1, min(current, free))
 
 
 # glibc's malloc thresholds, set through mallopt(3): its parameter numbers and the values set.
@@ -266,14 +270,11 @@ def oversubscribed(threads: int) -> str | None:
     Why ask: pinned threads beside a busy process wait for each other at every operation. Beside one
     `yes` on 2 cores, `fast` pinned to 2 threads took 14 times its quiet time on an Intel Xeon VM (3 to
     3.5 times on an AMD EPYC), where the one thread chosen by default took 1.7 to 2.1 times."""
-    busy = busy_cores()
-    if busy is None:
+    free = free_cores()
+    if free is None or threads <= max(free, 1):
         return None
     cores = usable_cores()
-    free = max(0, cores - busy)
-    if threads <= max(free, 1):
-        return None
-    return (f"--threads {threads}, but other processes keep {busy} of this machine's {cores} cores busy "
+    return (f"--threads {threads}, but other processes keep {cores - free} of this machine's {cores} cores busy "
             f"({free} free): threads beyond the free cores wait for each other at every operation, so this "
             f"run may take many times its quiet time; leave --threads unset to train on the free cores")
 
