@@ -54,30 +54,30 @@ def test_record_recipes_resolve_per_device(monkeypatch):
     assert config.make_config("dense-vs-conv").batch_size == 128  # a recipe without a rule: as it was
 
 
-def test_fast_trains_the_strided_lean_net_for_4_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
-    assert config.make_config("fast", precision="fp32").model == "fast_strided_narrow"
+def test_fast_trains_the_strided_valid_net_for_5_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
+    assert config.make_config("fast", precision="fp32").model == "fast_strided_valid"
     assert config.make_config("fast", precision="bf16").model == "fast_lean"
-    for native_bf16, model in [(False, "fast_strided_narrow"), (True, "fast_lean")]:  # "auto": as training resolves it
+    for native_bf16, model in [(False, "fast_strided_valid"), (True, "fast_lean")]:  # "auto": as training resolves it
         monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: native_bf16)
         cfg = config.make_config("fast", device="cpu")
         assert (cfg.model, cfg.precision) == (model, "auto")
         lean = config.make_config("fast", device="cpu", precision="bf16").to_dict()
-        changes = {"model": "fast_lean", "epochs": 5}
-        assert {**cfg.to_dict(), **changes} == {**lean, "precision": "auto"}  # only the net and its epochs change
-        assert cfg.epochs == (5 if native_bf16 else 4)
+        changes = {"model": "fast_lean", "epochs": 5, "hard_fraction": 0.25}
+        assert {**cfg.to_dict(), **changes} == {**lean, "precision": "auto"}  # only the net and its schedule change
+        assert (cfg.epochs, cfg.hard_fraction) == ((5, 0.25) if native_bf16 else (5, 0.2))
     assert config.make_config("fast", precision="fp32", model="fast").model == "fast"  # explicit settings win
     assert config.make_config("fast-full", precision="fp32").model == "fast"  # a recipe without the rule
     pretend_cuda(monkeypatch)
     assert config.make_config("fast", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
 
 
-def test_fast_93_trains_the_strided_4x4_net_for_four_more_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
+def test_fast_93_trains_the_strided_valid_wide_net_for_two_more_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
     bf16 = config.make_config("fast-93", device="cpu", precision="bf16").to_dict()
     fp32 = config.make_config("fast-93", device="cpu", precision="fp32").to_dict()
-    assert (bf16["model"], bf16["epochs"]) == ("fast", 6) and (fp32["model"], fp32["epochs"]) == ("fast_strided_mid", 10)
+    assert (bf16["model"], bf16["epochs"]) == ("fast", 6) and (fp32["model"], fp32["epochs"]) == ("fast_strided_valid_wide", 8)
     assert {**fp32, "model": "fast", "epochs": 6} == {**bf16, "precision": "fp32"}  # only the net and its epochs
     monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: False)
-    assert config.make_config("fast-93", device="cpu").model == "fast_strided_mid"  # "auto" resolved as training does
+    assert config.make_config("fast-93", device="cpu").model == "fast_strided_valid_wide"  # "auto", as training does
     assert config.make_config("fast-93", device="cpu", precision="fp32", epochs=7).epochs == 7  # explicit wins
     pretend_cuda(monkeypatch)
     assert config.make_config("fast-93", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
@@ -85,8 +85,8 @@ def test_fast_93_trains_the_strided_4x4_net_for_four_more_epochs_where_the_cpu_t
 
 @pytest.mark.parametrize("recipe, without, with_amx, fp32", [
     ("fast", dict(model="fast_lean", epochs=5, hard_fraction=0.25), dict(model="fast_strided", epochs=4, hard_fraction=0.2),
-     dict(model="fast_strided_narrow", epochs=4, hard_fraction=0.25)),
-    ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_strided_mid")),
+     dict(model="fast_strided_valid", epochs=5, hard_fraction=0.2)),
+    ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_strided_valid_wide")),
     ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(model="best_slim", epochs=44)),
 ])
 def test_amx_rule_changes_only_the_net_and_its_schedule_of_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):

@@ -18,8 +18,8 @@ from fashionlab.models.records import FastNet, ResNet, wide_resnet_blocks
 
 
 @pytest.mark.parametrize("recipe, model, precision", [
-    ("fast", "fast_lean", "bf16"), ("fast", "fast_strided_narrow", "fp32"), ("fast-93", "fast", "bf16"),
-    ("fast-93", "fast_strided_mid", "fp32"),
+    ("fast", "fast_lean", "bf16"), ("fast", "fast_strided_valid", "fp32"), ("fast-93", "fast", "bf16"),
+    ("fast-93", "fast_strided_valid_wide", "fp32"),
     ("fast-full", "fast", "auto"), ("best", "best", "auto")])
 def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, precision, tmp_path):
     ds = synthetic_dataset(n_train=64, n_test=40)
@@ -58,7 +58,7 @@ def test_best_recipe_trains_a_bigger_net_longer_with_more_augmentation_than_fast
 def test_the_lean_net_runs_its_last_conv_after_the_pool():
     sizes = {}
     for name in ("fast", "fast_lean", "fast_narrow", "fast_mid", "fast_strided", "fast_strided_narrow",
-                 "fast_strided_mid"):
+                 "fast_strided_mid", "fast_strided_valid", "fast_strided_valid_wide"):
         net = models.build_model(name)
         net.init_from_data(torch.rand(64, 1, 28, 28))
         last = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
@@ -67,7 +67,8 @@ def test_the_lean_net_runs_its_last_conv_after_the_pool():
         assert net.frozen_stem() is not None  # the stem cache works the same for both
     # The lean nets' pool drops the 7x7 map's last row and column; fast_mid's rounds up and keeps them.
     assert sizes == {"fast": (7, 7), "fast_lean": (3, 3), "fast_narrow": (3, 3), "fast_mid": (4, 4),
-                     "fast_strided": (7, 7), "fast_strided_narrow": (4, 4), "fast_strided_mid": (4, 4)}
+                     "fast_strided": (7, 7), "fast_strided_narrow": (4, 4), "fast_strided_mid": (4, 4),
+                     "fast_strided_valid": (2, 2), "fast_strided_valid_wide": (2, 2)}
     assert models.count_params(models.build_model("fast_lean")) == models.count_params(models.build_model("fast"))
     trained = [m.out_channels for m in models.build_model("fast_narrow").modules() if isinstance(m, torch.nn.Conv2d)]
     assert trained == [16, 48, 128]  # the frozen whitening layer, then the narrower first trained conv
@@ -81,7 +82,8 @@ def test_the_4x4_net_sees_the_images_last_row_where_the_lean_net_drops_it():
     y = x.clone()
     y[..., 27, :] = torch.rand(4, 1, 28)
     for name, sees in [("fast", True), ("fast_lean", False), ("fast_narrow", False), ("fast_mid", True),
-                       ("fast_strided", True), ("fast_strided_narrow", True), ("fast_strided_mid", True)]:
+                       ("fast_strided", True), ("fast_strided_narrow", True), ("fast_strided_mid", True),
+                       ("fast_strided_valid", True), ("fast_strided_valid_wide", True)]:
         net = models.build_model(name).eval()
         net.init_from_data(x)
         assert (not torch.equal(net(x), net(y))) == sees, name
@@ -104,6 +106,38 @@ def test_a_strided_block_is_one_conv_of_stride_2_in_place_of_its_conv_and_pool()
     # counts it so: rounding down (7 -> 3 -> 1) would refuse the fifth block as too small.
     deep = FastNet(stem=0, widths=(8,) * 5, whiten=True, strided_blocks=(1, 2, 3, 4), strided_kernel=3)
     assert deep(torch.rand(2, 1, 28, 28)).shape == (2, 10)
+
+
+def test_a_valid_last_conv_computes_a_quarter_of_the_positions_from_the_same_weights():
+    """last_padding=0: the last conv has no zero padding, so on the 4x4 map it computes 2x2 outputs, each from a
+    whole window of real values; its weights and every other layer are those of the padded net."""
+    kw = dict(stem=0, widths=(16, 48, 128), convs_per_block=1, whiten=True, act="relu", pool_before_last=True,
+              ceil_pools=True, strided_blocks=(1,), strided_kernel=3)
+    padded, valid = FastNet(**kw), FastNet(**kw, last_padding=0)
+    assert [p.shape for p in padded.parameters()] == [p.shape for p in valid.parameters()]
+    valid.load_state_dict(padded.state_dict())
+    convs = [[m for m in net.modules() if isinstance(m, torch.nn.Conv2d)] for net in (padded, valid)]
+    assert [c.padding for c in convs[1]] == [(1, 1), (1, 1), (0, 0)]
+    maps = {}
+    for name, last in (("padded", convs[0][-1]), ("valid", convs[1][-1])):
+        last.register_forward_hook(lambda mod, inp, out, name=name: maps.update({name: (inp[0], out)}))
+    x = torch.rand(3, 1, 28, 28)
+    padded.eval()(x), valid.eval()(x)
+    assert torch.equal(maps["padded"][0], maps["valid"][0]) and maps["valid"][0].shape[2:] == (4, 4)
+    # The valid conv's outputs are the padded conv's inner 2x2, the positions whose window holds no padding.
+    torch.testing.assert_close(maps["valid"][1], maps["padded"][1][..., 1:3, 1:3])
+
+
+def test_last_padding_is_checked():
+    for bad in (2, -1, True, 0.5):
+        with pytest.raises(ValueError, match="last_padding must be 1"):
+            FastNet(widths=(8, 8), last_padding=bad)
+    with pytest.raises(ValueError, match="side 3 or more before the last conv; it gets 1"):
+        FastNet(stem=0, widths=(16, 8, 8, 8), whiten=True, pool_before_last=True, last_padding=0)
+    with pytest.raises(ValueError, match="a pool that rounds down empties"):
+        FastNet(stem=0, widths=(16, 8, 8, 8), whiten=True, last_padding=0)
+    assert FastNet(stem=0, widths=(16, 8, 8, 8), whiten=True, ceil_pools=True, last_padding=0)(
+        torch.rand(2, 1, 28, 28)).shape == (2, 10)  # 28 -> 14 -> 7 -> 4, then 2 after the valid conv, 1 pooled
 
 
 def test_strided_blocks_are_checked():
