@@ -107,8 +107,7 @@ register(Recipe(
     "(fast_lean), 5 epochs of Nesterov SGD (batch 256, peak lr 1.15) on a one-cycle schedule, the last 4 on the "
     "hardest 25% of the images (hard_fraction), label smoothing, flips, flip test-time augmentation, all 60,000 "
     "training images. For 93%: the fast-93 recipe. On a CPU that trains in fp32: fast_strided_valid (48 wide, "
-    "its first trained conv of stride 2, its last a valid conv at 2x2). "
-    "On a CPU with AMX: fast_strided (the "
+    "its first trained conv of stride 2, its last a valid conv at 2x2). On a CPU with AMX: fast_strided (the "
     "fast net, its first trained conv 48 wide and of stride 2) for 4 epochs, the last 3 on the hardest 20%. On a "
     "CUDA GPU: the fast model on every image, batch 1024, peak lr 2.3, 4 epochs.",
     dict(model="fast_lean", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.15, weight_decay=2.5e-4,
@@ -179,9 +178,8 @@ register(Recipe(
     "The fast recipe with the fast net (its last conv at 7x7) for 6 epochs, the last 5 on the hardest 30% of "
     "the images: 93% in about 1.5 plain epochs on 2 CPU cores with bf16 (docs/records.md). On a CPU that "
     "trains in fp32: fast_strided_valid_wide (its first trained conv of stride 2, its last a valid conv at 2x2, "
-    "256 wide) for 8 epochs. "
-    "On a CPU with AMX: fast_wide (16-96-192) for 5 epochs. On a CUDA GPU: the fast net on every image, batch "
-    "1024, peak lr 2.3, 10 epochs.",
+    "256 wide) for 8 epochs. On a CPU with AMX: fast_wide (16-96-192) for 5 epochs. On a CUDA GPU: the fast net "
+    "on every image, batch 1024, peak lr 2.3, 10 epochs.",
     dict(RECIPES["fast"].settings, model="fast", epochs=6, hard_fraction=0.3),
     models=("fast",),
     on_device={"cuda": dict(RECIPES["fast"].on_device["cuda"], epochs=10),

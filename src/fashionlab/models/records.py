@@ -26,9 +26,10 @@ step (its multiply-adds in fp32, the pool's memory traffic in bf16), so striding
 reach 91.73% in 13% (AMX, with one epoch more) to 23% (fp32) less time (docs/records.md).
 last_padding=0 makes the last block's first conv a valid one (no zero padding): on the 4x4 map of
 pool_before_last with ceil_pools it computes 2x2 outputs, a quarter of the positions, each from a whole
-3x3 window of real values, where a padded conv spends most of its multiply-adds on the zeros around a
-4x4 map. In fp32, where the convolutions are most of a step, that cut a `fast` run by a fifth for the
-same accuracy, and the time it frees buys a wider last conv for `fast-93` (docs/records.md).
+3x3 window of real values (a padded conv spends 44 of its 144 multiply-adds there on the zeros around
+the map). The four windows cover the whole map, so the global max-pool still reads every position. In
+fp32, where the convolutions are most of a step, that cut a `fast` run by a fifth for the same
+accuracy, and the time it frees buys a wider last conv for `fast-93` (docs/records.md).
 
 ResNet is the pre-activation residual network (He et al. 2016) with a width multiplier, so
 WRN-d-k (Zagoruyko & Komodakis) is ResNet(blocks=((d-4)//6,)*3, widths=(16k, 32k, 64k)).
