@@ -20,7 +20,7 @@ from fashionlab.models.records import FastNet, ResNet, wide_resnet_blocks
 @pytest.mark.parametrize("recipe, model, precision", [
     ("fast", "fast_lean", "bf16"), ("fast", "fast_strided_valid", "fp32"), ("fast-93", "fast", "bf16"),
     ("fast-93", "fast_strided_valid_wide", "fp32"),
-    ("fast-full", "fast", "auto"), ("best", "best", "auto")])
+    ("fast-full", "fast", "auto"), ("best", "best", "bf16"), ("best", "best_slim", "fp32")])
 def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, precision, tmp_path):
     ds = synthetic_dataset(n_train=64, n_test=40)
     seen = []
@@ -244,7 +244,7 @@ def test_whitening_layer_decorrelates_patches_and_stays_frozen(tmp_path):
     assert torch.allclose(cov, torch.eye(9, dtype=torch.float64), atol=0.01)
     assert torch.equal(first.weight[9:18], -first.weight[:9])
 
-    cfg = config.make_config("fast", epochs=1, batch_size=50, model_args={"widths": [32, 64]})
+    cfg = config.make_config("fast", model="fast", epochs=1, batch_size=50, model_args={"widths": [32, 64]})
     run_mod.train_run(cfg, tmp_path / "run", dataset=ds, quiet=True)
     trained, _ = run_mod.RunFolder(tmp_path / "run").load_model()
     torch.manual_seed(cfg.seed)  # the same random filters beside the whitening ones, as train() draws them
