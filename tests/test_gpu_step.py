@@ -54,10 +54,10 @@ def test_record_recipes_resolve_per_device(monkeypatch):
     assert config.make_config("dense-vs-conv").batch_size == 128  # a recipe without a rule: as it was
 
 
-def test_fast_trains_the_strided_valid_net_for_5_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
-    assert config.make_config("fast", precision="fp32").model == "fast_strided_valid"
+def test_fast_trains_the_strided_valid_fixed_net_for_5_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
+    assert config.make_config("fast", precision="fp32").model == "fast_strided_valid_fixed"
     assert config.make_config("fast", precision="bf16").model == "fast_lean"
-    for native_bf16, model in [(False, "fast_strided_valid"), (True, "fast_lean")]:  # "auto": as training resolves it
+    for native_bf16, model in [(False, "fast_strided_valid_fixed"), (True, "fast_lean")]:  # "auto": as training resolves it
         monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: native_bf16)
         cfg = config.make_config("fast", device="cpu")
         assert (cfg.model, cfg.precision) == (model, "auto")
@@ -85,7 +85,7 @@ def test_fast_93_trains_the_strided_valid_wide_net_for_two_more_epochs_where_the
 
 @pytest.mark.parametrize("recipe, without, with_amx, fp32", [
     ("fast", dict(model="fast_lean", epochs=5, hard_fraction=0.25), dict(model="fast_strided", epochs=4, hard_fraction=0.2),
-     dict(model="fast_strided_valid", epochs=5, hard_fraction=0.25)),
+     dict(model="fast_strided_valid_fixed", epochs=5, hard_fraction=0.25)),
     ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_strided_valid_wide")),
     ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(model="best_slim", epochs=44)),
 ])

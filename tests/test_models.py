@@ -121,7 +121,7 @@ def test_list_models_rows_in_registration_order(listed):
     assert list(listed) == ["mlp", "cnn", "cnn_dropout", "cnn_small", "lstm", "vgg",
                             "fast", "fast_lean", "fast_narrow", "fast_mid", "fast_wide", "fast_slim",
                             "fast_strided", "fast_strided_narrow", "fast_strided_mid", "fast_strided_valid",
-                            "fast_strided_valid_wide", "best", "best_slim", "resnet8", "wrn16_4"]
+                            "fast_strided_valid_fixed", "fast_strided_valid_wide", "best", "best_slim", "resnet8", "wrn16_4"]
     for name, row in listed.items():
         entry = models.MODELS[name]
         assert row == {"name": name, "family": entry.family, "params": row["params"], "trainable": row["trainable"],

@@ -14,11 +14,11 @@ from fashionlab import config, evaluate, models, run as run_mod, training
 from fashionlab.augment import Augment
 from fashionlab.device import resolve
 from fashionlab.recipes import get_recipe
-from fashionlab.models.records import FastNet, ResNet, wide_resnet_blocks
+from fashionlab.models.records import FIXED_STEM_SHIFT, FastNet, ResNet, wide_resnet_blocks
 
 
 @pytest.mark.parametrize("recipe, model, precision", [
-    ("fast", "fast_lean", "bf16"), ("fast", "fast_strided_valid", "fp32"), ("fast-93", "fast", "bf16"),
+    ("fast", "fast_lean", "bf16"), ("fast", "fast_strided_valid_fixed", "fp32"), ("fast-93", "fast", "bf16"),
     ("fast-93", "fast_strided_valid_wide", "fp32"),
     ("fast-full", "fast", "auto"), ("best", "best", "bf16"), ("best", "best_slim", "fp32")])
 def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, precision, tmp_path):
@@ -58,7 +58,7 @@ def test_best_recipe_trains_a_bigger_net_longer_with_more_augmentation_than_fast
 def test_the_lean_net_runs_its_last_conv_after_the_pool():
     sizes = {}
     for name in ("fast", "fast_lean", "fast_narrow", "fast_mid", "fast_strided", "fast_strided_narrow",
-                 "fast_strided_mid", "fast_strided_valid", "fast_strided_valid_wide"):
+                 "fast_strided_mid", "fast_strided_valid", "fast_strided_valid_fixed", "fast_strided_valid_wide"):
         net = models.build_model(name)
         net.init_from_data(torch.rand(64, 1, 28, 28))
         last = [m for m in net.modules() if isinstance(m, torch.nn.Conv2d)][-1]
@@ -68,7 +68,7 @@ def test_the_lean_net_runs_its_last_conv_after_the_pool():
     # The lean nets' pool drops the 7x7 map's last row and column; fast_mid's rounds up and keeps them.
     assert sizes == {"fast": (7, 7), "fast_lean": (3, 3), "fast_narrow": (3, 3), "fast_mid": (4, 4),
                      "fast_strided": (7, 7), "fast_strided_narrow": (4, 4), "fast_strided_mid": (4, 4),
-                     "fast_strided_valid": (2, 2), "fast_strided_valid_wide": (2, 2)}
+                     "fast_strided_valid": (2, 2), "fast_strided_valid_fixed": (2, 2), "fast_strided_valid_wide": (2, 2)}
     assert models.count_params(models.build_model("fast_lean")) == models.count_params(models.build_model("fast"))
     trained = [m.out_channels for m in models.build_model("fast_narrow").modules() if isinstance(m, torch.nn.Conv2d)]
     assert trained == [16, 48, 128]  # the frozen whitening layer, then the narrower first trained conv
@@ -83,7 +83,7 @@ def test_the_4x4_net_sees_the_images_last_row_where_the_lean_net_drops_it():
     y[..., 27, :] = torch.rand(4, 1, 28)
     for name, sees in [("fast", True), ("fast_lean", False), ("fast_narrow", False), ("fast_mid", True),
                        ("fast_strided", True), ("fast_strided_narrow", True), ("fast_strided_mid", True),
-                       ("fast_strided_valid", True), ("fast_strided_valid_wide", True)]:
+                       ("fast_strided_valid", True), ("fast_strided_valid_fixed", True), ("fast_strided_valid_wide", True)]:
         net = models.build_model(name).eval()
         net.init_from_data(x)
         assert (not torch.equal(net(x), net(y))) == sees, name
@@ -138,6 +138,35 @@ def test_last_padding_is_checked():
         FastNet(stem=0, widths=(16, 8, 8, 8), whiten=True, last_padding=0)
     assert FastNet(stem=0, widths=(16, 8, 8, 8), whiten=True, ceil_pools=True, last_padding=0)(
         torch.rand(2, 1, 28, 28)).shape == (2, 10)  # 28 -> 14 -> 7 -> 4, then 2 after the valid conv, 1 pooled
+
+
+def test_a_fixed_stem_norm_normalises_the_pooled_whitening_output_and_nothing_before_its_activation_trains(
+        real_data):
+    """The BatchNorm after the whitening conv's pool, replaced by its statistics at the start: folded
+    into the frozen conv, each channel over the images and their mirror images has mean FIXED_STEM_SHIFT
+    and deviation 1 before the activation; nothing up to the activation trains, so the stem cache
+    holds the activation's output and a step computes nothing at 14x14."""
+    images = evaluate.to_input(torch.from_numpy(real_data.train_images[:2000]).unsqueeze(1))
+    torch.manual_seed(0)
+    net = models.build_model("fast_strided_valid_fixed")
+    net.init_from_data(images)
+    stem, _ = net.frozen_stem()
+    assert len(stem) == net.stem_layers == 4 and isinstance(stem[-1], torch.nn.ReLU)
+    assert not any(p.requires_grad for p in stem.parameters()) and len(list(stem.parameters())) == 2
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in net.net[:net.stem_layers + 1])
+    with torch.no_grad():
+        both = torch.cat([images, images.flip(-1)])
+        h = stem[:3](both).double()  # before the activation
+    assert torch.allclose(h.mean((0, 2, 3)), torch.full((16,), FIXED_STEM_SHIFT, dtype=torch.float64), atol=1e-3)
+    assert torch.allclose(h.std((0, 2, 3)), torch.ones(16, dtype=torch.float64), atol=1e-3)
+    unfixed = models.build_model("fast_strided_valid")  # the same net but that BatchNorm
+    assert models.count_params(net) == models.count_params(unfixed) - 2 * 16 + 16  # its weight and bias; the conv's bias
+
+
+def test_fixed_stem_norm_is_checked():
+    for kwargs in (dict(whiten=False), dict(stem=24, whiten=True), dict(whiten=True, resize=32)):
+        with pytest.raises(ValueError, match="fixed_stem_norm needs whiten=True, stem=0 and no resize"):
+            FastNet(**{"stem": 0, "widths": (16, 8), **kwargs, "fixed_stem_norm": True})
 
 
 def test_strided_blocks_are_checked():

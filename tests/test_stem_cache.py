@@ -26,13 +26,17 @@ def _whitened(images_u8: torch.Tensor, **kwargs) -> FastNet:
     return net
 
 
-def test_whitening_filters_come_in_mirror_pairs_and_the_stem_commutes_with_mirroring(real_data):
+@pytest.mark.parametrize("fixed", [False, True])  # with a fixed norm the stem ends with the activation
+def test_whitening_filters_come_in_mirror_pairs_and_the_stem_commutes_with_mirroring(real_data, fixed):
     images = torch.from_numpy(real_data.train_images[:2000]).unsqueeze(1)
-    net = _whitened(images)
+    net = _whitened(images, fixed_stem_norm=fixed)
     stem, order = net.frozen_stem()
+    assert len(stem) == (4 if fixed else 3) and isinstance(stem[2], torch.nn.MaxPool2d)
     w = net.net[1].weight
     assert torch.equal(order[order], torch.arange(16))  # swapping twice is the identity
     assert all(torch.equal(w[order[i]], w[i].flip(-1)) for i in range(16))  # exact, by construction
+    if fixed:  # the fixed norm's bias too: a filter and its mirror image see the same statistics
+        assert torch.equal(net.net[1].bias[order], net.net[1].bias)
     assert (order != torch.arange(16)).any()  # some filters are antisymmetric: their mirror is the negative
     x = evaluate.to_input(images[:500])
     with torch.no_grad():
@@ -70,10 +74,13 @@ def test_mirroring_a_cached_entry_is_the_flip_and_the_channel_swap_to_the_bit(la
             assert mirrored.is_contiguous(memory_format=torch.channels_last)
 
 
+# The stem ends with its pool, or with an activation after it: GELU writes a new tensor, the in-place
+# ReLU the pool's own output (the cache's memory when the pool wrote there).
+@pytest.mark.parametrize("kwargs", [{}, {"fixed_stem_norm": True}, {"fixed_stem_norm": True, "act": "relu"}])
 @pytest.mark.parametrize("side", [28, 27])  # the pool as the maximum of four views, and as the layer (odd sides)
-def test_the_cache_runs_the_stem_to_the_bit(side):
+def test_the_cache_runs_the_stem_to_the_bit(side, kwargs):
     images = torch.randint(0, 256, (64, 1, side, side), dtype=torch.uint8)
-    net = _whitened(images).to(memory_format=torch.channels_last)
+    net = _whitened(images, **kwargs).to(memory_format=torch.channels_last)
     cache, _ = StemCache.for_run(net, Augment(flip=0.5), images, FP32)
     x = evaluate.to_input(images).contiguous(memory_format=torch.channels_last)
     x[0, 0, 3, 4] = float("nan")  # a NaN pixel stays NaN, as max_pool2d keeps it
@@ -100,11 +107,12 @@ def test_no_cache_beyond_its_memory_limit(monkeypatch):
     assert cache is None and "limit" in why
 
 
-@pytest.mark.parametrize("precision", ["fp32", "bf16"])
-def test_cache_holds_what_the_stem_computes_for_images_and_their_mirrors(real_data, precision):
+@pytest.mark.parametrize("precision, fixed", [("fp32", False), ("bf16", False), ("fp32", True)])
+def test_cache_holds_what_the_stem_computes_for_images_and_their_mirrors(real_data, precision, fixed):
     rt = resolve("cpu", precision, conv_model=True)
     images = torch.from_numpy(real_data.train_images[:1000]).unsqueeze(1)
-    net = _whitened(images).to(memory_format=torch.channels_last) if rt.channels_last else _whitened(images)
+    net = _whitened(images, fixed_stem_norm=fixed)
+    net = net.to(memory_format=torch.channels_last) if rt.channels_last else net
     aug = Augment(flip=0.5)
     cache, _ = StemCache.for_run(net, aug, images, rt)
     stem, order = net.frozen_stem()
@@ -170,13 +178,14 @@ def test_the_first_epoch_reads_every_image_as_it_was_computed(tmp_path, monkeypa
     assert len(mirrored_batches) == 256 // 32  # each of the second epoch's steps mirrors some
 
 
-def test_a_cached_run_trains_as_an_uncached_one(tmp_path):
+@pytest.mark.parametrize("model", ["fast_lean", "fast_strided_valid_fixed"])  # a BatchNorm after the stem, or none
+def test_a_cached_run_trains_as_an_uncached_one(tmp_path, model):
     """Same flips, same batches, same arithmetic up to summation order: in float32 the weights after
     three epochs (the last two read from the cache) agree to rounding."""
     ds = synthetic_dataset(n_train=256, n_test=50, seed=5)
     runs = {}
     for cached in (True, False):
-        cfg = config.make_config("fast", epochs=3, batch_size=64, precision="fp32", cache_stem=cached)
+        cfg = config.make_config("fast", epochs=3, batch_size=64, precision="fp32", cache_stem=cached, model=model)
         metrics = run_mod.train_run(cfg, tmp_path / str(cached), dataset=ds, quiet=True).metrics
         assert metrics["stem_cached"] is cached
         runs[cached] = metrics

@@ -1,9 +1,10 @@
 """The frozen stem of a model, computed once per training image instead of once per step.
 
 FastNet with a whitening layer begins with layers that training never changes (normalise, the
-frozen convolution, its max-pool): a fixed function of the image. The cache keeps that function's
-output for every training image, computed at the start of the first epoch (inside its timed part)
-and read by every step, so no step runs those layers (about 15% of a `fast` step on a CPU with AMX).
+frozen convolution, its max-pool, and with fixed_stem_norm the activation after it): a fixed
+function of the image. The cache keeps that function's output for every training image, computed
+at the start of the first epoch (inside its timed part) and read by every step, so no step runs
+those layers (about 15% of a `fast` step on a CPU with AMX).
 
 With random mirror images, one entry per image serves both orientations: the whitening filters
 come in mirror pairs, so the stem's output for a mirrored image is the mirrored output with the
@@ -136,19 +137,29 @@ class StemCache:
 
     def run_stem(self, x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
         """The stem's output for images x, without autograd, written into `out` if given (a view of the
-        cache: the result is then stored without a copy). A last 2x2 max-pool over even sides runs as
-        the maximum of its four strided views: the same values, without the indices max_pool2d keeps
-        for a backward pass, and a fifth less time to fill (0.42 against 0.51 s for 60,000 images in
-        bf16 on 2 cores of a CPU with AMX)."""
-        *layers, pool = self.stem
-        for layer in layers:
-            x = layer(x)
+        cache: the result is then stored without a copy). A 2x2 max-pool over even sides runs as the
+        maximum of its four strided views: the same values, without the indices max_pool2d keeps for a
+        backward pass, and a fifth less time to fill (0.42 against 0.51 s for 60,000 images in bf16 on 2
+        cores of a CPU with AMX). The layers after the pool (an activation) then run on its output."""
+        layers = list(self.stem)
+        at = max((i for i, layer in enumerate(layers) if isinstance(layer, torch.nn.MaxPool2d)), default=None)
+        if at is None:
+            return self._run(layers, x, out)
+        x = self._run(layers[:at], x)
+        pool, after = layers[at], layers[at + 1:]
         if not _plain_2x2(pool) or x.shape[-2] % 2 or x.shape[-1] % 2:
-            h = pool(x)
-            return h if out is None else out.copy_(h)
+            return self._run([pool, *after], x, out)
         top = torch.maximum(x[..., 0::2, 0::2], x[..., 0::2, 1::2])
         bottom = torch.maximum(x[..., 1::2, 0::2], x[..., 1::2, 1::2])
-        return torch.maximum(top, bottom) if out is None else torch.maximum(top, bottom, out=out)
+        return self._run(after, torch.maximum(top, bottom) if out is None else torch.maximum(top, bottom, out=out), out)
+
+    @staticmethod
+    def _run(layers: list[torch.nn.Module], x: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+        """x through layers, the result in `out` if given (an in-place layer on out's own memory writes it
+        there without a copy)."""
+        for layer in layers:
+            x = layer(x)
+        return x if out is None or x is out else out.copy_(x)
 
     def _fill(self, images_u8: torch.Tensor, rows: slice | torch.Tensor, mirrored: torch.Tensor | None,
               runtime: Runtime) -> None:
