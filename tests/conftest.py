@@ -14,6 +14,17 @@ from fashionlab import data
 ROOT = Path(__file__).resolve().parents[1]
 
 
+def pytest_configure(config):
+    """Under pytest-xdist (scripts/test runs one process per core), each worker's own torch work gets
+    its share of the cores: two workers with two intra-op threads each on 2 cores keep waiting for
+    each other (docs/sweeps.md). The runs a test starts choose their threads as a user's would."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        import torch
+        from fashionlab import device
+        torch.set_num_threads(max(1, device.usable_cores() // workers))
+
+
 @pytest.fixture(autouse=True)
 def _isolated_cache(tmp_path_factory, monkeypatch):
     """Each test gets its own empty dataset cache and no network: nothing leaks between tests."""
