@@ -72,12 +72,14 @@ def port_of(server) -> int:
 def test_later_requests_on_a_kept_alive_connection_are_as_fast_as_the_first_with_two_workers(two_workers, body):
     """The cause was Nagle's algorithm: the listening socket uvicorn binds for several workers has protocol
     number 0, asyncio then skips TCP_NODELAY on its connections, and the second write of each response
-    waited for the client's delayed ACK (about 40 ms). Three requests over one connection."""
+    waited for the client's delayed ACK (about 40 ms), on every request after the first. Five requests over
+    one connection: the fastest later one is compared, as a busy machine (the suite runs in one process per
+    core) may delay any one request by as much, but not every one."""
     for _ in range(10):  # warm both workers' prediction path, each request on a connection of its own
         httpx.post(two_workers.url + "/v1/predict", content=body, headers={"content-type": "image/png"})
     conn = http.client.HTTPConnection("127.0.0.1", port_of(two_workers), timeout=30)
     seconds = []
-    for _ in range(3):
+    for _ in range(5):
         start = time.perf_counter()
         conn.request("POST", "/v1/predict", body=body, headers={"content-type": "image/png"})
         response = conn.getresponse()
@@ -85,7 +87,7 @@ def test_later_requests_on_a_kept_alive_connection_are_as_fast_as_the_first_with
         seconds.append(time.perf_counter() - start)
         assert response.status == 200
     conn.close()
-    assert max(seconds[1:]) < seconds[0] + 0.025, [round(s * 1000, 1) for s in seconds]
+    assert min(seconds[1:]) < seconds[0] + 0.025, [round(s * 1000, 1) for s in seconds]
 
 
 def test_the_supervisor_of_two_workers_never_loads_torch_or_the_model(two_workers):
