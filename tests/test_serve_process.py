@@ -70,11 +70,12 @@ def port_of(server) -> int:
 # --------------------------------------------------------------------------- keep-alive with two workers
 
 def test_later_requests_on_a_kept_alive_connection_are_as_fast_as_the_first_with_two_workers(two_workers, body):
-    """The cause was Nagle's algorithm: the listening socket uvicorn binds for several workers has protocol
-    number 0, asyncio then skips TCP_NODELAY on its connections, and the second write of each response
-    waited for the client's delayed ACK (about 40 ms), on every request after the first. Five requests over
-    one connection: the fastest later one is compared, as a busy machine (the suite runs in one process per
-    core) may delay any one request by as much, but not every one."""
+    """The cause was Nagle's algorithm: the listening socket uvicorn 0.54 binds for several workers has
+    protocol number 0 (0.55 names TCP), asyncio then skips TCP_NODELAY on its connections, and the
+    second write of each response waited for the client's delayed ACK (about 40 ms), on every request
+    after the first. Five requests over one connection: the fastest later one is compared, as a busy
+    machine (the suite runs in one process per core) may delay any one request by as much, but not
+    every one."""
     for _ in range(10):  # warm both workers' prediction path, each request on a connection of its own
         httpx.post(two_workers.url + "/v1/predict", content=body, headers={"content-type": "image/png"})
     conn = http.client.HTTPConnection("127.0.0.1", port_of(two_workers), timeout=30)
@@ -88,6 +89,38 @@ def test_later_requests_on_a_kept_alive_connection_are_as_fast_as_the_first_with
         assert response.status == 200
     conn.close()
     assert min(seconds[1:]) < seconds[0] + 0.025, [round(s * 1000, 1) for s in seconds]
+
+
+def test_a_connection_accepted_from_a_socket_of_protocol_0_gets_tcp_nodelay():
+    """What the test above checks end to end, where uvicorn itself leaves the cause out (0.55 binds its
+    socket naming TCP, so asyncio sets TCP_NODELAY): fashionlab's connections set it on any TCP socket."""
+    import asyncio
+
+    from uvicorn.config import Config
+    from uvicorn.server import ServerState
+
+    from fashionlab.serve import server
+
+    async def app(scope, receive, send):
+        pass
+
+    async def accepted_nodelay(protocol_class) -> int:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as listener:  # protocol 0, as uvicorn 0.54's
+            listener.bind(("127.0.0.1", 0))
+            listener.listen()
+            with socket.create_connection(listener.getsockname()):
+                conn, _ = listener.accept()
+                config = Config(app=app)
+                config.load()
+                protocol = protocol_class(config=config, server_state=ServerState(), app_state={})
+                transport, _ = await asyncio.get_running_loop().connect_accepted_socket(lambda: protocol, sock=conn)
+                nodelay = conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+                transport.close()
+                return nodelay
+
+    assert asyncio.run(accepted_nodelay(server.connection_protocol())) == 1
+    plain = server.connection_protocol().__bases__[-1]  # uvicorn's own protocol, without ConnectionRules
+    assert asyncio.run(accepted_nodelay(plain)) == 0  # the cause is there: the check above can fail
 
 
 def test_the_supervisor_of_two_workers_never_loads_torch_or_the_model(two_workers):

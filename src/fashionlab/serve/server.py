@@ -129,9 +129,10 @@ class ConnectionRules:
     """What fashionlab adds to uvicorn's HTTP protocol, for every connection:
 
     - TCP_NODELAY. asyncio sets it only on sockets whose protocol number is IPPROTO_TCP, and the listening
-      socket uvicorn binds for several workers has protocol 0, so every connection inherited Nagle's
-      algorithm: a response written in two pieces waited for the client's delayed ACK, about 40 ms, on
-      each request after the first of a kept-alive connection (`--workers 2`: 48 ms per request).
+      socket uvicorn 0.54 binds for several workers has protocol 0 (0.55 names TCP), so every connection
+      inherited Nagle's algorithm: a response written in two pieces waited for the client's delayed ACK,
+      about 40 ms, on each request after the first of a kept-alive connection (`--workers 2`: 48 ms per
+      request).
     - One write per response: uvicorn writes a response's head and its body separately; with TCP_NODELAY
       that is two packets, two wake-ups of the client and twice the loopback's work. The writes of one
       turn of the event loop are joined into one (CoalescedWrites).
