@@ -78,12 +78,13 @@ def synthetic_dataset(n_train: int = 200, n_test: int = 100, seed: int = 0, clas
 
 
 def rewrite_tensors(path, change) -> None:
-    """Rewrite a safetensors file (e.g. a checkpoint) with change(tensors) applied to its tensors."""
+    """Rewrite a safetensors file (e.g. a checkpoint) whole, after change(tensors, metadata) has edited
+    its tensors and its metadata (both dicts, in place)."""
     from safetensors import safe_open
     from safetensors.torch import save_file
     with safe_open(str(path), framework="pt") as fh:
-        tensors, meta = {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata()
-    change(tensors)
+        tensors, meta = {k: fh.get_tensor(k) for k in fh.keys()}, fh.metadata() or {}
+    change(tensors, meta)
     save_file(tensors, str(path), metadata=meta)
 
 

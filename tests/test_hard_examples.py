@@ -127,6 +127,6 @@ def test_a_checkpoint_without_its_losses_or_with_others_is_refused_by_name(chang
     from fashionlab.schema import RunError
     ds = synthetic_dataset(n_train=400)
     path = _cut_run(tmp_path, ds)
-    rewrite_tensors(path, change)
+    rewrite_tensors(path, lambda tensors, meta: change(tensors))
     with pytest.raises(RunError, match=re.escape(message)):
         run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True)

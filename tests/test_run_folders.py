@@ -13,12 +13,11 @@ import numpy as np
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
 
 from fashionlab import api, cli, config, data, run as run_mod, schema, training
 from fashionlab.errors import UserError
 from fashionlab.schema import RunError
-from conftest import run_cli, synthetic_dataset
+from conftest import rewrite_tensors, run_cli, synthetic_dataset
 
 DS = synthetic_dataset(n_train=200, n_test=100)
 SETTINGS = dict(model="cnn_small", epochs=1, batch_size=32, val_split=0.2, class_names=DS.class_names)
@@ -106,14 +105,7 @@ def as_dev_zero(name: str):
 
 def edit_tensors(name: str, change):
     """change(tensors, metadata) edits both in place; the file is written back whole."""
-    def edit(folder: Path):
-        path = folder / name
-        with safe_open(str(path), framework="pt") as fh:
-            meta = fh.metadata() or {}
-        tensors = load_file(str(path))
-        change(tensors, meta)
-        save_file(tensors, str(path), meta)
-    return edit
+    return lambda folder: rewrite_tensors(folder / name, change)
 
 
 def tensors_do(fn):

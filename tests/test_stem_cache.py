@@ -266,6 +266,6 @@ def test_a_checkpoint_with_another_cache_state_is_refused_by_name(change, messag
     cfg = config.make_config("fast-full", epochs=2, batch_size=32)
     with pytest.raises(training.TrainingInterrupted):
         run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[_StopAtStep(5)])
-    rewrite_tensors(tmp_path / "cut" / run_mod.CHECKPOINT, change)
+    rewrite_tensors(tmp_path / "cut" / run_mod.CHECKPOINT, lambda tensors, meta: change(tensors))
     with pytest.raises(RunError, match=re.escape(message)):
         run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True)
