@@ -15,14 +15,20 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def pytest_configure(config):
-    """Under pytest-xdist (scripts/test runs one process per core), each worker's own torch work gets
-    its share of the cores: two workers with two intra-op threads each on 2 cores keep waiting for
-    each other (docs/sweeps.md). The runs a test starts choose their threads as a user's would."""
+    """Under pytest-xdist (scripts/test runs one process per core), each worker and the processes its
+    tests start (OMP_NUM_THREADS, unless set) get the worker's share of the cores as torch's threads.
+
+    Why: two workers with two intra-op threads each on 2 cores keep waiting for each other (docs/
+    sweeps.md). And a run that chooses its threads from the cores free at its start (device.
+    training_threads) chose 2 or 1 as the other worker came and went, so a resumed run could sum in
+    another order than the run it continues and differ in the last bits (test_train's SIGINT test)."""
     workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
     if workers > 1:
         import torch
         from fashionlab import device
-        torch.set_num_threads(max(1, device.usable_cores() // workers))
+        share = max(1, device.usable_cores() // workers)
+        os.environ.setdefault("OMP_NUM_THREADS", str(share))
+        torch.set_num_threads(share)
 
 
 @pytest.fixture(autouse=True)
