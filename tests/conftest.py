@@ -26,9 +26,8 @@ def pytest_configure(config):
     if workers > 1:
         import torch
         from fashionlab import device
-        share = max(1, device.usable_cores() // workers)
-        os.environ.setdefault("OMP_NUM_THREADS", str(share))
-        torch.set_num_threads(share)
+        share = os.environ.setdefault("OMP_NUM_THREADS", str(max(1, device.usable_cores() // workers)))
+        torch.set_num_threads(int(share))  # the worker itself as the processes it starts
 
 
 @pytest.fixture(autouse=True)
