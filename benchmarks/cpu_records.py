@@ -33,9 +33,10 @@ BEGIN, END = "<!-- cpu-records:begin -->", "<!-- cpu-records:end -->"
 TARGETS = (0.9173, 0.93)
 
 
-def schedules(results: dict, target: float, plain: float) -> str:
+def schedules(results: dict, target: float, plain: float, nets: dict[str, str]) -> str:
     """Each `fast` schedule's time to the target, in seconds and plain epochs, over the seeds that
-    reached it; in bold where every seed did."""
+    reached it; in bold where every seed did. Each named with the net it trained where the file says
+    (a recipe's rule per CPU picks the net, so a row measured before a rule changed says which)."""
     cells = []
     for label, runs in results.items():
         ratios = in_plain_epochs(runs, target, plain)
@@ -44,7 +45,8 @@ def schedules(results: dict, target: float, plain: float) -> str:
         seconds = [t for t in (first_reaching(r["curve"], target, WALL) for r in runs) if t is not None]
         ratio = mean_sd(ratios, 2)
         every = len(ratios) == len(runs)
-        cells.append(f"{label.removeprefix('fast ').strip('()')}: " + (f"**{ratio}**" if every else ratio)
+        net = f" (`{nets[label]}`)" if label in nets else ""
+        cells.append(f"{label.removeprefix('fast ').strip('()')}{net}: " + (f"**{ratio}**" if every else ratio)
                      + f" ({mean_sd(seconds, 1)} s{'' if every else f', {len(ratios)}/{len(runs)} seeds'})")
     return "; ".join(cells) or "not reached"
 
@@ -70,7 +72,7 @@ def row(path: Path) -> list[str]:
         raise SystemExit(f"{path}: no plain reference in this run, so no unit to state the times in")
     seeds = min(len(runs) for runs in results.values())
     return [f"{hw['cpu']}, {hw['cores']} cores: {hw.get('cpu_kind', '?')}", str(hw["threads"]),
-            f"{plain:.1f} s", *(schedules(results, t, plain) for t in TARGETS),
+            f"{plain:.1f} s", *(schedules(results, t, plain, saved.get("models", {})) for t in TARGETS),
             whole_runs(results, saved.get("targets", list(TARGETS)), plain), str(seeds),
             f"`{saved.get('command', '?')}`; load average {saved['load_average_end'][0]} at the end"]
 

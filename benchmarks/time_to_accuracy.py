@@ -250,8 +250,10 @@ def main(argv=None) -> int:
     print(f"# floor = 3 x forward FLOPs x 60,000 images / host {kind} matmul FLOP per CPU second (one epoch, "
           f"CPU seconds; on a GPU only a scale)")
     floors = {}  # label -> CPU seconds per epoch at the matmul rate
+    nets = {}  # label -> the net it trains here: a recipe's rule per CPU picks it, and rules change
     for label, make in configs.items():
         cfg = make(0)
+        nets[label] = cfg.model
         f = forward_flops(models.build_model(cfg.model, **cfg.model_args))
         floors[label] = 3 * f * 60000 / rate
         print(f"#   {label}: model {cfg.model}, {f / 1e6:.1f} MFLOP forward per image, "
@@ -279,7 +281,7 @@ def main(argv=None) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps({"hardware": hw, "matmul_precision": kind, "matmul_flops_wall": wall_rate,
                                                "matmul_flops_per_cpu_s": rate, "targets": args.targets,
-                                               "overrides": overrides, "load_average_end": load_end,
+                                               "overrides": overrides, "models": nets, "load_average_end": load_end,
                                                "command": "".join(f"{k}={os.environ[k]} " for k in LIMITS
                                                                   if os.environ.get(k))
                                                           + "python benchmarks/time_to_accuracy.py "

@@ -84,7 +84,7 @@ def test_bad_values_name_the_setting(settings, message):
 
 def test_recipe_first_then_explicit_settings_and_defaults_for_old_runs():
     cfg = config.make_config("fast", epochs=6, precision="bf16")
-    assert (cfg.model, cfg.epochs, cfg.lr, cfg.recipe) == ("fast_lean", 6, 1.15, "fast")
+    assert (cfg.model, cfg.epochs, cfg.lr, cfg.recipe) == ("fast_strided_valid_fixed", 6, 1.15, "fast")
     saved = {k: v for k, v in cfg.to_dict().items() if k != "cache_stem"}  # a run from before a setting existed
     assert config.settings_of({**saved, "environment": {}}) == cfg.to_dict()
 

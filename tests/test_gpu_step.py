@@ -30,10 +30,10 @@ def pretend_cuda(monkeypatch) -> None:
 
 def test_record_recipes_resolve_per_device(monkeypatch):
     cpu = config.make_config("fast", precision="bf16")
-    assert (cpu.model, cpu.batch_size, cpu.lr, cpu.epochs, cpu.hard_fraction) == ("fast_lean", 256, 1.15, 5, 0.25)
+    assert (cpu.model, cpu.batch_size, cpu.lr, cpu.epochs, cpu.hard_fraction) == ("fast_strided_valid_fixed", 256, 1.15, 5, 0.25)
     f93 = config.make_config("fast-93", device="cpu", precision="bf16")  # fast's settings, the fast net, 6 at 30%
     fast = config.make_config("fast", device="cpu", precision="bf16").to_dict()
-    assert {**f93.to_dict(), "recipe": "fast", "model": "fast_lean", "epochs": 5, "hard_fraction": 0.25} == fast
+    assert {**f93.to_dict(), "recipe": "fast", "model": "fast_strided_valid_fixed", "epochs": 5, "hard_fraction": 0.25} == fast
     assert {**cpu.to_dict(), "device": "cpu"} == fast
     pretend_cuda(monkeypatch)
     gpu = config.make_config("fast")
@@ -54,17 +54,17 @@ def test_record_recipes_resolve_per_device(monkeypatch):
     assert config.make_config("dense-vs-conv").batch_size == 128  # a recipe without a rule: as it was
 
 
-def test_fast_trains_the_strided_valid_fixed_net_for_5_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
-    assert config.make_config("fast", precision="fp32").model == "fast_strided_valid_fixed"
-    assert config.make_config("fast", precision="bf16").model == "fast_lean"
-    for native_bf16, model in [(False, "fast_strided_valid_fixed"), (True, "fast_lean")]:  # "auto": as training resolves it
+def test_fast_trains_the_strided_valid_fixed_net_for_5_epochs_on_a_cpu_in_either_precision(monkeypatch):
+    recipe = get_recipe("fast")
+    on_cpu = {**recipe.settings, "model": "fast_strided_valid_fixed"}
+    assert recipe.settings_for("cpu", "fp32") == recipe.settings_for("cpu", "bf16") == on_cpu  # only the net changes
+    assert recipe.settings_for("mps")["model"] == "fast_lean"  # a device without a rule: the recipe's own net
+    for precision in ("fp32", "bf16"):
+        assert config.make_config("fast", precision=precision).model == "fast_strided_valid_fixed"
+    for native_bf16 in (False, True):  # "auto": as training resolves it
         monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: native_bf16)
         cfg = config.make_config("fast", device="cpu")
-        assert (cfg.model, cfg.precision) == (model, "auto")
-        lean = config.make_config("fast", device="cpu", precision="bf16").to_dict()
-        changes = {"model": "fast_lean"}
-        assert {**cfg.to_dict(), **changes} == {**lean, "precision": "auto"}  # only the net changes
-        assert (cfg.epochs, cfg.hard_fraction) == (5, 0.25)
+        assert (cfg.model, cfg.precision, cfg.epochs, cfg.hard_fraction) == ("fast_strided_valid_fixed", "auto", 5, 0.25)
     assert config.make_config("fast", precision="fp32", model="fast").model == "fast"  # explicit settings win
     assert config.make_config("fast-full", precision="fp32").model == "fast"  # a recipe without the rule
     pretend_cuda(monkeypatch)
@@ -84,7 +84,8 @@ def test_fast_93_trains_the_strided_valid_wide_net_for_two_more_epochs_where_the
 
 
 @pytest.mark.parametrize("recipe, without, with_amx, fp32", [
-    ("fast", dict(model="fast_lean", epochs=5, hard_fraction=0.25), dict(model="fast_strided", epochs=4, hard_fraction=0.2),
+    ("fast", dict(model="fast_strided_valid_fixed", epochs=5, hard_fraction=0.25),
+     dict(model="fast_strided", epochs=4, hard_fraction=0.2),
      dict(model="fast_strided_valid_fixed", epochs=5, hard_fraction=0.25)),
     ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_strided_valid_wide")),
     ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(model="best_slim", epochs=44)),

@@ -18,7 +18,7 @@ from fashionlab.models.records import FIXED_STEM_SHIFT, FastNet, ResNet, wide_re
 
 
 @pytest.mark.parametrize("recipe, model, precision", [
-    ("fast", "fast_lean", "bf16"), ("fast", "fast_strided_valid_fixed", "fp32"), ("fast-93", "fast", "bf16"),
+    ("fast", "fast_strided_valid_fixed", "bf16"), ("fast", "fast_strided_valid_fixed", "fp32"), ("fast-93", "fast", "bf16"),
     ("fast-93", "fast_strided_valid_wide", "fp32"),
     ("fast-full", "fast", "auto"), ("best", "best", "bf16"), ("best", "best_slim", "fp32")])
 def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, precision, tmp_path):
@@ -438,3 +438,21 @@ def test_the_per_cpu_table_gives_fast_s_whole_runs_only_where_they_trained_to_th
         time_to_accuracy.print_tables(results, [0.9173, 0.93], [2.0, 2.0, 2.0])
     assert "# fast: a whole run 6.5 ± 0.7 s, 0.65 ± 0.07 plain epochs" in printed.getvalue()
     assert "cnn (plain fp32 Adam): a whole run" not in printed.getvalue()
+
+
+def test_the_per_cpu_table_names_the_net_each_row_trained_where_its_file_says():
+    """A recipe's rule per CPU picks the net, and rules change: a row measured before a change says
+    which net it timed. time_to_accuracy.py saves them; every committed file names them."""
+    import json
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cpu_records
+    plain = [{"curve": [[10.0, 20.0, 0.88]]}]
+    results = {"cnn (plain fp32 Adam)": plain, "fast": [{"curve": [[5.0, 10.0, 0.92]]}]}
+    named = cpu_records.schedules(results, 0.9173, 10.0, {"fast": "fast_lean"})
+    assert named == "fast (`fast_lean`): **0.50 ± 0.00** (5.0 ± 0.0 s)"
+    assert cpu_records.schedules(results, 0.9173, 10.0, {}) == "fast: **0.50 ± 0.00** (5.0 ± 0.0 s)"
+    for path in (ROOT / "benchmarks" / "results").glob("time-to-accuracy-*.json"):
+        saved = json.loads(path.read_text())
+        assert set(saved["models"]) == set(saved["results"]), path.name

@@ -359,7 +359,7 @@ for _entry in [
     ModelEntry("fast_narrow", "fastnet", dict(stem=0, widths=(16, 48, 128), convs_per_block=1, whiten=True,
                                               act="relu", pool_before_last=True),
                "the lean net with its first trained conv 48 wide instead of 64: a quarter fewer multiply-adds, "
-               "the `fast` recipe on a CPU that trains in fp32, where the convolutions are two thirds of the time"),
+               "once the `fast` recipe on a CPU that trains in fp32, where the convolutions are two thirds of the time"),
     ModelEntry("fast_mid", "fastnet", dict(stem=0, widths=(16, 64, 128), convs_per_block=1, whiten=True, act="relu",
                                            pool_before_last=True, ceil_pools=True),
                "the lean net with pools that round up: its last conv runs at 4x4 on the whole 7x7 map (the lean "
@@ -398,7 +398,7 @@ for _entry in [
                                                          last_padding=0, fixed_stem_norm=True),
                "fast_strided_valid with the whitening conv's output normalised by fixed statistics instead of a "
                "BatchNorm: its activation joins the frozen stem, and no step computes anything at 14x14; the "
-               "`fast` recipe on a CPU that trains in fp32"),
+               "`fast` recipe on a CPU without AMX"),
     ModelEntry("fast_strided_valid_wide", "fastnet", dict(stem=0, widths=(16, 64, 256), convs_per_block=1,
                                                         whiten=True, act="relu", pool_before_last=True,
                                                         ceil_pools=True, strided_blocks=(1,), strided_kernel=4,
