@@ -160,7 +160,7 @@ register(Recipe(
     # (fast_strided_valid: 91.97 to 92.24%). For fast-93 it cost accuracy (docs/records.md).
     # Then the same net in bf16 on a CPU without AMX (AVX-512 BF16), where the lean net took 0.89 plain
     # epochs: not timed on such a CPU, none being at hand, but the strided nets beat the lean one on every
-    # kind measured (2.5 times in fp32, about 1.5 with AMX, 2.2 with AVX-512 BF16 kernels on an Intel
+    # kind measured (2.4 times in fp32, about 1.5 with AMX, 2.2 with AVX-512 BF16 kernels on an Intel
     # Xeon), and in bf16 without bf16 instructions (the same rounding, in software) seeds 0 to 7 ended at
     # 91.97 to 92.44%, and 0 to 5 on one thread at 91.95 to 92.48% (docs/records.md).
     on_device={"cuda": dict(model="fast", hard_fraction=1.0, batch_size=1024, lr=2.3, epochs=4),
