@@ -627,11 +627,11 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
     no_decay = [p for p in trainable if p.ndim <= 1]
     groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
     # One fused kernel updates every parameter instead of a launch (on a CPU, a pass over memory) per
-    # tensor and operation. On a GPU for every optimiser; on a CPU for SGD, whose fused kernel computes
-    # the same bits as the per-tensor one, 6 times faster for `best` (2.2 against 0.4 ms a step on 2
-    # cores), on every tensor whose size is a multiple of the CPU's vector (8 floats with AVX2, 16 with
-    # AVX-512), as all of FastNet's are; on the last values of another (a 10-value bias) it can differ
-    # in the last bit. Adam's CPU kernel rounds differently everywhere, so Adam stays as it was there.
+    # tensor and operation. On a GPU for every optimiser; on a CPU for SGD, whose fused kernel is 6 times
+    # faster for `best` (2.2 against 0.4 ms a step on 2 cores) and computes the same bits as the
+    # per-tensor one on every tensor whose size is a multiple of the CPU's vector (8 floats with AVX2, 16
+    # with AVX-512), as all of FastNet's are; on the last values of another (a 10-value bias) it can
+    # differ in the last bit. Adam's CPU kernel rounds differently everywhere, so Adam stays as it was.
     fused = {"fused": True} if trainable and trainable[0].is_cuda else {}
     if cfg.optimizer == "sgd":
         fused_sgd = {"fused": True} if trainable and trainable[0].device.type in ("cuda", "cpu") else {}
@@ -653,9 +653,9 @@ def start_momentum(optimizer: torch.optim.Optimizer) -> None:
     The fused kernel takes a step's buffers as one list, and fails (TypeError: "expected Tensor ... but
     got NoneType") when some parameters have one and another gets its first gradient in that step: a
     layer that joins training late (unfrozen, or a branch a model starts using), which the per-tensor
-    kernel handles. From a zero buffer the first update is what the per-tensor kernel's is, momentum
-    x 0 + gradient == gradient exactly, so a run steps through the same bits as before. zeros_like keeps
-    each weight's layout (channels_last), which the fused kernel walks its weight and buffer in."""
+    kernel handles. From a zero buffer the first update sets the buffer to momentum x 0 + gradient ==
+    gradient exactly, as the kernel's own first step does, so a run steps through the same bits.
+    zeros_like keeps each weight's layout (channels_last), which the kernel walks weight and buffer in."""
     if not (isinstance(optimizer, torch.optim.SGD) and optimizer.defaults["fused"] and optimizer.defaults["momentum"]):
         return
     for group in optimizer.param_groups:
