@@ -123,11 +123,14 @@ def test_sgd_on_a_cpu_is_fused_and_gives_the_per_tensor_kernels_bits():
     assert not all(torch.equal(a, b.detach()) for a, b in zip(weights[True], models.build_model("fast").parameters()))
 
 
-def _sgd_run(cfg, sizes, optimizer_for=None, late_from=0, reload_at=None, steps=6) -> list[torch.Tensor]:
+def _sgd_run(cfg, sizes, optimizer_for=None, late_from=0, reload_at=None, steps=6, folder=None
+             ) -> list[torch.Tensor]:
     """The weights of a stack of linear layers of the given sizes after `steps` SGD steps on random
     gradients, the last layer given gradients only from step late_from on. optimizer_for(net) replaces
-    make_optimizer's; reload_at: at that step the state goes through a checkpoint's state dict that, as
-    an earlier version's did, holds no buffer for a layer not yet trained."""
+    make_optimizer's; reload_at: at that step the optimiser is saved to a checkpoint in `folder` without
+    a buffer for the layer not yet trained (as an earlier version saved it) and loaded into a new one."""
+    from dataclasses import asdict
+    from fashionlab import checkpoint
     torch.manual_seed(0)
     net = torch.nn.Sequential(*[torch.nn.Linear(a, b) for a, b in zip(sizes, sizes[1:])])
     make = optimizer_for or (lambda n: training.make_optimizer(n, cfg))
@@ -135,12 +138,12 @@ def _sgd_run(cfg, sizes, optimizer_for=None, late_from=0, reload_at=None, steps=
     g = torch.Generator().manual_seed(1)
     for step in range(steps):
         if step == reload_at:
-            state = opt.state_dict()
+            for p in net[-1].parameters():
+                del opt.state[p]
+            path = folder / "checkpoint.safetensors"
+            checkpoint.save_state(path, net, opt, {"rng.cpu": torch.get_rng_state()}, asdict(training.TrainState()))
             opt = make(net)
-            late = {id(p) for p in net[-1].parameters()}
-            ids = [id(p) for group in opt.param_groups for p in group["params"]]  # the state dict's numbering
-            opt.load_state_dict({**state, "state": {i: s for i, s in state["state"].items() if ids[i] not in late}})
-            training.start_momentum(opt)
+            checkpoint.load_state(path, net, opt)
         joined = net[:-1] if step < late_from else net
         for p in net.parameters():
             p.grad = None
@@ -155,11 +158,11 @@ def _same(a: list[torch.Tensor], b: list[torch.Tensor]) -> bool:
 
 
 @pytest.mark.parametrize("nesterov", [True, False])
-def test_fused_sgd_trains_a_layer_that_joins_late_as_the_per_tensor_kernel_does(nesterov):
+def test_fused_sgd_trains_a_layer_that_joins_late_as_the_per_tensor_kernel_does(nesterov, tmp_path):
     """A layer whose first gradient comes after the others have momentum (unfrozen, or a branch the
     model starts using) is trained, not refused by the fused kernel ("expected Tensor ... but got
-    NoneType"), and lands on the bits the per-tensor kernel gives; the same when a checkpoint's state
-    without a buffer for it is loaded on the way. Sizes are multiples of 16 values: on the last values
+    NoneType"), and lands on the bits the per-tensor kernel gives; the same when a checkpoint without a
+    buffer for it is loaded on the way. Sizes are multiples of 16 values: on the last values
     of other tensors the fused kernel's vector loop rounds differently from the per-tensor one."""
     cfg = config.make_config(model="mlp", optimizer="sgd", nesterov=nesterov, momentum=0.9, weight_decay=1e-3)
     sizes = (16, 16, 32)
@@ -170,7 +173,7 @@ def test_fused_sgd_trains_a_layer_that_joins_late_as_the_per_tensor_kernel_does(
 
     expected = _sgd_run(cfg, sizes, per_tensor, late_from=3)
     assert _same(_sgd_run(cfg, sizes, late_from=3), expected)
-    assert _same(_sgd_run(cfg, sizes, late_from=3, reload_at=2), expected)
+    assert _same(_sgd_run(cfg, sizes, late_from=3, reload_at=2, folder=tmp_path), expected)
     assert not torch.equal(expected[-2], _sgd_run(cfg, sizes, steps=0)[-2])  # the late layer did train
 
 

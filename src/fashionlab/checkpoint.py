@@ -107,6 +107,10 @@ def load_state(path: Path, model: torch.nn.Module, optimizer: torch.optim.Optimi
             name: (_laid_out_as(tensors[f"optim.{pid}.{name}"], params[int(pid)]) if value == "tensor" else value)
             for name, value in pstate.items()
         }
-    optimizer.load_state_dict({"state": opt_state, "param_groups": opt_meta["param_groups"]})
+    # A parameter the file holds no state for keeps the fresh optimiser's (fused SGD starts every one with
+    # a zero momentum buffer, training.start_momentum): an earlier version saved none for a layer not yet
+    # trained, and the fused kernel refuses a step where some parameters have a buffer and others not.
+    own = optimizer.state_dict()["state"]
+    optimizer.load_state_dict({"state": {**own, **opt_state}, "param_groups": opt_meta["param_groups"]})
     extra = {k[6:]: v for k, v in tensors.items() if k.startswith("extra.")}
     return extra, state

@@ -247,7 +247,6 @@ class Trainer:
         if not path.exists():
             raise FileNotFoundError(f"{path}: no checkpoint to resume from")
         extra, state = checkpoint.load_state(path, self.model, self.optimizer)
-        start_momentum(self.optimizer)  # an earlier version's checkpoint has none for a layer not yet trained
         self.state = TrainState(**state)
         torch.set_rng_state(extra.pop("rng.cpu"))
         if "rng.cuda" in extra and self.runtime.device.type == "cuda":
@@ -648,7 +647,7 @@ def make_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Opti
 @torch.no_grad()
 def start_momentum(optimizer: torch.optim.Optimizer) -> None:
     """For fused SGD with momentum (nothing otherwise): a zero momentum buffer for every parameter that
-    has none, before the first step and after a checkpoint's state is loaded.
+    has none, before the first step (a checkpoint's state without one keeps it: checkpoint.load_state).
 
     The fused kernel takes a step's buffers as one list, and fails (TypeError: "expected Tensor ... but
     got NoneType") when some parameters have one and another gets its first gradient in that step: a
