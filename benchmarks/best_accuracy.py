@@ -1,11 +1,18 @@
 """Test accuracy of the best recipe over several seeds: mean, spread, training time.
 
     PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 3 [--set epochs=8] [--out runs/best]
+    PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 3 --threads 2 \
+        --json benchmarks/results/best-accuracy-<kind>.json      # a row of the per-CPU `best` table
 
 The recipe trains a fixed number of epochs on all 60,000 training images and is scored once on the
 test set at the end (nothing is selected on the test set). The per-epoch test accuracy printed on
 stderr is for watching progress only (scored with flips alone, whatever the recipe's test-time
 augmentation).
+
+The budget of `best` is stated in plain epochs: one epoch of the plain reference (time_to_accuracy.py's
+`cnn`, fp32 Adam, batch 128) timed in the same run, before each seed's run and once after the last
+(--reference-epochs 0 skips it), so that load from other processes hits both alike. `cpu_records.py`
+turns the --json files of such runs into the per-CPU `best` table of the README and docs/records.md.
 """
 
 from __future__ import annotations
@@ -21,10 +28,11 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, parse_overrides  # noqa: E402
+from common import command_line, hardware, parse_overrides  # noqa: E402
 from flops import forward_flops  # noqa: E402
+from time_to_accuracy import REFERENCE  # noqa: E402
 
-from fashionlab import data, evaluate, models  # noqa: E402
+from fashionlab import atomic, data, evaluate, models  # noqa: E402
 from fashionlab.config import make_config  # noqa: E402
 from fashionlab.run import train_run  # noqa: E402
 from fashionlab.training import Callback  # noqa: E402
@@ -47,6 +55,15 @@ class Progress(Callback):
               f"test {acc:.4f} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
 
 
+def plain_epoch(ds: data.Dataset, epochs: int, threads: int, seed: int) -> float:
+    """Seconds of one plain reference epoch (training wall-clock, the mean over `epochs`)."""
+    cfg = make_config(**dict(REFERENCE, epochs=epochs, threads=threads), seed=seed, val_split=0.0)
+    with tempfile.TemporaryDirectory() as tmp:
+        m = train_run(cfg, Path(tmp) / "run", dataset=ds, quiet=True, calibrate=False).metrics
+    print(f"  plain reference: {m['train_seconds'] / epochs:.1f} s an epoch", flush=True)
+    return m["train_seconds"] / epochs
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", default="best")
@@ -56,6 +73,8 @@ def main(argv=None) -> int:
     ap.add_argument("--set", action="append", default=[], metavar="KEY=JSON",
                     help="override a recipe setting, e.g. --set epochs=8")
     ap.add_argument("--out", help="keep the run folders under this folder (default: discard)")
+    ap.add_argument("--reference-epochs", type=int, default=1,
+                    help="epochs of the plain reference timed before each seed's run and after the last (0: none)")
     ap.add_argument("--json", help="also write the results as JSON to this file")
     args = ap.parse_args(argv)
     if args.threads:
@@ -72,9 +91,12 @@ def main(argv=None) -> int:
     print(f"# recipe {args.recipe}: model {cfg0.model}, {flops / 1e6:.1f} MFLOP forward per image, "
           f"{cfg0.epochs} epochs, overrides {overrides or 'none'}")
 
-    results = []
+    results, plain = [], []
     keep = Path(args.out) if args.out else None
-    for seed in range(args.first_seed, args.first_seed + args.seeds):
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    for seed in seeds:
+        if args.reference_epochs:
+            plain.append(plain_epoch(ds, args.reference_epochs, overrides["threads"], seed))
         cfg = make_config(args.recipe, seed=seed, **overrides)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -86,15 +108,26 @@ def main(argv=None) -> int:
         print(f"  seed {seed}: test accuracy {m['test_accuracy']:.4f}, {m['train_seconds']:.0f} s training",
               flush=True)
 
+    if args.reference_epochs:
+        plain.append(plain_epoch(ds, args.reference_epochs, overrides["threads"], seeds[-1] + 1))
     accs = [r["test_accuracy"] for r in results]
     secs = [r["train_seconds"] for r in results]
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0
+    load_end = hardware()["load_average"]
     print(f"\n# {args.recipe}: test accuracy {statistics.mean(accs) * 100:.2f}% ± {sd * 100:.2f} "
           f"[{min(accs) * 100:.2f}-{max(accs) * 100:.2f}] over {len(accs)} seed(s); "
-          f"{statistics.mean(secs):.0f} s training per run; load average at end {hardware()['load_average']}")
+          f"{statistics.mean(secs):.0f} s training per run; load average at end {load_end}")
+    if plain:
+        unit = statistics.mean(plain)
+        print(f"# {statistics.mean(secs) / unit:.1f} plain epochs per run ({min(secs) / unit:.1f} to "
+              f"{max(secs) / unit:.1f}) of the {unit:.1f} s measured between the runs ({min(plain):.1f} to "
+              f"{max(plain):.1f} s)")
     if args.json:
-        Path(args.json).write_text(json.dumps({"hardware": hw, "recipe": args.recipe, "overrides": overrides,
-                                               "results": results}, indent=1))
+        atomic.write_text(Path(args.json), json.dumps(
+            {"hardware": hw, "recipe": args.recipe, "model": cfg0.model, "epochs": cfg0.epochs,
+             "hard_fraction": cfg0.hard_fraction, "overrides": overrides, "load_average_end": load_end,
+             "command": command_line("best_accuracy.py", argv), "plain_epoch_seconds": plain,
+             "results": results}, indent=1))
     return 0
 
 

@@ -5,7 +5,9 @@ from __future__ import annotations
 
 import os
 import platform
+import shlex
 import statistics
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -62,6 +64,17 @@ def table(headers: list[str], rows: list[list], title: str | None = None) -> str
     line = lambda r: "| " + " | ".join(c.ljust(w) for c, w in zip(r, widths)) + " |"
     out = [f"\n{title}\n" if title else "", line(headers), "|" + "|".join("-" * (w + 2) for w in widths) + "|"]
     return "\n".join(out + [line(r) for r in cells])
+
+
+# Variables that hold the CPU's kernels below its best (oneDNN's, PyTorch's own, MKL's matrix products)
+LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
+
+
+def command_line(script: str, argv: list[str] | None) -> str:
+    """The command a benchmark ran as, for its JSON: any kernel limit set in the environment, then the
+    script and its arguments (argv None: the process's own)."""
+    limits = "".join(f"{k}={os.environ[k]} " for k in LIMITS if os.environ.get(k))
+    return f"{limits}python benchmarks/{script} " + shlex.join(argv if argv is not None else sys.argv[1:])
 
 
 def parse_overrides(items: list[str]) -> dict:

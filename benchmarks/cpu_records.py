@@ -1,7 +1,10 @@
-"""The per-CPU table of the README and docs/records.md, generated from time_to_accuracy.py's JSON.
+"""The per-CPU tables of the README and docs/records.md, generated from the benchmarks' JSON: `fast`
+from time_to_accuracy.py's, `best` from best_accuracy.py's.
 
     PYTHONPATH=src python benchmarks/time_to_accuracy.py --seeds 5 --reference-epochs 1 \
         --targets 0.9173 0.93 --also fast-93 --json benchmarks/results/time-to-accuracy-<kind>.json
+    PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 3 --threads 2 \
+        --json benchmarks/results/best-accuracy-<kind>.json
     python benchmarks/cpu_records.py              # rewrites the tables from benchmarks/results/*.json
     python benchmarks/cpu_records.py --check      # exit 1 when a table differs from what the files give
 
@@ -12,12 +15,17 @@ did). The time to a target stops the clock at the end of the first epoch that re
 run trains on to the end of its schedule, so the table also gives `fast`'s whole runs (what
 `fashionlab train --recipe fast` trains) and their accuracy at the end: a run stops early only once
 it reaches every target, 93% included, and then its row says so instead.
+
+The `best` table has one row per best_accuracy.py file: the net and schedule the recipe resolved to on
+that CPU, the test accuracy of each seed, and each run's training time in plain epochs of the
+reference timed between the runs, against the budget of 100.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import sys
 from pathlib import Path
 
@@ -29,8 +37,10 @@ from time_to_accuracy import (PLAIN, first_reaching, in_plain_epochs, mean_sd, p
 ROOT = Path(__file__).resolve().parents[1]
 RESULTS = ROOT / "benchmarks" / "results"
 PAGES = (ROOT / "README.md", ROOT / "docs" / "records.md")
-BEGIN, END = "<!-- cpu-records:begin -->", "<!-- cpu-records:end -->"
+FAST_MARKERS = ("<!-- cpu-records:begin -->", "<!-- cpu-records:end -->")
+BEST_MARKERS = ("<!-- best-records:begin -->", "<!-- best-records:end -->")
 TARGETS = (0.9173, 0.93)
+BUDGET = 100  # `best`'s budget, in plain epochs
 
 
 def schedules(results: dict, target: float, plain: float, nets: dict[str, str]) -> str:
@@ -77,37 +87,71 @@ def row(path: Path) -> list[str]:
             f"`{saved.get('command', '?')}`; load average {saved['load_average_end'][0]} at the end"]
 
 
+def best_row(path: Path) -> list[str]:
+    saved = json.loads(path.read_text())
+    hw, runs, plain = saved["hardware"], saved["results"], saved.get("plain_epoch_seconds")
+    if not plain:
+        raise SystemExit(f"{path}: no plain reference in this run, so no unit to state the budget in")
+    unit = statistics.mean(plain)
+    accuracy = [r["test_accuracy"] * 100 for r in runs]
+    seconds = [r["train_seconds"] for r in runs]
+    ratios = [t / unit for t in seconds]
+    within = sum(r <= BUDGET for r in ratios)
+    schedule = f"{saved['epochs']} epochs" + (f", the last {saved['epochs'] - 1} on the hardest "
+                                              f"{saved['hard_fraction']:.0%}" if saved["hard_fraction"] < 1 else "")
+    return [f"{hw['cpu']}, {hw['cores']} cores: {hw.get('cpu_kind', '?')}", str(hw["threads"]),
+            f"{unit:.1f} s ({min(plain):.1f} to {max(plain):.1f}, {len(plain)} timed)",
+            f"`{saved['model']}`, {schedule}",
+            f"{mean_sd(accuracy, 2)}% ({', '.join(f'{a:.2f}' for a in accuracy)})",
+            f"{mean_sd(ratios, 1)} ({mean_sd(seconds, 0)} s)", f"{within} of {len(runs)}", str(len(runs)),
+            f"`{saved['command']}`; load average {saved['load_average_end'][0]} at the end"]
+
+
+def markdown(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    return "\n".join(lines + ["| " + " | ".join(r) + " |" for r in rows])
+
+
 def table(files: list[Path]) -> str:
     head = ["CPU: kind, precision", "threads", "one plain epoch", "`fast` to 91.73%, in plain epochs (seconds)",
             "to 93%", "`fast`, a whole run (accuracy at the end)", "seeds", "command and load"]
-    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
-    lines += ["| " + " | ".join(row(f)) + " |" for f in files]
-    return "\n".join(lines)
+    return markdown(head, [row(f) for f in files])
 
 
-def rewrite(page: Path, text: str) -> str:
-    old = page.read_text()
-    if BEGIN not in old or END not in old:
-        raise SystemExit(f"{page}: no {BEGIN} ... {END} markers to write the table between")
-    head, rest = old.split(BEGIN, 1)
-    return head + BEGIN + "\n" + text + "\n" + END + rest.split(END, 1)[1]
+def best_table(files: list[Path]) -> str:
+    head = ["CPU: kind, precision", "threads", "one plain epoch (the runs' unit)", "`best` there: net, schedule",
+            "test accuracy (mean ± sd; each seed)", "training per run, in plain epochs (seconds)",
+            f"runs within {BUDGET} plain epochs", "seeds", "command and load"]
+    return markdown(head, [best_row(f) for f in files])
+
+
+def rewrite(page: Path, old: str, text: str, markers: tuple[str, str]) -> str:
+    """The page's text `old` with `text` between its two markers."""
+    begin, end = markers
+    if begin not in old or end not in old:
+        raise SystemExit(f"{page}: no {begin} ... {end} markers to write the table between")
+    head, rest = old.split(begin, 1)
+    return head + begin + "\n" + text + "\n" + end + rest.split(end, 1)[1]
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("files", nargs="*", type=Path, help="time_to_accuracy.py --json files (default: benchmarks/results)")
+    ap.add_argument("--results", type=Path, default=RESULTS,
+                    help="the folder of the benchmarks' --json files (default: benchmarks/results)")
     ap.add_argument("--check", action="store_true", help="change nothing; exit 1 when a page's table is stale")
     args = ap.parse_args(argv)
-    files = args.files or sorted(RESULTS.glob("time-to-accuracy-*.json"))
-    text = table(files)
+    tables = [(table(sorted(args.results.glob("time-to-accuracy-*.json"))), FAST_MARKERS),
+              (best_table(sorted(args.results.glob("best-accuracy-*.json"))), BEST_MARKERS)]
     stale = []
     for page in PAGES:
-        new = rewrite(page, text)
-        if new != page.read_text():
+        old = new = page.read_text()
+        for text, markers in tables:
+            new = rewrite(page, new, text, markers)
+        if new != old:
             stale.append(page)
             if not args.check:
                 atomic.write_text(page, new)
-    print(text)
+    print("\n\n".join(text for text, _ in tables))
     if args.check and stale:
         print(f"stale: {', '.join(map(str, stale))}; run python benchmarks/cpu_records.py", file=sys.stderr)
         return 1

@@ -24,7 +24,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shlex
 import statistics
 import sys
 import tempfile
@@ -34,7 +33,7 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from common import hardware, parse_overrides  # noqa: E402
+from common import command_line, hardware, parse_overrides  # noqa: E402
 from flops import forward_flops, host_matmul_rate  # noqa: E402
 
 from fashionlab import data, evaluate, models  # noqa: E402
@@ -46,8 +45,6 @@ from fashionlab.training import Callback  # noqa: E402
 DEFAULT_TARGETS = (0.90, 0.9173, 0.93, 0.94)
 REFERENCE = dict(model="cnn", optimizer="adam", lr=1e-3, batch_size=128, precision="fp32", epochs=15)
 PLAIN = "cnn (plain fp32 Adam)"
-# Variables that hold the CPU's kernels below its best (oneDNN's, PyTorch's own, MKL's matrix products)
-LIMITS = ("ONEDNN_MAX_CPU_ISA", "ATEN_CPU_CAPABILITY", "MKL_ENABLE_INSTRUCTIONS")
 
 
 WALL, CPU = 0, 1  # positions of the two clocks in a curve point (wall s, CPU s, test accuracy)
@@ -282,10 +279,7 @@ def main(argv=None) -> int:
         Path(args.json).write_text(json.dumps({"hardware": hw, "matmul_precision": kind, "matmul_flops_wall": wall_rate,
                                                "matmul_flops_per_cpu_s": rate, "targets": args.targets,
                                                "overrides": overrides, "models": nets, "load_average_end": load_end,
-                                               "command": "".join(f"{k}={os.environ[k]} " for k in LIMITS
-                                                                  if os.environ.get(k))
-                                                          + "python benchmarks/time_to_accuracy.py "
-                                                          + shlex.join(argv if argv is not None else sys.argv[1:]),
+                                               "command": command_line("time_to_accuracy.py", argv),
                                                "results": results}, indent=1))
     return 0
 

@@ -92,6 +92,7 @@ NOT_RUN = {
     ('records.md', 'PYTHONPATH=src python benchmarks/time_to_accuracy.py --seeds 3 --epochs 2 6 7'),
     ('records.md', 'PYTHONPATH=src python benchmarks/floor.py      # one thread, CPU seconds, synthetic batches'),
     ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 1 --first-seed 1 --threads 1'),
+    ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 3 --threads 2 --json benchmarks/results/best-accuracy-KIND.json'),
     ('records.md', 'ONEDNN_MAX_CPU_ISA=AVX2 ATEN_CPU_CAPABILITY=avx2 PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 1 --first-seed 4 --threads 2'),
     ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 1 --first-seed 1 --threads 1 --set \'model_args={"stem":16}\''),
     ('records.md', 'PYTHONPATH=src python benchmarks/best_accuracy.py --seeds 3 --out runs/best --set \'model_args={"stem":0}\''),

@@ -405,11 +405,12 @@ def test_tta_shift_setting_is_checked():
 
 def test_per_cpu_tables_are_generated_from_the_benchmark_results():
     """The README's and docs/records.md's per-CPU tables are what benchmarks/cpu_records.py makes of
-    the committed time_to_accuracy.py results (one file per CPU kind)."""
+    the committed time_to_accuracy.py and best_accuracy.py results (one file per CPU kind)."""
     import subprocess
     import sys
     from conftest import ROOT
     assert sorted((ROOT / "benchmarks" / "results").glob("time-to-accuracy-*.json"))
+    assert sorted((ROOT / "benchmarks" / "results").glob("best-accuracy-*.json"))
     proc = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "cpu_records.py"), "--check"],
                           capture_output=True, text=True, env={"PYTHONPATH": str(ROOT / "src"), "PATH": ""})
     assert proc.returncode == 0, proc.stdout + proc.stderr
@@ -456,3 +457,45 @@ def test_the_per_cpu_table_names_the_net_each_row_trained_where_its_file_says():
     for path in (ROOT / "benchmarks" / "results").glob("time-to-accuracy-*.json"):
         saved = json.loads(path.read_text())
         assert set(saved["models"]) == set(saved["results"]), path.name
+
+
+def _best_results(tmp_path, plain):
+    import json
+    saved = {"hardware": {"cpu": "Some CPU", "cores": 2, "threads": 2, "cpu_kind": "AVX2, fp32"},
+             "recipe": "best", "model": "best_slim", "epochs": 44, "hard_fraction": 0.5,
+             "load_average_end": [2.0, 2.0, 2.0], "command": "python benchmarks/best_accuracy.py --seeds 2",
+             "plain_epoch_seconds": plain,
+             "results": [{"seed": 0, "test_accuracy": 0.9520, "train_seconds": 1800.0},
+                         {"seed": 1, "test_accuracy": 0.9540, "train_seconds": 2200.0}]}
+    path = tmp_path / "best-accuracy-avx2.json"
+    path.write_text(json.dumps(saved))
+    return path
+
+
+def test_the_best_table_states_each_run_in_plain_epochs_timed_between_the_runs(tmp_path):
+    """`best`'s budget is 100 plain epochs: each run's training over the mean plain epoch of its file,
+    the runs over it counted; the net and schedule are those the recipe resolved to on that CPU."""
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cpu_records
+    row = cpu_records.best_row(_best_results(tmp_path, [19.0, 21.0]))
+    assert row[:4] == ["Some CPU, 2 cores: AVX2, fp32", "2", "20.0 s (19.0 to 21.0, 2 timed)",
+                       "`best_slim`, 44 epochs, the last 43 on the hardest 50%"]
+    assert row[4] == "95.30 ± 0.14% (95.20, 95.40)"
+    assert row[5] == "100.0 ± 14.1 (2000 ± 283 s)"  # 90 and 110 plain epochs
+    assert row[6] == "1 of 2"
+    with pytest.raises(SystemExit, match="best-accuracy-avx2.json: no plain reference"):
+        cpu_records.best_row(_best_results(tmp_path, []))
+
+
+def test_the_tables_go_between_their_own_markers_and_a_page_without_them_is_named(tmp_path):
+    import sys
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import cpu_records
+    page = "intro\n<!-- best-records:begin -->\nold\n<!-- best-records:end -->\nafter\n"
+    new = cpu_records.rewrite(tmp_path / "page.md", page, "| new |", cpu_records.BEST_MARKERS)
+    assert new == "intro\n<!-- best-records:begin -->\n| new |\n<!-- best-records:end -->\nafter\n"
+    with pytest.raises(SystemExit, match="page.md: no <!-- cpu-records:begin -->"):
+        cpu_records.rewrite(tmp_path / "page.md", page, "| new |", cpu_records.FAST_MARKERS)
