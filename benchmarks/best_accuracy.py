@@ -30,7 +30,7 @@ import torch
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import command_line, hardware, parse_overrides  # noqa: E402
 from flops import forward_flops  # noqa: E402
-from time_to_accuracy import REFERENCE  # noqa: E402
+from time_to_accuracy import reference_config  # noqa: E402
 
 from fashionlab import atomic, data, evaluate, models  # noqa: E402
 from fashionlab.config import make_config  # noqa: E402
@@ -57,7 +57,7 @@ class Progress(Callback):
 
 def plain_epoch(ds: data.Dataset, epochs: int, threads: int, seed: int) -> float:
     """Seconds of one plain reference epoch (training wall-clock, the mean over `epochs`)."""
-    cfg = make_config(**dict(REFERENCE, epochs=epochs, threads=threads), seed=seed, val_split=0.0)
+    cfg = reference_config(epochs, threads=threads, seed=seed)
     with tempfile.TemporaryDirectory() as tmp:
         m = train_run(cfg, Path(tmp) / "run", dataset=ds, quiet=True, calibrate=False).metrics
     print(f"  plain reference: {m['train_seconds'] / epochs:.1f} s an epoch", flush=True)
