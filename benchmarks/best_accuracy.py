@@ -110,6 +110,8 @@ def main(argv=None) -> int:
                         "wall_seconds": time.perf_counter() - t0})
         print(f"  seed {seed}: test accuracy {m['test_accuracy']:.4f} (flips only {progress.accuracy:.4f}), "
               f"{m['train_seconds']:.0f} s training", flush=True)
+        if args.json:  # after each seed, so that a long run stopped midway keeps the seeds it finished
+            write_json(Path(args.json), args, argv, hw, cfg0, overrides, plain, results)
 
     if args.reference_epochs:
         plain.append(plain_epoch(ds, args.reference_epochs, overrides["threads"], seeds[-1] + 1))
@@ -126,12 +128,17 @@ def main(argv=None) -> int:
               f"{max(secs) / unit:.1f}) of the {unit:.1f} s measured between the runs ({min(plain):.1f} to "
               f"{max(plain):.1f} s)")
     if args.json:
-        atomic.write_text(Path(args.json), json.dumps(
-            {"hardware": hw, "recipe": args.recipe, "model": cfg0.model, "epochs": cfg0.epochs,
-             "hard_fraction": cfg0.hard_fraction, "overrides": overrides, "load_average_end": load_end,
-             "command": command_line("best_accuracy.py", argv), "plain_epoch_seconds": plain,
-             "results": results}, indent=1))
+        write_json(Path(args.json), args, argv, hw, cfg0, overrides, plain, results)
     return 0
+
+
+def write_json(path: Path, args, argv, hw: dict, cfg0, overrides: dict, plain: list[float], results: list[dict]):
+    """The runs so far, with the load average now (at the end of the last one)."""
+    atomic.write_text(path, json.dumps(
+        {"hardware": hw, "recipe": args.recipe, "model": cfg0.model, "epochs": cfg0.epochs,
+         "hard_fraction": cfg0.hard_fraction, "resize_from": cfg0.resize_from, "overrides": overrides,
+         "load_average_end": hardware()["load_average"], "command": command_line("best_accuracy.py", argv),
+         "plain_epoch_seconds": plain, "results": results}, indent=1))
 
 
 if __name__ == "__main__":

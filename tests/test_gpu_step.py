@@ -88,7 +88,7 @@ def test_fast_93_trains_the_strided_valid_wide_net_for_two_more_epochs_where_the
      dict(model="fast_strided", epochs=4, hard_fraction=0.2),
      dict(model="fast_strided_valid_fixed", epochs=5, hard_fraction=0.25)),
     ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_strided_valid_wide")),
-    ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(model="best_slim", epochs=44)),
+    ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(model="best_slim", epochs=48, resize_from=20)),
 ])
 def test_amx_rule_changes_only_the_net_and_its_schedule_of_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):
     bf16 = config.make_config(recipe, device="cpu", precision="bf16").to_dict()

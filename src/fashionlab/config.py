@@ -120,6 +120,14 @@ class TrainConfig:
     schedule: str = setting("constant", "learning-rate schedule after warm-up", group="schedule", choices=SCHEDULES)
     warmup_epochs: float = setting(0.0, "epochs of linear warm-up (onecycle: a quarter of the run when 0)",
                                    group="schedule", check=lambda v: 0 <= v < math.inf, expected="a finite number >= 0")
+    resize_from: int = setting(0, "progressive resizing: the first epoch trains on images resized to PIXELS a side, "
+                               "growing to 28 by resize_until of the run; evaluation stays at 28 (0 = off; "
+                               "progressive.py)", group="schedule",
+                               check=lambda v: v == 0 or 8 <= v < 28,
+                               expected="0 (off) or an integer from 8 to 27 (pixels)", metavar="PIXELS")
+    resize_until: float = setting(0.75, "with resize_from: the fraction of the run by which the training images are "
+                                  "back to full size", group="schedule", check=lambda v: 0 < v <= 1,
+                                  expected="a fraction in (0, 1]", metavar="FRACTION")
     # ---- validation and early stopping
     val_split: float = setting(0.1, "fraction of training images held out for validation (stratified)",
                                group="validation", check=_fraction, expected="a fraction in [0, 1)")

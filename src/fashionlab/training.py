@@ -34,7 +34,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from . import __version__, checkpoint, data as data_mod, device as device_mod, evaluate, models
+from . import __version__, checkpoint, data as data_mod, device as device_mod, evaluate, models, progressive
 from .augment import Augment
 from .config import ConfigError, TrainConfig
 from .errors import TrainingInterrupted
@@ -201,6 +201,8 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # the fastest kernels for the few shapes a run uses
         split = split_data(cfg, dataset, rt.device)
         model, init_seconds = build_model(cfg, margs, split, rt, initialise=not resume)
+        if cfg.resize_from:
+            progressive.check_model(model, cfg.model, cfg.resize_from)
         optimizer = make_optimizer(model, cfg)
         return cls(cfg=cfg, folder=folder, dataset=dataset, runtime=rt, split=split, model_args=margs, model=model,
                    optimizer=optimizer, ema=EMA(model, cfg.ema) if cfg.ema else None,
@@ -220,6 +222,10 @@ class Trainer:
 
     def steps_in(self, epoch: int) -> int:
         return math.ceil(self.images_in(epoch) / self.cfg.batch_size)
+
+    def side_in(self, epoch: int) -> int:
+        """The side, in pixels, of the images epoch (0-based) trains on (progressive resizing)."""
+        return progressive.side_at(epoch, self.cfg.epochs, self.cfg.resize_from, self.cfg.resize_until)
 
     @property
     def total_steps(self) -> int:
@@ -264,6 +270,9 @@ class Trainer:
         """After the weights are final for the run (loaded on resume): the cache holds what the frozen
         stem computes from them."""
         if not self.cfg.cache_stem:
+            return
+        if self.cfg.resize_from:
+            self.log("frozen stem: not cached, progressive resizing changes the image before the stem")
             return
         self.cache, note = StemCache.for_run(self.model, self.augment, self.split.X, self.runtime)
         if self.cache:
@@ -321,12 +330,14 @@ class Trainer:
         bs = self.cfg.batch_size
         counts = {self.images_in(e) for e in range(self.cfg.epochs)}
         sizes = sorted(({min(bs, n) for n in counts} | {n % bs for n in counts}) - {0}, reverse=True)
+        sides = sorted({self.side_in(e) for e in range(self.state.epoch, self.cfg.epochs)}, reverse=True)
         repeats = 3 if self.cfg.compile and self.runtime.cuda_graphs else 1
         self.model.train()
         with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev], device_type=dev.type):
-            for n in sizes:
-                for _ in range(repeats):
-                    self._warm_up_step(torch.arange(n, device=dev))
+            for side in sides:
+                for n in sizes:
+                    for _ in range(repeats):
+                        self._warm_up_step(torch.arange(n, device=dev), side)
         with torch.no_grad():
             for b, saved in zip(self.model.buffers(), saved_buffers):
                 b.copy_(saved)
@@ -336,7 +347,7 @@ class Trainer:
             torch.cuda.synchronize()  # the queued warm-up kernels must not run inside the first timed step
         self.warmup_seconds = time.perf_counter() - t0
 
-    def _warm_up_step(self, idx: torch.Tensor) -> None:
+    def _warm_up_step(self, idx: torch.Tensor, side: int) -> None:
         """A training step's forward and backward on the batch at idx, as train_step runs them, without
         its side effects (see warm_up)."""
         rt = self.runtime
@@ -344,7 +355,7 @@ class Trainer:
             with rt.autocast(), torch.no_grad():
                 xb, forward = self.cache.run_stem(evaluate.to_input(self.split.X[idx], rt)), self.from_stem
         else:
-            xb, forward = self._batch(idx, torch.Generator(rt.random_device).manual_seed(0))
+            xb, forward = self._batch(idx, torch.Generator(rt.random_device).manual_seed(0), side)
         self._step_begin()
         with rt.autocast():
             out = forward(xb)
@@ -362,9 +373,9 @@ class Trainer:
             perm = self.hard.begin_epoch(epoch, perm)
         if self.cache and not self.cache.complete:  # the first epoch computes the frozen stem once per image
             self._fill_stem_cache(perm[first_step * self.cfg.batch_size:], g)
-        steps = self.steps_in(epoch)
+        steps, side = self.steps_in(epoch), self.side_in(epoch)
         for s in range(first_step, steps):
-            self.train_step(perm[s * self.cfg.batch_size:(s + 1) * self.cfg.batch_size], g, stats)
+            self.train_step(perm[s * self.cfg.batch_size:(s + 1) * self.cfg.batch_size], g, stats, side)
             self._emit("on_step", s, stats)
             if self.stop_signal.get("signum") and s < steps - 1:
                 self._stop_mid_epoch(epoch, s + 1, stats, t0, g)
@@ -401,12 +412,14 @@ class Trainer:
         self.state.partial = None
         return stats, p["step"]
 
-    def train_step(self, idx: torch.Tensor, g: torch.Generator, stats: EpochStats) -> None:
-        """Learning rate, batch, forward and backward (twice with SAM), optimiser step, EMA, running sums."""
+    def train_step(self, idx: torch.Tensor, g: torch.Generator, stats: EpochStats,
+                   side: int = progressive.FULL) -> None:
+        """Learning rate, batch (images `side` pixels a side), forward and backward (twice with SAM),
+        optimiser step, EMA, running sums."""
         cfg = self.cfg
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.state.step, self.total_steps, cfg, self.steps_per_epoch)
-        xb, forward = self._batch(idx, g)
+        xb, forward = self._batch(idx, g, side)
         yb = self.split.Y[idx]
 
         def logits_and_loss(record: bool = False):
@@ -444,14 +457,18 @@ class Trainer:
         if self.cfg.compile and self.runtime.cuda_graphs:
             torch.compiler.cudagraph_mark_step_begin()
 
-    def _batch(self, idx: torch.Tensor, g: torch.Generator) -> tuple[torch.Tensor, Callable]:
-        """The augmented batch and the forward that takes it (from the stem's cached output when cached)."""
+    def _batch(self, idx: torch.Tensor, g: torch.Generator,
+               side: int = progressive.FULL) -> tuple[torch.Tensor, Callable]:
+        """The augmented batch, resized to `side` pixels, and the forward that takes it (from the stem's
+        cached output when cached: a run that resizes has no cache)."""
         rt = self.runtime
         if self.cache:
             return self.cache.batch(idx, self.augment, g), self.from_stem
         xb = evaluate.to_input(self.split.X[idx])
         if self.augment.active:
             xb = self.augment(xb, g)
+        if side != xb.shape[-1]:
+            xb = progressive.resize(xb, side)
         if rt.channels_last:
             xb = xb.contiguous(memory_format=torch.channels_last)
         return xb, self.step_model
@@ -567,7 +584,15 @@ class Trainer:
         rt = self.runtime
         return (f"{self.cfg.model}: {models.count_params(self.model):,} parameters | {self.split.n:,} train / "
                 f"{self.split.n_val:,} val / {len(self.dataset.test_labels):,} test | {rt.device.type} {rt.precision}"
-                f"{' channels_last' if rt.channels_last else ''} | {torch.get_num_threads()} CPU threads")
+                f"{' channels_last' if rt.channels_last else ''} | {torch.get_num_threads()} CPU threads"
+                f"{self._resizing_note()}")
+
+    def _resizing_note(self) -> str:
+        cfg = self.cfg
+        if not cfg.resize_from:
+            return ""
+        return (f" | training images {cfg.resize_from} px at epoch 1, {progressive.FULL} px from epoch "
+                f"{progressive.full_from(cfg.epochs, cfg.resize_until) + 1}")
 
     def _emit(self, event: str, *args) -> None:
         for cb in self.callbacks:
@@ -600,6 +625,9 @@ def _compiled(fn: Callable, cfg: TrainConfig, rt: device_mod.Runtime) -> Callabl
     parameters; evaluation and checkpoints use the plain model."""
     if not cfg.compile:
         return fn
+    if cfg.resize_from:  # one graph per side and batch size: more than dynamo's default limit of 8
+        shapes = 2 * len(set(progressive.sides(cfg.epochs, cfg.resize_from, cfg.resize_until)))
+        torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
     return torch.compile(fn, mode="reduce-overhead" if rt.cuda_graphs else None)
 
 
