@@ -39,14 +39,19 @@ from fashionlab.training import Callback  # noqa: E402
 
 
 class Progress(Callback):
-    """Test accuracy after each epoch, for watching a long run (not the reported score)."""
+    """Test accuracy after the last epoch and every `every` epochs (0: the last alone), for watching a
+    long run (not the reported score). Outside the timed part of an epoch; it changes nothing of the run."""
 
-    def __init__(self, test_x, test_y, seed: int):
-        self.test_x, self.test_y, self.seed = test_x, test_y, seed
+    def __init__(self, test_x, test_y, seed: int, every: int = 0):
+        self.test_x, self.test_y, self.seed, self.every = test_x, test_y, seed, every
         self.accuracy: float | None = None  # after the last epoch: the score with flips alone, no moves
 
     def on_epoch_end(self, trainer, row) -> None:
         cfg = trainer.cfg
+        if row["epoch"] < cfg.epochs and not (self.every and row["epoch"] % self.every == 0):
+            print(f"    seed {self.seed} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
+                  f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+            return
         # Flips alone: the recipe's 1- and 2-pixel moves would make this 9x dearer, about an epoch of
         # training each time for `best`. The reported score uses the full setting.
         logits = evaluate.predict_logits(trainer.eval_model(), self.test_x, trainer.runtime, cfg.eval_batch_size,
@@ -77,7 +82,14 @@ def main(argv=None) -> int:
     ap.add_argument("--reference-epochs", type=int, default=1,
                     help="epochs of the plain reference timed before each seed's run and after the last (0: none)")
     ap.add_argument("--json", help="also write the results as JSON to this file")
+    ap.add_argument("--append", action="store_true",
+                    help="add these seeds to those already in the --json file (same recipe, settings and CPU)")
+    ap.add_argument("--watch-every", type=int, default=0, metavar="N",
+                    help="also score the test set with flips alone every N epochs, to watch the run (0: after "
+                         "the last epoch only; for `best` each costs about a fifth of an epoch)")
     args = ap.parse_args(argv)
+    if args.append and not args.json:
+        ap.error("--append adds to the --json file: name it")
     if args.threads:
         torch.set_num_threads(args.threads)
     overrides = {"threads": torch.get_num_threads(), **parse_overrides(args.set)}  # one thread count for every run
@@ -92,9 +104,10 @@ def main(argv=None) -> int:
     print(f"# recipe {args.recipe}: model {cfg0.model}, {flops / 1e6:.1f} MFLOP forward per image, "
           f"{cfg0.epochs} epochs, overrides {overrides or 'none'}")
 
+    seeds = range(args.first_seed, args.first_seed + args.seeds)
+    earlier = earlier_runs(Path(args.json), args.recipe, cfg0, overrides, hw, seeds) if args.append else None
     results, plain = [], []
     keep = Path(args.out) if args.out else None
-    seeds = range(args.first_seed, args.first_seed + args.seeds)
     for seed in seeds:
         if args.reference_epochs:
             plain.append(plain_epoch(ds, args.reference_epochs, overrides["threads"], seed))
@@ -102,7 +115,7 @@ def main(argv=None) -> int:
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
             run_dir = (keep / f"seed{seed}") if keep else Path(tmp) / "run"
-            progress = Progress(test_x, test_y, seed)
+            progress = Progress(test_x, test_y, seed, args.watch_every)
             m = train_run(cfg, run_dir, dataset=ds, quiet=True, callbacks=[progress],
                           calibrate=keep is not None).metrics  # a kept run is a whole run
         results.append({"seed": seed, "test_accuracy": m["test_accuracy"],
@@ -111,7 +124,7 @@ def main(argv=None) -> int:
         print(f"  seed {seed}: test accuracy {m['test_accuracy']:.4f} (flips only {progress.accuracy:.4f}), "
               f"{m['train_seconds']:.0f} s training", flush=True)
         if args.json:  # after each seed, so that a long run stopped midway keeps the seeds it finished
-            write_json(Path(args.json), args, argv, hw, cfg0, overrides, plain, results)
+            write_json(Path(args.json), args, argv, hw, cfg0, overrides, plain, results, earlier)
 
     if args.reference_epochs:
         plain.append(plain_epoch(ds, args.reference_epochs, overrides["threads"], seeds[-1] + 1))
@@ -128,16 +141,47 @@ def main(argv=None) -> int:
               f"{max(secs) / unit:.1f}) of the {unit:.1f} s measured between the runs ({min(plain):.1f} to "
               f"{max(plain):.1f} s)")
     if args.json:
-        write_json(Path(args.json), args, argv, hw, cfg0, overrides, plain, results)
+        write_json(Path(args.json), args, argv, hw, cfg0, overrides, plain, results, earlier)
     return 0
 
 
-def write_json(path: Path, args, argv, hw: dict, cfg0, overrides: dict, plain: list[float], results: list[dict]):
-    """The runs so far, with the load average now (at the end of the last one)."""
+def described(recipe: str, cfg0, overrides: dict, hw: dict) -> dict:
+    """What makes two files' runs one set: the recipe as it resolved, its overrides and the CPU."""
+    return {"recipe": recipe, "model": cfg0.model, "epochs": cfg0.epochs, "hard_fraction": cfg0.hard_fraction,
+            "resize_from": cfg0.resize_from, "overrides": overrides, "cpu": hw["cpu"], "cpu_kind": hw["cpu_kind"],
+            "threads": hw["threads"]}
+
+
+def earlier_runs(path: Path, recipe: str, cfg0, overrides: dict, hw: dict, seeds: range) -> dict:
+    """The --json file's runs, to append to: the same recipe, settings and CPU, none of these seeds."""
+    try:
+        saved = json.loads(path.read_text())
+        theirs = described(saved["recipe"], argparse.Namespace(**{k: saved.get(k, 0) for k in (
+            "model", "epochs", "hard_fraction", "resize_from")}), saved["overrides"], saved["hardware"])
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"{path}: no earlier results to append to ({e})") from None
+    ours = described(recipe, cfg0, overrides, hw)
+    differ = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
+    if differ:
+        raise SystemExit(f"{path}: its runs differ from these in {differ} (theirs, these): write another file")
+    again = sorted({r["seed"] for r in saved["results"]} & set(seeds))
+    if again:
+        raise SystemExit(f"{path}: already holds seed(s) {again}")
+    return saved
+
+
+def write_json(path: Path, args, argv, hw: dict, cfg0, overrides: dict, plain: list[float], results: list[dict],
+               earlier: dict | None = None):
+    """The runs so far (after those of the file appended to), with the load average now."""
+    command = command_line("best_accuracy.py", argv)
+    if earlier:
+        done = [r["seed"] for r in earlier["results"]]
+        command = f"{earlier['command']} ({'seeds' if len(done) > 1 else 'seed'} {', '.join(map(str, done))}), then {command}"
+        plain, results = earlier["plain_epoch_seconds"] + plain, earlier["results"] + results
     atomic.write_text(path, json.dumps(
         {"hardware": hw, "recipe": args.recipe, "model": cfg0.model, "epochs": cfg0.epochs,
          "hard_fraction": cfg0.hard_fraction, "resize_from": cfg0.resize_from, "overrides": overrides,
-         "load_average_end": hardware()["load_average"], "command": command_line("best_accuracy.py", argv),
+         "load_average_end": hardware()["load_average"], "command": command,
          "plain_epoch_seconds": plain, "results": results}, indent=1))
 
 

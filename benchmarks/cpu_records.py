@@ -99,6 +99,8 @@ def best_row(path: Path) -> list[str]:
     within = sum(r <= BUDGET for r in ratios)
     schedule = f"{saved['epochs']} epochs" + (f", the last {saved['epochs'] - 1} on the hardest "
                                               f"{saved['hard_fraction']:.0%}" if saved["hard_fraction"] < 1 else "")
+    if saved.get("resize_from"):  # absent from files written before progressive resizing: off
+        schedule += f", training images from {saved['resize_from']} pixels a side"
     return [f"{hw['cpu']}, {hw['cores']} cores: {hw.get('cpu_kind', '?')}", str(hw["threads"]),
             f"{unit:.1f} s ({min(plain):.1f} to {max(plain):.1f}, {len(plain)} timed)",
             f"`{saved['model']}`, {schedule}",

@@ -459,14 +459,14 @@ def test_the_per_cpu_table_names_the_net_each_row_trained_where_its_file_says():
         assert set(saved["models"]) == set(saved["results"]), path.name
 
 
-def _best_results(tmp_path, plain):
+def _best_results(tmp_path, plain, **more):
     import json
     saved = {"hardware": {"cpu": "Some CPU", "cores": 2, "threads": 2, "cpu_kind": "AVX2, fp32"},
              "recipe": "best", "model": "best_slim", "epochs": 44, "hard_fraction": 0.5,
              "load_average_end": [2.0, 2.0, 2.0], "command": "python benchmarks/best_accuracy.py --seeds 2",
              "plain_epoch_seconds": plain,
              "results": [{"seed": 0, "test_accuracy": 0.9520, "train_seconds": 1800.0},
-                         {"seed": 1, "test_accuracy": 0.9540, "train_seconds": 2200.0}]}
+                         {"seed": 1, "test_accuracy": 0.9540, "train_seconds": 2200.0}], **more}
     path = tmp_path / "best-accuracy-avx2.json"
     path.write_text(json.dumps(saved))
     return path
@@ -487,6 +487,9 @@ def test_the_best_table_states_each_run_in_plain_epochs_timed_between_the_runs(t
     assert row[6] == "1 of 2"
     with pytest.raises(SystemExit, match="best-accuracy-avx2.json: no plain reference"):
         cpu_records.best_row(_best_results(tmp_path, []))
+    resized = _best_results(tmp_path, [20.0], resize_from=20)
+    assert cpu_records.best_row(resized)[3] == ("`best_slim`, 44 epochs, the last 43 on the hardest 50%, "
+                                                "training images from 20 pixels a side")
 
 
 def test_the_tables_go_between_their_own_markers_and_a_page_without_them_is_named(tmp_path):
