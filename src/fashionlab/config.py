@@ -201,7 +201,15 @@ class TrainConfig:
             _check_field(f, getattr(self, f.name))
         if self.patience is not None and self.val_split == 0:
             raise ConfigError("patience (early stopping) needs a validation split: set val_split > 0")
-        check_model_args(self.model, self.model_args, len(self.class_names) if self.class_names else 10)
+        classes = len(self.class_names) if self.class_names else 10
+        check_model_args(self.model, self.model_args, classes)
+        if self.resize_from:  # progressive resizing: the model must take the smallest side too
+            margs = self.model_args if classes == 10 else {"num_classes": classes, **self.model_args}
+            problem = _build_problem(self.model, margs, classes, self.resize_from)
+            if problem:
+                raise ConfigError(f"resize_from={self.resize_from}: model {self.model!r} does not take "
+                                  f"{self.resize_from}x{self.resize_from} images ({problem}); progressive resizing "
+                                  f"needs a model that pools over the whole image, such as the `best` nets")
         if self.device != "auto":
             device_mod.resolve_device(self.device)  # raises when that device is not there
         return self
@@ -338,15 +346,16 @@ def _kind_of(default: Any) -> tuple[Callable[[Any], bool], str] | None:
 _PLURALS = {"an integer": "integers", "a number": "numbers", "a string": "strings"}
 
 
-def _build_problem(model: str, margs: dict[str, Any], classes: int) -> str | None:
-    """Why the model with these arguments cannot be trained on `classes` classes, or None."""
+def _build_problem(model: str, margs: dict[str, Any], classes: int, side: int | None = None) -> str | None:
+    """Why the model with these arguments cannot be trained on `classes` classes (on images `side`
+    pixels square, when given), or None."""
     from . import models
     from .models._registry import meta_model
     spec = models.model_spec(model, **margs)
     try:
         with warnings.catch_warnings():  # torch's notes on zero-sized meta tensors: the error below says it better
             warnings.simplefilter("ignore")
-            _, outputs = meta_model(spec["family"], spec["kwargs"])
+            _, outputs = meta_model(spec["family"], spec["kwargs"], *([side] if side else []))
     except ValueError as e:
         return str(e)
     if outputs != classes:

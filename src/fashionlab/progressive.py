@@ -14,7 +14,8 @@ it is rounded to an even number of pixels: a run meets at most a handful of shap
 BatchNorm's recomputed statistics and every later use of the model see full-size images only.
 
 Only models that pool over the whole image before their classifier take smaller images; a model that
-flattens a fixed-size feature map (the dense net, the LSTM over rows) is refused with its name.
+flattens a fixed-size feature map (the dense net, the LSTM over rows) is refused by name when the
+settings are checked (TrainConfig.validate), before any data is read.
 """
 
 from __future__ import annotations
@@ -23,7 +24,6 @@ import torch
 import torch.nn.functional as F
 
 from .data import IMAGE_SHAPE
-from .config import ConfigError
 
 FULL = IMAGE_SHAPE[0]  # images are square: 28 pixels a side
 
@@ -53,22 +53,3 @@ def sides(epochs: int, start: int, until: float) -> list[int]:
 def resize(batch: torch.Tensor, side: int) -> torch.Tensor:
     """The (N, C, H, W) batch at side x side pixels: bilinear, antialiased when it shrinks."""
     return F.interpolate(batch, size=(side, side), mode="bilinear", align_corners=False, antialias=True)
-
-
-def check_model(model: torch.nn.Module, model_name: str, start: int) -> None:
-    """ConfigError naming the model when it does not classify images of `start` pixels a side."""
-    device = next(model.parameters()).device
-    was = model.training
-    model.eval()  # no BatchNorm statistics change
-    try:
-        with torch.no_grad():
-            out = model(torch.zeros(1, 1, start, start, device=device))
-        problem = None if out.dim() == 2 and out.shape[0] == 1 else f"its output has the shape {tuple(out.shape)}"
-    except (RuntimeError, ValueError) as e:
-        problem = str(e).splitlines()[0]
-    finally:
-        model.train(was)
-    if problem:
-        raise ConfigError(f"resize_from={start}: model {model_name!r} does not take {start}x{start} images "
-                        f"({problem}); progressive resizing needs a model that pools over the whole image, "
-                        f"such as the `best` nets")

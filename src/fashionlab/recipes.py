@@ -218,8 +218,8 @@ register(Recipe(
     "next 47 on the hardest half of them (hard_fraction), label smoothing, random crop and flip, test-time "
     "augmentation over mirror images and 1- and 2-pixel moves, a fixed number of epochs (no selection on "
     "the test set). On a CPU with AMX: 80 epochs. On a CPU that trains in fp32: best_slim (16, 96, 192) for 48 "
-    "epochs with progressive resizing (training images from 20 pixels at the first epoch to 28 by three quarters "
-    "of the run), inside the same budget of 100 plain epochs.",
+    "epochs with progressive resizing (training images from 20 pixels a side at the first epoch to 28 from the "
+    "33rd), inside the same budget of 100 plain epochs.",
     dict(model="best", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.0, weight_decay=2.5e-4, batch_size=256,
          schedule="onecycle", label_smoothing=0.1, epochs=48, hard_fraction=0.5, augment={"flip": 0.5, "crop": 2},
          tta_flip=True, tta_shift=2, val_split=0.0),

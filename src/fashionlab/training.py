@@ -201,8 +201,6 @@ class Trainer:
             torch.backends.cudnn.benchmark = True  # the fastest kernels for the few shapes a run uses
         split = split_data(cfg, dataset, rt.device)
         model, init_seconds = build_model(cfg, margs, split, rt, initialise=not resume)
-        if cfg.resize_from:
-            progressive.check_model(model, cfg.model, cfg.resize_from)
         optimizer = make_optimizer(model, cfg)
         return cls(cfg=cfg, folder=folder, dataset=dataset, runtime=rt, split=split, model_args=margs, model=model,
                    optimizer=optimizer, ema=EMA(model, cfg.ema) if cfg.ema else None,
@@ -591,8 +589,8 @@ class Trainer:
         cfg = self.cfg
         if not cfg.resize_from:
             return ""
-        return (f" | training images {cfg.resize_from} px at epoch 1, {progressive.FULL} px from epoch "
-                f"{progressive.full_from(cfg.epochs, cfg.resize_until) + 1}")
+        sides = progressive.sides(cfg.epochs, cfg.resize_from, cfg.resize_until)
+        return f" | training images {sides[0]} px at epoch 1, {sides[-1]} px from epoch {sides.index(sides[-1]) + 1}"
 
     def _emit(self, event: str, *args) -> None:
         for cb in self.callbacks:
@@ -625,8 +623,9 @@ def _compiled(fn: Callable, cfg: TrainConfig, rt: device_mod.Runtime) -> Callabl
     parameters; evaluation and checkpoints use the plain model."""
     if not cfg.compile:
         return fn
-    if cfg.resize_from:  # one graph per side and batch size: more than dynamo's default limit of 8
-        shapes = 2 * len(set(progressive.sides(cfg.epochs, cfg.resize_from, cfg.resize_until)))
+    if cfg.resize_from:  # a graph per side and batch size (a full batch, the last of a full and of a hard
+        # epoch): more than dynamo's default limit of 8, past which it would run the step uncompiled
+        shapes = 3 * len(set(progressive.sides(cfg.epochs, cfg.resize_from, cfg.resize_until)))
         torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, shapes)
     return torch.compile(fn, mode="reduce-overhead" if rt.cuda_graphs else None)
 

@@ -84,23 +84,24 @@ MAX_LAYER_VALUES = 16_000_000  # one layer's output for one image: 64 MB in floa
 IMAGE_SHAPE = (1, 28, 28)  # what every model takes per image
 
 
-def meta_model(family: str, kwargs: dict[str, Any]) -> tuple[nn.Module, int]:
+def meta_model(family: str, kwargs: dict[str, Any], side: int = IMAGE_SHAPE[0]) -> tuple[nn.Module, int]:
     """Build a description on torch's meta device (shapes and dtypes only: no memory, no initialisation)
-    and run an empty batch of images through a copy of it. Returns the meta model and its number of
-    outputs (classes); ValueError when it cannot be built or run, or exceeds the limits above, with the
-    figure that does."""
+    and run an empty batch of images (`side` pixels square: smaller for progressive resizing) through a
+    copy of it. Returns the meta model and its number of outputs (classes); ValueError when it cannot be
+    built or run, or exceeds the limits above, with the figure that does."""
     with _tensor_budget(MAX_PARAM_TENSORS), torch.device("meta"):
         model = build_from_spec(family, kwargs)
     params = count_params(model)
     if params > MAX_PARAMS:
         raise ValueError(f"{params:,} parameters; the limit is {MAX_PARAMS:,}")
-    (values, layer), out = _probe(_hollow_copy(model))
+    shape = (side, side)
+    (values, layer), out = _probe(_hollow_copy(model), shape)
     if values > MAX_LAYER_VALUES:
         raise ValueError(f"layer {layer or 'output'} gives {values:,} values per image; the limit is "
                          f"{MAX_LAYER_VALUES:,}")
     if not isinstance(out, torch.Tensor) or out.dim() != 2:
-        shape = ["N", *out.shape[1:]] if isinstance(out, torch.Tensor) else type(out).__name__
-        raise ValueError(f"gives {shape} for images of shape [N, {', '.join(map(str, IMAGE_SHAPE))}]; "
+        got = ["N", *out.shape[1:]] if isinstance(out, torch.Tensor) else type(out).__name__
+        raise ValueError(f"gives {got} for images of shape [N, {', '.join(map(str, shape))}]; "
                          f"expected logits of shape [N, classes]")
     return model, int(out.shape[1])
 
@@ -121,7 +122,7 @@ def _hollow_copy(model: nn.Module) -> nn.Module:
     return twin
 
 
-def _probe(model: nn.Module) -> tuple[tuple[int, str], Any]:
+def _probe(model: nn.Module, shape: tuple[int, int]) -> tuple[tuple[int, str], Any]:
     """An empty batch through the model: every layer's output shape without computing anything. Returns
     the largest layer output per image (values, layer name) and the model's output."""
     largest = [(0, "")]
@@ -136,9 +137,9 @@ def _probe(model: nn.Module) -> tuple[tuple[int, str], Any]:
     handles = [m.register_forward_hook(record(name)) for name, m in model.named_modules()]
     try:
         with torch.no_grad():
-            out = model.eval()(torch.zeros((0, *IMAGE_SHAPE)))
+            out = model.eval()(torch.zeros((0, *shape)))
     except Exception as e:  # e.g. a kernel larger than what is left of the image
-        raise ValueError(f"cannot classify images of shape [N, {', '.join(map(str, IMAGE_SHAPE))}]: {e}") from None
+        raise ValueError(f"cannot classify images of shape [N, {', '.join(map(str, shape))}]: {e}") from None
     finally:
         for h in handles:
             h.remove()
