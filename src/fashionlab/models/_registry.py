@@ -84,7 +84,7 @@ MAX_LAYER_VALUES = 16_000_000  # one layer's output for one image: 64 MB in floa
 IMAGE_SHAPE = (1, 28, 28)  # what every model takes per image
 
 
-def meta_model(family: str, kwargs: dict[str, Any], side: int = IMAGE_SHAPE[0]) -> tuple[nn.Module, int]:
+def meta_model(family: str, kwargs: dict[str, Any], side: int = IMAGE_SHAPE[-1]) -> tuple[nn.Module, int]:
     """Build a description on torch's meta device (shapes and dtypes only: no memory, no initialisation)
     and run an empty batch of images (`side` pixels square: smaller for progressive resizing) through a
     copy of it. Returns the meta model and its number of outputs (classes); ValueError when it cannot be
@@ -94,7 +94,7 @@ def meta_model(family: str, kwargs: dict[str, Any], side: int = IMAGE_SHAPE[0]) 
     params = count_params(model)
     if params > MAX_PARAMS:
         raise ValueError(f"{params:,} parameters; the limit is {MAX_PARAMS:,}")
-    shape = (side, side)
+    shape = (IMAGE_SHAPE[0], side, side)
     (values, layer), out = _probe(_hollow_copy(model), shape)
     if values > MAX_LAYER_VALUES:
         raise ValueError(f"layer {layer or 'output'} gives {values:,} values per image; the limit is "
@@ -122,7 +122,7 @@ def _hollow_copy(model: nn.Module) -> nn.Module:
     return twin
 
 
-def _probe(model: nn.Module, shape: tuple[int, int]) -> tuple[tuple[int, str], Any]:
+def _probe(model: nn.Module, shape: tuple[int, int, int]) -> tuple[tuple[int, str], Any]:
     """An empty batch through the model: every layer's output shape without computing anything. Returns
     the largest layer output per image (values, layer name) and the model's output."""
     largest = [(0, "")]
