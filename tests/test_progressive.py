@@ -136,13 +136,9 @@ def test_resizing_changes_the_run_and_off_is_the_plain_run(tmp_path):
     assert off["test_loss"] == plain["test_loss"] and on["test_loss"] != plain["test_loss"]
 
 
-def test_compiling_allows_a_graph_per_side_and_batch_size(monkeypatch):
-    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)
-    cfg = config.make_config(model="fast", epochs=48, resize_from=10, compile=True)
-    training._compiled(lambda x: x, cfg, _cpu_runtime())
-    assert torch._dynamo.config.recompile_limit >= 3 * len(set(progressive.sides(48, 10, 0.75))) == 30
-
-
-def _cpu_runtime():
+def test_compiling_allows_a_graph_per_side_and_batch_size():
     from fashionlab import device
-    return device.resolve("cpu", "fp32", conv_model=True)
+    cfg = config.make_config(model="fast", epochs=48, resize_from=10, compile=True)
+    with torch._dynamo.config.patch(recompile_limit=8):  # put back afterwards: the limit is process-wide
+        training._compiled(lambda x: x, cfg, device.resolve("cpu", "fp32", conv_model=True))
+        assert torch._dynamo.config.recompile_limit >= 3 * len(set(progressive.sides(48, 10, 0.75))) == 30

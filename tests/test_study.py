@@ -221,9 +221,9 @@ def test_the_warm_up_is_timed_apart_before_the_first_epoch(tmp_path, monkeypatch
     events = []
     original = Trainer._warm_up_step
 
-    def slow_first_call(self, idx):
+    def slow_first_call(self, idx, side):
         time.sleep(1.0)
-        original(self, idx)
+        original(self, idx, side)
         events.append(("warm-up step", len(idx)))
 
     class Events(Callback):
