@@ -173,10 +173,11 @@ def earlier_runs(path: Path, recipe: str, cfg0, overrides: dict, hw: dict, seeds
 def write_json(path: Path, args, argv, hw: dict, cfg0, overrides: dict, plain: list[float], results: list[dict],
                earlier: dict | None = None):
     """The runs so far (after those of the file appended to), with the load average now."""
-    command = command_line("best_accuracy.py", argv)
+    done = [str(r["seed"]) for r in results]  # each command names the seeds it ran
+    command = command_line("best_accuracy.py", argv) + (
+        f" ({'seeds' if len(done) > 1 else 'seed'} {', '.join(done)})" if done else "")
     if earlier:
-        done = [r["seed"] for r in earlier["results"]]
-        command = f"{earlier['command']} ({'seeds' if len(done) > 1 else 'seed'} {', '.join(map(str, done))}), then {command}"
+        command = f"{earlier['command']}, then {command}"
         plain, results = earlier["plain_epoch_seconds"] + plain, earlier["results"] + results
     atomic.write_text(path, json.dumps(
         {"hardware": hw, "recipe": args.recipe, "model": cfg0.model, "epochs": cfg0.epochs,

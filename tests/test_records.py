@@ -502,3 +502,35 @@ def test_the_tables_go_between_their_own_markers_and_a_page_without_them_is_name
     assert new == "intro\n<!-- best-records:begin -->\n| new |\n<!-- best-records:end -->\nafter\n"
     with pytest.raises(SystemExit, match="page.md: no <!-- cpu-records:begin -->"):
         cpu_records.rewrite(tmp_path / "page.md", page, "| new |", cpu_records.FAST_MARKERS)
+
+
+def test_best_accuracy_appends_seeds_to_its_file_and_refuses_other_runs(tmp_path):
+    """A long benchmark run in parts: --append adds seeds to the file's, each command naming its own seeds;
+    a file of other settings, or one holding a seed again, is refused by name."""
+    import json
+    import sys
+    from argparse import Namespace
+    from conftest import ROOT
+    sys.path.insert(0, str(ROOT / "benchmarks"))
+    import best_accuracy
+    cfg0 = config.make_config("best", epochs=2)
+    hw = {"cpu": "Some CPU", "cpu_kind": "AVX2, fp32", "threads": 2, "load_average": [1.0, 1.0, 1.0]}
+    path, threads = tmp_path / "best.json", {"threads": 2}
+
+    def run(seed):
+        return {"seed": seed, "test_accuracy": 0.95, "train_seconds": 100.0 + seed}
+
+    best_accuracy.write_json(path, Namespace(recipe="best"), ["--seeds", "1"], hw, cfg0, threads, [20.0], [run(0)])
+    earlier = best_accuracy.earlier_runs(path, "best", cfg0, threads, hw, range(1, 3))
+    best_accuracy.write_json(path, Namespace(recipe="best"), ["--seeds", "2", "--first-seed", "1", "--append"], hw,
+                             cfg0, threads, [21.0, 22.0], [run(1), run(2)], earlier)
+    saved = json.loads(path.read_text())
+    assert [r["seed"] for r in saved["results"]] == [0, 1, 2] and saved["plain_epoch_seconds"] == [20.0, 21.0, 22.0]
+    assert saved["command"] == ("python benchmarks/best_accuracy.py --seeds 1 (seed 0), then python "
+                                "benchmarks/best_accuracy.py --seeds 2 --first-seed 1 --append (seeds 1, 2)")
+    with pytest.raises(SystemExit, match=r"already holds seed\(s\) \[2\]"):
+        best_accuracy.earlier_runs(path, "best", cfg0, threads, hw, range(2, 4))
+    with pytest.raises(SystemExit, match="differ from these in .*'epochs': \\(2, 3\\)"):
+        best_accuracy.earlier_runs(path, "best", config.make_config("best", epochs=3), threads, hw, range(3, 4))
+    with pytest.raises(SystemExit, match="missing.json: no earlier results to append to"):
+        best_accuracy.earlier_runs(tmp_path / "missing.json", "best", cfg0, threads, hw, range(3, 4))

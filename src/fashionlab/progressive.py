@@ -4,7 +4,8 @@ A convolution's work grows with the image's area, so an epoch at 20 pixels costs
 28 (20² / 28² = 0.51). The early epochs learn coarse shapes, which smaller images still show; the late
 ones, at the learning rate's low end, fit the details at the size the model is evaluated at. The side
 grows linearly from `start` pixels at the first epoch to full size at fraction `until` of the run,
-and stays there (EfficientNetV2's progressive learning and FFCV's ResNet recipes grow it the same way).
+and stays there (EfficientNetV2's progressive learning and FFCV's ResNet recipes grow the image size
+over training too).
 
 Each training batch is resized after augmentation, bilinearly with antialiasing (a smaller image
 averages the pixels it covers, as a photo taken from farther away would, instead of dropping rows).

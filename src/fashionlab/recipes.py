@@ -235,8 +235,9 @@ register(Recipe(
     # In fp32 the convolutions take most of an epoch: with AVX2 kernels the recipe's 48 epochs took about
     # 147 plain epochs, over the budget of 100; best_slim (16-96-192, 40.5 against 65.9 MFLOP) takes 23 s a
     # hard epoch against 35, so 44 of its epochs took about 90. Progressive resizing (resize_from) halves the
-    # cost of the early epochs (an epoch at 20 pixels is half of one at 28): 48 epochs took 73 plain ones on
-    # an AVX2-only CPU, and reached 95.51% on seed 0 where the 44 at full size reached 94.99% (docs/records.md).
+    # cost of the early epochs (an epoch at 20 pixels is half of one at 28): on an AVX2-only CPU 48 epochs
+    # reached 95.24% over seeds 0 to 4 in 60 to 73 plain epochs, where the 44 at full size reached 95.13% over
+    # seeds 0 to 2 in 72 to 75 (docs/records.md).
     on_device={"cuda": dict(model="wrn16_4", epochs=64, hard_fraction=1.0), "cpu-amx": dict(epochs=80),
                "cpu-fp32": dict(model="best_slim", epochs=48, resize_from=20)},
 ))
