@@ -47,18 +47,20 @@ class Progress(Callback):
         self.accuracy: float | None = None  # after the last epoch: the score with flips alone, no moves
 
     def on_epoch_end(self, trainer, row) -> None:
-        cfg = trainer.cfg
-        if row["epoch"] < cfg.epochs and not (self.every and row["epoch"] % self.every == 0):
-            print(f"    seed {self.seed} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-                  f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
-            return
+        epoch, epochs = row["epoch"], trainer.cfg.epochs
+        scored = epoch == epochs or (self.every and epoch % self.every == 0)
+        test = f"test {self._score(trainer):.4f} " if scored else ""
+        print(f"    seed {self.seed} epoch {epoch}/{epochs}: train loss {row['train_loss']:.4f} {test}"
+              f"({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+
+    def _score(self, trainer) -> float:
         # Flips alone: the recipe's 1- and 2-pixel moves would make this 9x dearer, about an epoch of
         # training each time for `best`. The reported score uses the full setting.
+        cfg = trainer.cfg
         logits = evaluate.predict_logits(trainer.eval_model(), self.test_x, trainer.runtime, cfg.eval_batch_size,
                                          cfg.tta_flip)
-        acc = self.accuracy = float((logits.argmax(1) == self.test_y).float().mean())
-        print(f"    seed {self.seed} epoch {row['epoch']}/{cfg.epochs}: train loss {row['train_loss']:.4f} "
-              f"test {acc:.4f} ({row['seconds']:.0f} s)", file=sys.stderr, flush=True)
+        self.accuracy = float((logits.argmax(1) == self.test_y).float().mean())
+        return self.accuracy
 
 
 def plain_epoch(ds: data.Dataset, epochs: int, threads: int, seed: int) -> float:
@@ -145,10 +147,18 @@ def main(argv=None) -> int:
     return 0
 
 
-def described(recipe: str, cfg0, overrides: dict, hw: dict) -> dict:
-    """What makes two files' runs one set: the recipe as it resolved, its overrides and the CPU."""
-    return {"recipe": recipe, "model": cfg0.model, "epochs": cfg0.epochs, "hard_fraction": cfg0.hard_fraction,
-            "resize_from": cfg0.resize_from, "overrides": overrides, "cpu": hw["cpu"], "cpu_kind": hw["cpu_kind"],
+RESOLVED = ("model", "epochs", "hard_fraction", "resize_from")  # the settings a recipe resolves per CPU
+
+
+def resolved(cfg) -> dict:
+    """The recipe's settings as they resolved on this CPU, as the JSON file holds them."""
+    return {k: getattr(cfg, k) for k in RESOLVED}
+
+
+def described(recipe: str, settings: dict, overrides: dict, hw: dict) -> dict:
+    """What makes two files' runs one set: the recipe, its settings as they resolved, its overrides and
+    the CPU."""
+    return {"recipe": recipe, **settings, "overrides": overrides, "cpu": hw["cpu"], "cpu_kind": hw["cpu_kind"],
             "threads": hw["threads"]}
 
 
@@ -156,11 +166,11 @@ def earlier_runs(path: Path, recipe: str, cfg0, overrides: dict, hw: dict, seeds
     """The --json file's runs, to append to: the same recipe, settings and CPU, none of these seeds."""
     try:
         saved = json.loads(path.read_text())
-        theirs = described(saved["recipe"], argparse.Namespace(**{k: saved.get(k, 0) for k in (
-            "model", "epochs", "hard_fraction", "resize_from")}), saved["overrides"], saved["hardware"])
+        theirs = described(saved["recipe"], {k: saved.get(k, 0) for k in RESOLVED}, saved["overrides"],
+                           saved["hardware"])
     except (OSError, ValueError, KeyError) as e:
         raise SystemExit(f"{path}: no earlier results to append to ({e})") from None
-    ours = described(recipe, cfg0, overrides, hw)
+    ours = described(recipe, resolved(cfg0), overrides, hw)
     differ = {k: (theirs[k], ours[k]) for k in ours if theirs[k] != ours[k]}
     if differ:
         raise SystemExit(f"{path}: its runs differ from these in {differ} (theirs, these): write another file")
@@ -180,8 +190,7 @@ def write_json(path: Path, args, argv, hw: dict, cfg0, overrides: dict, plain: l
         command = f"{earlier['command']}, then {command}"
         plain, results = earlier["plain_epoch_seconds"] + plain, earlier["results"] + results
     atomic.write_text(path, json.dumps(
-        {"hardware": hw, "recipe": args.recipe, "model": cfg0.model, "epochs": cfg0.epochs,
-         "hard_fraction": cfg0.hard_fraction, "resize_from": cfg0.resize_from, "overrides": overrides,
+        {"hardware": hw, "recipe": args.recipe, **resolved(cfg0), "overrides": overrides,
          "load_average_end": hardware()["load_average"], "command": command,
          "plain_epoch_seconds": plain, "results": results}, indent=1))
 

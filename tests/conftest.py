@@ -93,6 +93,29 @@ def rewrite_tensors(path, change) -> None:
     save_file(tensors, str(path), metadata=meta)
 
 
+def stopped_run(cfg, folder: Path, ds: data.Dataset, at_step: int) -> Path:
+    """Train cfg into folder until its global step `at_step`, where it stops as SIGTERM would stop it
+    (a checkpoint mid-epoch, then TrainingInterrupted); returns the folder, to resume."""
+    from fashionlab import run as run_mod, training
+
+    class StopAtStep(training.Callback):
+        def on_step(self, trainer, step, stats):
+            if trainer.state.step == at_step:
+                trainer.stop_signal["signum"] = 15
+
+    with pytest.raises(training.TrainingInterrupted):
+        run_mod.train_run(cfg, folder, dataset=ds, quiet=True, callbacks=[StopAtStep()])
+    return folder
+
+
+def resumed_and_whole(cfg, tmp_path: Path, ds: data.Dataset, at_step: int) -> tuple[dict, dict]:
+    """The metrics of a run stopped at global step `at_step` and resumed, and of the uninterrupted run."""
+    from fashionlab import run as run_mod
+    cut = stopped_run(cfg, tmp_path / "cut", ds, at_step)
+    resumed = run_mod.resume_run(cut, dataset=ds, quiet=True).metrics
+    return resumed, run_mod.train_run(cfg, tmp_path / "whole", dataset=ds, quiet=True).metrics
+
+
 @pytest.fixture
 def tiny_data() -> data.Dataset:
     return synthetic_dataset()

@@ -12,7 +12,7 @@ import torch
 from fashionlab import config, run as run_mod, training
 from fashionlab.config import ConfigError
 from fashionlab.hard_examples import HardExamples
-from conftest import rewrite_tensors, synthetic_dataset
+from conftest import resumed_and_whole, rewrite_tensors, stopped_run, synthetic_dataset
 
 
 def test_a_later_epoch_takes_the_highest_losses_in_the_epochs_own_order():
@@ -80,19 +80,10 @@ def test_later_epochs_train_on_the_fraction_and_the_schedule_ends_on_their_last_
 
 
 def test_a_run_stopped_inside_a_hard_epoch_resumes_into_the_uninterrupted_one(tmp_path):
-    class StopInSecondEpoch(training.Callback):
-        def on_step(self, trainer, step, stats):
-            if trainer.state.step == 15:  # epoch 2's third step (13 in the first)
-                trainer.stop_signal["signum"] = 15  # as SIGTERM would: checkpoint mid-epoch, then stop
-
     # The fast model with flips and its stem cache, which the resumed run recomputes as it was.
-    ds = synthetic_dataset(n_train=400)
     cfg = config.make_config(model="fast", epochs=3, batch_size=32, val_split=0.0, hard_fraction=0.5, seed=3,
                              augment={"flip": 0.5})
-    with pytest.raises(training.TrainingInterrupted):
-        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[StopInSecondEpoch()])
-    a = run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True).metrics
-    b = run_mod.train_run(cfg, tmp_path / "whole", dataset=ds, quiet=True).metrics
+    a, b = resumed_and_whole(cfg, tmp_path, synthetic_dataset(n_train=400), at_step=15)  # epoch 2's third step
     assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
 
 
@@ -105,16 +96,9 @@ def test_the_whole_fraction_is_the_plain_run(tmp_path):
 
 
 def _cut_run(tmp_path, ds):
-    """A hard-example run stopped inside its second epoch; returns its config and checkpoint path."""
-    class StopInSecondEpoch(training.Callback):
-        def on_step(self, trainer, step, stats):
-            if trainer.state.step == 15:
-                trainer.stop_signal["signum"] = 15
-
+    """A hard-example run stopped inside its second epoch; returns its checkpoint's path."""
     cfg = config.make_config(model="cnn_small", epochs=2, batch_size=32, val_split=0.0, hard_fraction=0.5)
-    with pytest.raises(training.TrainingInterrupted):
-        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[StopInSecondEpoch()])
-    return tmp_path / "cut" / run_mod.CHECKPOINT
+    return stopped_run(cfg, tmp_path / "cut", ds, at_step=15) / run_mod.CHECKPOINT
 
 
 @pytest.mark.parametrize("change, message", [

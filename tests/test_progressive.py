@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from conftest import synthetic_dataset
+from conftest import resumed_and_whole, synthetic_dataset
 from fashionlab import config, models, progressive, run as run_mod, training
 from fashionlab.config import ConfigError
 
@@ -112,18 +112,9 @@ def test_the_warm_up_runs_every_side_the_run_will_train_at(tmp_path, monkeypatch
 
 
 def test_a_resizing_run_stopped_midway_resumes_into_the_uninterrupted_one(tmp_path):
-    class StopInSecondEpoch(training.Callback):
-        def on_step(self, trainer, step, stats):
-            if trainer.state.step == 7:  # epoch 2's third step (5 in the first)
-                trainer.stop_signal["signum"] = 15
-
-    ds = synthetic_dataset(n_train=300)
     cfg = config.make_config(model="best_slim", epochs=3, batch_size=64, val_split=0.0, resize_from=20,
                              augment={"flip": 0.5, "crop": 2}, seed=2, threads=1)  # one sum order for both runs
-    with pytest.raises(training.TrainingInterrupted):
-        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[StopInSecondEpoch()])
-    a = run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True).metrics
-    b = run_mod.train_run(cfg, tmp_path / "whole", dataset=ds, quiet=True).metrics
+    a, b = resumed_and_whole(cfg, tmp_path, synthetic_dataset(n_train=300), at_step=7)  # epoch 2's third step
     assert a["test_loss"] == b["test_loss"] and a["confusion_matrix"] == b["confusion_matrix"]
 
 

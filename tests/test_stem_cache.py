@@ -8,8 +8,8 @@ import re
 import pytest
 import torch
 
-from conftest import rewrite_tensors, synthetic_dataset
-from fashionlab import config, evaluate, models, run as run_mod, stem_cache, training
+from conftest import resumed_and_whole, rewrite_tensors, stopped_run, synthetic_dataset
+from fashionlab import config, evaluate, models, run as run_mod, stem_cache
 from fashionlab.augment import Augment
 from fashionlab.device import resolve
 from fashionlab.models.records import FastNet
@@ -206,15 +206,6 @@ def test_recipes_use_the_cache_only_where_it_is_exact(tmp_path):
     assert fast["stem_cached"] and not best["stem_cached"]  # best crops its images
 
 
-class _StopAtStep(training.Callback):
-    def __init__(self, step: int):
-        self.step = step
-
-    def on_step(self, trainer, step, stats):
-        if trainer.state.step == self.step:
-            trainer.stop_signal["signum"] = 15  # as SIGTERM would: checkpoint mid-epoch, then stop
-
-
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 @pytest.mark.parametrize("stop", [5, 11])  # with the cache half filled (first epoch of 8 steps), and once full
 def test_a_cached_run_resumes_into_the_uninterrupted_one(stop, precision, tmp_path):
@@ -223,10 +214,7 @@ def test_a_cached_run_resumes_into_the_uninterrupted_one(stop, precision, tmp_pa
     the uninterrupted run's weights, bit for bit."""
     ds = synthetic_dataset(n_train=256, n_test=50, seed=5)
     cfg = config.make_config("fast-full", epochs=2, batch_size=32, precision=precision)
-    with pytest.raises(training.TrainingInterrupted):
-        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[_StopAtStep(stop)])
-    resumed = run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True).metrics
-    whole = run_mod.train_run(cfg, tmp_path / "whole", dataset=ds, quiet=True).metrics
+    resumed, whole = resumed_and_whole(cfg, tmp_path, ds, at_step=stop)
     assert resumed["stem_cached"] and whole["stem_cached"]
     a, _ = run_mod.RunFolder(tmp_path / "cut").load_model()
     b, _ = run_mod.RunFolder(tmp_path / "whole").load_model()
@@ -264,8 +252,7 @@ def test_the_checkpointed_cache_state_must_fit_the_run(tmp_path):
 def test_a_checkpoint_with_another_cache_state_is_refused_by_name(change, message, tmp_path):
     ds = synthetic_dataset(n_train=256, n_test=50, seed=5)
     cfg = config.make_config("fast-full", epochs=2, batch_size=32)
-    with pytest.raises(training.TrainingInterrupted):
-        run_mod.train_run(cfg, tmp_path / "cut", dataset=ds, quiet=True, callbacks=[_StopAtStep(5)])
+    stopped_run(cfg, tmp_path / "cut", ds, at_step=5)
     rewrite_tensors(tmp_path / "cut" / run_mod.CHECKPOINT, lambda tensors, meta: change(tensors))
     with pytest.raises(RunError, match=re.escape(message)):
         run_mod.resume_run(tmp_path / "cut", dataset=ds, quiet=True)

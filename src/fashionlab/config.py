@@ -204,8 +204,7 @@ class TrainConfig:
         classes = len(self.class_names) if self.class_names else 10
         check_model_args(self.model, self.model_args, classes)
         if self.resize_from:  # progressive resizing: the model must take the smallest side too
-            margs = self.model_args if classes == 10 else {"num_classes": classes, **self.model_args}
-            problem = _build_problem(self.model, margs, classes, self.resize_from)
+            problem = _build_problem(self.model, _as_trained(self.model_args, classes), classes, self.resize_from)
             if problem:
                 raise ConfigError(f"resize_from={self.resize_from}: model {self.model!r} does not take "
                                   f"{self.resize_from}x{self.resize_from} images ({problem}); progressive resizing "
@@ -282,9 +281,7 @@ def check_model_args(model: str, model_args: dict[str, Any], classes: int) -> No
     argument is then a ConfigError naming it before anything is written, not a traceback at the first
     batch or a memory blow-up."""
     defaults = model_arguments(model)
-    margs = dict(model_args)
-    if classes != 10:
-        margs.setdefault("num_classes", classes)  # as training builds it for a dataset of other classes
+    margs = _as_trained(model_args, classes)
     for name, value in model_args.items():  # the first argument that is wrong on its own is named
         problem = _argument_problem(model, name, value, defaults, classes)
         if problem:
@@ -293,6 +290,12 @@ def check_model_args(model: str, model_args: dict[str, Any], classes: int) -> No
     if problem:  # only together: e.g. more pooling blocks than a resized input has room for
         shown = ", ".join(f"{k}={reprlib.repr(v)}" for k, v in model_args.items())
         raise ConfigError(f"model_args {shown}: {problem}; {_arguments_text(model, defaults)}")
+
+
+def _as_trained(model_args: dict[str, Any], classes: int) -> dict[str, Any]:
+    """The model's arguments as training builds it: `num_classes` set for a dataset of other than 10
+    classes, unless the arguments name it."""
+    return dict(model_args) if classes == 10 else {"num_classes": classes, **model_args}
 
 
 def model_arguments(model: str) -> dict[str, Any] | None:
@@ -315,8 +318,7 @@ def _argument_problem(model: str, name: str, value: Any, defaults: dict[str, Any
     expected = _kind_of(defaults.get(name)) if defaults is not None else None
     if expected and not expected[0](value):
         return f"expected {expected[1]}, like its default {_json(defaults[name])}"
-    margs = {name: value} if classes == 10 or name == "num_classes" else {name: value, "num_classes": classes}
-    return _build_problem(model, margs, classes)
+    return _build_problem(model, _as_trained({name: value}, classes), classes)
 
 
 def _kind_of(default: Any) -> tuple[Callable[[Any], bool], str] | None:
@@ -355,7 +357,7 @@ def _build_problem(model: str, margs: dict[str, Any], classes: int, side: int | 
     try:
         with warnings.catch_warnings():  # torch's notes on zero-sized meta tensors: the error below says it better
             warnings.simplefilter("ignore")
-            _, outputs = meta_model(spec["family"], spec["kwargs"], *([side] if side else []))
+            _, outputs = meta_model(spec["family"], spec["kwargs"], side)
     except ValueError as e:
         return str(e)
     if outputs != classes:

@@ -325,17 +325,12 @@ class Trainer:
         t0 = time.perf_counter()
         dev = self.runtime.device
         saved_buffers = [b.detach().clone() for b in self.model.buffers()]
-        bs = self.cfg.batch_size
-        counts = {self.images_in(e) for e in range(self.cfg.epochs)}
-        sizes = sorted(({min(bs, n) for n in counts} | {n % bs for n in counts}) - {0}, reverse=True)
-        sides = sorted({self.side_in(e) for e in range(self.state.epoch, self.cfg.epochs)}, reverse=True)
         repeats = 3 if self.cfg.compile and self.runtime.cuda_graphs else 1
         self.model.train()
         with torch.random.fork_rng(devices=[] if dev.type == "cpu" else [dev], device_type=dev.type):
-            for side in sides:
-                for n in sizes:
-                    for _ in range(repeats):
-                        self._warm_up_step(torch.arange(n, device=dev), side)
+            for side, n in self._step_shapes():
+                for _ in range(repeats):
+                    self._warm_up_step(torch.arange(n, device=dev), side)
         with torch.no_grad():
             for b, saved in zip(self.model.buffers(), saved_buffers):
                 b.copy_(saved)
@@ -344,6 +339,15 @@ class Trainer:
         if dev.type == "cuda":
             torch.cuda.synchronize()  # the queued warm-up kernels must not run inside the first timed step
         self.warmup_seconds = time.perf_counter() - t0
+
+    def _step_shapes(self) -> list[tuple[int, int]]:
+        """The (image side, batch size) pairs the epochs left to train will step at, largest first: each
+        epoch's full batch and its last, shorter one, at that epoch's side."""
+        bs, shapes = self.cfg.batch_size, set()
+        for epoch in range(self.state.epoch, self.cfg.epochs):
+            n = self.images_in(epoch)
+            shapes |= {(self.side_in(epoch), size) for size in (min(bs, n), n % bs) if size}
+        return sorted(shapes, reverse=True)
 
     def _warm_up_step(self, idx: torch.Tensor, side: int) -> None:
         """A training step's forward and backward on the batch at idx, as train_step runs them, without

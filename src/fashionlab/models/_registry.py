@@ -84,9 +84,10 @@ MAX_LAYER_VALUES = 16_000_000  # one layer's output for one image: 64 MB in floa
 IMAGE_SHAPE = (1, 28, 28)  # what every model takes per image
 
 
-def meta_model(family: str, kwargs: dict[str, Any], side: int = IMAGE_SHAPE[-1]) -> tuple[nn.Module, int]:
+def meta_model(family: str, kwargs: dict[str, Any], side: int | None = None) -> tuple[nn.Module, int]:
     """Build a description on torch's meta device (shapes and dtypes only: no memory, no initialisation)
-    and run an empty batch of images (`side` pixels square: smaller for progressive resizing) through a
+    and run an empty batch of images (`side` pixels square, full size by default: smaller for progressive
+    resizing) through a
     copy of it. Returns the meta model and its number of outputs (classes); ValueError when it cannot be
     built or run, or exceeds the limits above, with the figure that does."""
     with _tensor_budget(MAX_PARAM_TENSORS), torch.device("meta"):
@@ -94,6 +95,7 @@ def meta_model(family: str, kwargs: dict[str, Any], side: int = IMAGE_SHAPE[-1])
     params = count_params(model)
     if params > MAX_PARAMS:
         raise ValueError(f"{params:,} parameters; the limit is {MAX_PARAMS:,}")
+    side = side or IMAGE_SHAPE[-1]
     shape = (IMAGE_SHAPE[0], side, side)
     (values, layer), out = _probe(_hollow_copy(model), shape)
     if values > MAX_LAYER_VALUES:
