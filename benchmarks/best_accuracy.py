@@ -63,9 +63,11 @@ class Progress(Callback):
         return self.accuracy
 
 
-def plain_epoch(ds: data.Dataset, epochs: int, threads: int, seed: int) -> float:
-    """Seconds of one plain reference epoch (training wall-clock, the mean over `epochs`)."""
-    cfg = reference_config(epochs, threads=threads, seed=seed)
+def plain_epoch(ds: data.Dataset, epochs: int, overrides: dict, seed: int) -> float:
+    """Seconds of one plain reference epoch (training wall-clock, the mean over `epochs`), at the runs'
+    thread count and on their training images: a run on a subset (a quick check) is timed against a
+    plain epoch of that subset, as time_to_accuracy.py's --subset does."""
+    cfg = reference_config(epochs, threads=overrides["threads"], seed=seed, subset=overrides.get("subset"))
     with tempfile.TemporaryDirectory() as tmp:
         m = train_run(cfg, Path(tmp) / "run", dataset=ds, quiet=True, calibrate=False).metrics
     print(f"  plain reference: {m['train_seconds'] / epochs:.1f} s an epoch", flush=True)
@@ -112,7 +114,7 @@ def main(argv=None) -> int:
     keep = Path(args.out) if args.out else None
     for seed in seeds:
         if args.reference_epochs:
-            plain.append(plain_epoch(ds, args.reference_epochs, overrides["threads"], seed))
+            plain.append(plain_epoch(ds, args.reference_epochs, overrides, seed))
         cfg = make_config(args.recipe, seed=seed, **overrides)
         t0 = time.perf_counter()
         with tempfile.TemporaryDirectory() as tmp:
@@ -129,7 +131,7 @@ def main(argv=None) -> int:
             write_json(Path(args.json), args, argv, hw, cfg0, overrides, plain, results, earlier)
 
     if args.reference_epochs:
-        plain.append(plain_epoch(ds, args.reference_epochs, overrides["threads"], seeds[-1] + 1))
+        plain.append(plain_epoch(ds, args.reference_epochs, overrides, seeds[-1] + 1))
     accs = [r["test_accuracy"] for r in results]
     secs = [r["train_seconds"] for r in results]
     sd = statistics.stdev(accs) if len(accs) > 1 else 0.0

@@ -280,6 +280,8 @@ def test_gpu_check_runs_end_to_end_in_quick_mode(real_data, tmp_path):
         saved = json.loads((tmp_path / f"{stage}.json").read_text())
         assert all(run["curve"] for runs in saved["results"].values() for run in runs), stage
     assert "cnn (plain fp32 Adam)" in json.loads((tmp_path / "fast.json").read_text())["results"]
-    assert json.loads((tmp_path / "best.json").read_text())
+    best = json.loads((tmp_path / "best.json").read_text())
+    assert [run["seed"] for run in best["results"]] == [0] and best["overrides"]["subset"] == 1024
+    assert len(best["plain_epoch_seconds"]) == 2  # a plain epoch of the same subset before the run and after it
     assert "time to test accuracy" in (tmp_path / "fast.txt").read_text()
     assert Path(tmp_path / "device.txt").read_text().startswith("torch ")
