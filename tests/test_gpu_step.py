@@ -31,8 +31,9 @@ def pretend_cuda(monkeypatch) -> None:
 def test_record_recipes_resolve_per_device(monkeypatch):
     cpu = config.make_config("fast", precision="bf16")
     assert (cpu.model, cpu.batch_size, cpu.lr, cpu.epochs, cpu.hard_fraction) == ("fast_strided_valid_fixed", 256, 1.15, 5, 0.25)
-    f93 = config.make_config("fast-93", device="cpu", precision="bf16")  # fast's settings, the fast net, 6 at 30%
+    f93 = config.make_config("fast-93", device="cpu", precision="bf16")  # fast's settings, a wider last conv
     fast = config.make_config("fast", device="cpu", precision="bf16").to_dict()
+    assert (f93.model, f93.epochs, f93.hard_fraction) == ("fast_strided_valid_wide", 8, 0.3)
     assert {**f93.to_dict(), "recipe": "fast", "model": "fast_strided_valid_fixed", "epochs": 5, "hard_fraction": 0.25} == fast
     assert {**cpu.to_dict(), "device": "cpu"} == fast
     pretend_cuda(monkeypatch)
@@ -71,13 +72,15 @@ def test_fast_trains_the_strided_valid_fixed_net_for_5_epochs_on_a_cpu_in_either
     assert config.make_config("fast", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
 
 
-def test_fast_93_trains_the_strided_valid_wide_net_for_two_more_epochs_where_the_cpu_trains_in_fp32(monkeypatch):
-    bf16 = config.make_config("fast-93", device="cpu", precision="bf16").to_dict()
-    fp32 = config.make_config("fast-93", device="cpu", precision="fp32").to_dict()
-    assert (bf16["model"], bf16["epochs"]) == ("fast", 6) and (fp32["model"], fp32["epochs"]) == ("fast_strided_valid_wide", 8)
-    assert {**fp32, "model": "fast", "epochs": 6} == {**bf16, "precision": "fp32"}  # only the net and its epochs
-    monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: False)
-    assert config.make_config("fast-93", device="cpu").model == "fast_strided_valid_wide"  # "auto", as training does
+def test_fast_93_trains_the_strided_valid_wide_net_for_two_more_epochs_on_a_cpu_in_either_precision(monkeypatch):
+    recipe = get_recipe("fast-93")
+    on_cpu = {**recipe.settings, "model": "fast_strided_valid_wide", "epochs": 8}
+    assert recipe.settings_for("cpu", "fp32") == recipe.settings_for("cpu", "bf16") == on_cpu  # the net and its epochs
+    assert (recipe.settings["model"], recipe.settings["epochs"]) == ("fast", 6)
+    assert recipe.settings_for("mps") == recipe.settings  # a device without a rule: the recipe's own net
+    for native_bf16 in (False, True):  # "auto": as training resolves it
+        monkeypatch.setattr(device_mod, "cpu_has_bf16", lambda: native_bf16)
+        assert config.make_config("fast-93", device="cpu").model == "fast_strided_valid_wide"
     assert config.make_config("fast-93", device="cpu", precision="fp32", epochs=7).epochs == 7  # explicit wins
     pretend_cuda(monkeypatch)
     assert config.make_config("fast-93", precision="fp32").model == "fast"  # on CUDA the CUDA rule alone
@@ -87,8 +90,10 @@ def test_fast_93_trains_the_strided_valid_wide_net_for_two_more_epochs_where_the
     ("fast", dict(model="fast_strided_valid_fixed", epochs=5, hard_fraction=0.25),
      dict(model="fast_strided", epochs=4, hard_fraction=0.2),
      dict(model="fast_strided_valid_fixed", epochs=5, hard_fraction=0.25)),
-    ("fast-93", dict(model="fast", epochs=6), dict(model="fast_wide", epochs=5), dict(model="fast_strided_valid_wide")),
-    ("best", dict(model="best", epochs=48), dict(model="best", epochs=80), dict(model="best_slim", epochs=48, resize_from=20)),
+    ("fast-93", dict(model="fast_strided_valid_wide", epochs=8), dict(model="fast_wide", epochs=5),
+     dict(model="fast_strided_valid_wide", epochs=8)),
+    ("best", dict(model="best", epochs=72, resize_from=20), dict(model="best", epochs=80, resize_from=0),
+     dict(model="best_slim", epochs=48, resize_from=20)),
 ])
 def test_amx_rule_changes_only_the_net_and_its_schedule_of_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):
     bf16 = config.make_config(recipe, device="cpu", precision="bf16").to_dict()

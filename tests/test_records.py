@@ -18,8 +18,8 @@ from fashionlab.models.records import FIXED_STEM_SHIFT, FastNet, ResNet, wide_re
 
 
 @pytest.mark.parametrize("recipe, model, precision", [
-    ("fast", "fast_strided_valid_fixed", "bf16"), ("fast", "fast_strided_valid_fixed", "fp32"), ("fast-93", "fast", "bf16"),
-    ("fast-93", "fast_strided_valid_wide", "fp32"),
+    ("fast", "fast_strided_valid_fixed", "bf16"), ("fast", "fast_strided_valid_fixed", "fp32"),
+    ("fast-93", "fast_strided_valid_wide", "bf16"), ("fast-93", "fast_strided_valid_wide", "fp32"),
     ("fast-full", "fast", "auto"), ("best", "best", "bf16"), ("best", "best_slim", "fp32")])
 def test_record_recipe_trains_one_epoch_and_reloads(recipe, model, precision, tmp_path):
     ds = synthetic_dataset(n_train=64, n_test=40)

@@ -11,10 +11,11 @@ reach their targets at that batch size. `fast` also uses it on every CPU, where 
 convolutions and the passes over memory around them: there it trains a narrower net that computes a
 quarter of the first trained conv's positions and nothing at 14x14 beyond it; and on a CPU with AMX,
 whose bf16 convolutions run at several times the AVX-512 BF16 rate and the rest of a step costs more
-than its convolutions, a slimmer net for fewer epochs. fast-93 trains a narrower net on a CPU that
-trains in fp32 and a wider one with AMX; best more epochs with AMX and, in fp32, a narrower net for
-fewer epochs, so that it keeps to its budget. So `--recipe fast` is the fastest on the hardware at hand;
-explicit settings still win, and config.json records the values a run trained with.
+than its convolutions, a slimmer net for fewer epochs. fast-93 trains a narrower net for more epochs on a
+CPU and a wider one with AMX; best more epochs with AMX, more epochs on smaller images early with
+AVX-512 BF16 and, in fp32, a narrower net on smaller images early, so that it keeps to its budget. So
+`--recipe fast` is the fastest on the hardware at hand; explicit settings still win, and config.json
+records the values a run trained with.
 """
 
 from __future__ import annotations
@@ -185,17 +186,21 @@ register(Recipe(
 # took 1.37 ± 0.03 plain epochs for a whole run against the 10 epochs' 1.73 ± 0.04, and reached 93% on 7 of
 # seeds 0 to 7 against 6 (AVX2 kernels, one run; docs/records.md). 256 wide for 7 epochs or 192 wide for 8
 # missed on seed 2; 320 wide for 8 reached it on seeds 4 to 7 but not on seed 2, for 7% more time.
+# Then the same net in bf16 on a CPU with AVX-512 BF16 and no AMX: over seeds 0 to 4, in one run beside the
+# fast net's 6 epochs and the plain epoch, it reached 93% on every seed (93.00 to 93.25% when each stopped) in
+# 1.13 ± 0.12 plain epochs against the fast net's 1.46 ± 0.14; fast_wide's 5 epochs (the AMX rule) took
+# 2.07 ± 0.23 there (docs/records.md).
 register(Recipe(
     "fast-93",
     "The fast recipe with the fast net (its last conv at 7x7) for 6 epochs, the last 5 on the hardest 30% of "
-    "the images: 93% in about 1.5 plain epochs on 2 CPU cores with bf16 (docs/records.md). On a CPU that "
-    "trains in fp32: fast_strided_valid_wide (its first trained conv of stride 2, its last a valid conv at 2x2, "
-    "256 wide) for 8 epochs. On a CPU with AMX: fast_wide (16-96-192) for 5 epochs. On a CUDA GPU: the fast net "
+    "the images. On a CPU: fast_strided_valid_wide (its first trained conv of stride 2, its last a valid conv at "
+    "2x2, 256 wide) for 8 epochs, 93% in about 1.1 plain epochs with AVX-512 BF16 and 1.4 in fp32 "
+    "(docs/records.md). On a CPU with AMX: fast_wide (16-96-192) for 5 epochs. On a CUDA GPU: the fast net "
     "on every image, batch 1024, peak lr 2.3, 10 epochs.",
     dict(RECIPES["fast"].settings, model="fast", epochs=6, hard_fraction=0.3),
     models=("fast",),
     on_device={"cuda": dict(RECIPES["fast"].on_device["cuda"], epochs=10),
-               "cpu-fp32": dict(model="fast_strided_valid_wide", epochs=8), "cpu-amx": dict(model="fast_wide", epochs=5)},
+               "cpu": dict(model="fast_strided_valid_wide", epochs=8), "cpu-amx": dict(model="fast_wide", epochs=5)},
 ))
 # The fast recipe as it was before hard-example epochs: every epoch on every image. The label audit
 # trains its folds with it (each fold's model must have seen every training image of its fold), and
@@ -212,14 +217,14 @@ register(Recipe(
 ))
 register(Recipe(
     "best",
-    "Highest accuracy on a CPU budget (about 15 minutes on 2 cores with bf16): the fast net's shape, wider "
+    "Highest accuracy on a CPU budget (100 epochs of the plain cnn on the same cores): the fast net's shape, wider "
     "(16, 128, 256), with two convs per block and a trained conv at full resolution, 48 epochs of Nesterov "
     "SGD (batch 256, peak lr 1.0) on a one-cycle schedule, the first on all 60,000 training images and the "
     "next 47 on the hardest half of them (hard_fraction), label smoothing, random crop and flip, test-time "
     "augmentation over mirror images and 1- and 2-pixel moves, a fixed number of epochs (no selection on "
-    "the test set). On a CPU with AMX: 80 epochs. On a CPU that trains in fp32: best_slim (16, 96, 192) for 48 "
-    "epochs with progressive resizing (training images from 20 pixels a side at the first epoch to 28 from the "
-    "33rd), inside the same budget of 100 plain epochs.",
+    "the test set). On a CPU with AVX-512 BF16: 72 epochs with progressive resizing (training images from 20 "
+    "pixels a side at the first epoch to 28 from the 49th). On a CPU with AMX: 80 epochs at 28. On a CPU that "
+    "trains in fp32: best_slim (16, 96, 192) for 48 epochs, from 20 pixels to 28 from the 33rd.",
     dict(model="best", optimizer="sgd", nesterov=True, momentum=0.9, lr=1.0, weight_decay=2.5e-4, batch_size=256,
          schedule="onecycle", label_smoothing=0.1, epochs=48, hard_fraction=0.5, augment={"flip": 0.5, "crop": 2},
          tta_flip=True, tta_shift=2, val_split=0.0),
@@ -238,7 +243,12 @@ register(Recipe(
     # cost of the early epochs (an epoch at 20 pixels is half of one at 28): on an AVX2-only CPU 48 epochs
     # reached 95.24% over seeds 0 to 4 in 60 to 73 plain epochs, where the 44 at full size reached 95.13% over
     # seeds 0 to 2 in 72 to 75 (docs/records.md).
-    on_device={"cuda": dict(model="wrn16_4", epochs=64, hard_fraction=1.0), "cpu-amx": dict(epochs=80),
+    # With AVX-512 BF16 (no AMX) the same resizing buys epochs instead of a narrower net: a hard epoch at 20
+    # pixels took 12 to 13 s against 19 to 20 at 28 (not the half it is in fp32), so 72 epochs from 20 took
+    # 83 to 88 plain epochs (1,170 to 1,241 s) where the recipe's 48 at 28 took 73, and reached 95.37% ± 0.10
+    # over seeds 0 to 4, where the 48 had reached 95.28% ± 0.09 (docs/records.md).
+    on_device={"cuda": dict(model="wrn16_4", epochs=64, hard_fraction=1.0),
+               "cpu-bf16": dict(epochs=72, resize_from=20), "cpu-amx": dict(epochs=80, resize_from=0),
                "cpu-fp32": dict(model="best_slim", epochs=48, resize_from=20)},
 ))
 register(Recipe(

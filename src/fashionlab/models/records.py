@@ -363,8 +363,8 @@ for _entry in [
     ModelEntry("fast_mid", "fastnet", dict(stem=0, widths=(16, 64, 128), convs_per_block=1, whiten=True, act="relu",
                                            pool_before_last=True, ceil_pools=True),
                "the lean net with pools that round up: its last conv runs at 4x4 on the whole 7x7 map (the lean "
-               "net's pool drops the map's last row and column), 56% of the fast net's multiply-adds; fast-93's net "
-               "on a CPU that trains in fp32"),
+               "net's pool drops the map's last row and column), 56% of the fast net's multiply-adds; once fast-93's "
+               "net on a CPU that trains in fp32"),
     ModelEntry("fast_wide", "fastnet", dict(stem=0, widths=(16, 96, 192), convs_per_block=1, whiten=True,
                                             act="relu"),
                "the fast net 1.5 times as wide (16, 96, 192; twice the multiply-adds): fast-93's net on a CPU "
@@ -404,7 +404,7 @@ for _entry in [
                                                         ceil_pools=True, strided_blocks=(1,), strided_kernel=4,
                                                         last_padding=0),
                "fast_strided_mid with its last conv valid (2x2 outputs of the 4x4 map) and twice as wide (256): "
-               "3.0 against its 4.2 MFLOP; the `fast-93` recipe on a CPU that trains in fp32"),
+               "3.0 against its 4.2 MFLOP; the `fast-93` recipe on a CPU without AMX"),
     # stem=16 with whiten: the whitening layer runs at 28x28 as the stem, and a trained conv sees its
     # output at full resolution before the first pool (the first block's conv); 10% more multiply-adds.
     # widths 16-128-256 (65.9 MFLOP, 1.6x the 16-96-192 net before) with hard-example epochs (the best
