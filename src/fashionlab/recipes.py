@@ -244,7 +244,7 @@ register(Recipe(
     # reached 95.24% over seeds 0 to 4 in 60 to 73 plain epochs, where the 44 at full size reached 95.13% over
     # seeds 0 to 2 in 72 to 75 (docs/records.md).
     # With AVX-512 BF16 (no AMX) the same resizing buys epochs instead of a narrower net: a hard epoch at 20
-    # pixels took 12 to 13 s against 19 to 20 at 28 (not the half it is in fp32), so 72 epochs from 20 took
+    # pixels took 12 to 14 s against 19 to 20 at 28 (not the half it is in fp32), so 72 epochs from 20 took
     # 83 to 88 plain epochs (1,170 to 1,241 s) where the recipe's 48 at 28 took 73, and reached 95.37% ± 0.10
     # over seeds 0 to 4, where the 48 had reached 95.28% ± 0.09 (docs/records.md).
     on_device={"cuda": dict(model="wrn16_4", epochs=64, hard_fraction=1.0),
