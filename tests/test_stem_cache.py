@@ -89,12 +89,17 @@ def test_the_cache_runs_the_stem_to_the_bit(side, kwargs):
     assert torch.equal(h.isnan(), expected.isnan()) and h[0].isnan().any()
     assert torch.equal(h.nan_to_num(), expected.nan_to_num()) and h.is_contiguous(memory_format=torch.channels_last)
     # Written straight into a range of the cache (fill's path for a run of indices), and through a copy for
-    # scattered indices: the same bits either way.
+    # scattered indices: the same bits as the stem on the same batch either way. The same batch, because an
+    # elementwise kernel may round a batch's last values on another path: with AVX-512, GELU on these 3 images
+    # at 13x13 gave 9 of its last 16 values (those after whole pairs of 16-float vectors) one bit apart from
+    # the same values inside the batch of 64.
     with torch.no_grad():
         cache.run_stem(x[:40], out=cache.features[:40])
         cache.features[[40, 50, 63]] = cache.run_stem(x[[40, 50, 63]])
-    assert torch.equal(cache.features[:40].nan_to_num(), expected[:40].nan_to_num())
-    assert torch.equal(cache.features[[40, 50, 63]], expected[[40, 50, 63]])
+        stem = net.frozen_stem()[0]
+        in_range, scattered = stem(x[:40]), stem(x[[40, 50, 63]])
+    assert torch.equal(cache.features[:40].nan_to_num(), in_range.nan_to_num())
+    assert torch.equal(cache.features[[40, 50, 63]], scattered)
 
 
 def test_no_cache_beyond_its_memory_limit(monkeypatch):
