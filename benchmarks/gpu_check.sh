@@ -31,13 +31,14 @@ print(f"torch {torch.__version__}; {gpu}")
 EOF
 
 if [ -n "${GPU_CHECK_QUICK:-}" ]; then
-    small=(--subset 1024)  # whole batches of 256: one step shape for the compiled stage to compile
+    images=1024  # whole batches of 256: one step shape for the compiled stage to compile
+    small=(--subset "$images")
     fast=(--seeds 1 --epochs 1 --max-seconds 30 --reference-epochs 2 "${small[@]}")
     before=(--seeds 1 --epochs 1 --max-seconds 30 --no-reference "${small[@]}" --set batch_size=256 --set lr=1.15)
     compiled=(--seeds 1 --epochs 1 --max-seconds 60 --no-reference "${small[@]}" --set compile=true)
     # The fast net, without moves at test time: best's net and test-time augmentation (25 moves of the
     # 10,000 test images) cost a minute here, and 20 s with the fast net.
-    best=(--seeds 1 --set epochs=1 --set 'model="fast"' --set subset=1024 --set tta_shift=0)
+    best=(--seeds 1 --set epochs=1 --set 'model="fast"' --set subset="$images" --set tta_shift=0)
     limit=120
 else
     fast=(--seeds 3 --epochs 4 10 --max-seconds 40)
