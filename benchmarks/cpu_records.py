@@ -101,6 +101,10 @@ def best_row(path: Path) -> list[str]:
                                               f"{saved['hard_fraction']:.0%}" if saved["hard_fraction"] < 1 else "")
     if saved.get("resize_from"):  # absent from files written before progressive resizing: off
         schedule += f", training images from {saved['resize_from']} pixels a side"
+    # Files written before the augmentation was saved hold it only where the command set it.
+    erase = saved.get("augment", saved["overrides"].get("augment", {})).get("erase")
+    if erase:
+        schedule += f", random erasing on {erase:.0%} of the images"
     return [f"{hw['cpu']}, {hw['cores']} cores: {hw.get('cpu_kind', '?')}", str(hw["threads"]),
             f"{unit:.1f} s ({min(plain):.1f} to {max(plain):.1f}, {len(plain)} timed)",
             f"`{saved['model']}`, {schedule}",

@@ -92,8 +92,9 @@ def test_fast_93_trains_the_strided_valid_wide_net_for_two_more_epochs_on_a_cpu_
      dict(model="fast_strided_valid_fixed", epochs=5, hard_fraction=0.25)),
     ("fast-93", dict(model="fast_strided_valid_wide", epochs=8), dict(model="fast_wide", epochs=5),
      dict(model="fast_strided_valid_wide", epochs=8)),
-    ("best", dict(model="best", epochs=72, resize_from=20), dict(model="best", epochs=80, resize_from=0),
-     dict(model="best_slim", epochs=48, resize_from=20)),
+    ("best", dict(model="best", epochs=72, resize_from=20, augment={"flip": 0.5, "crop": 2, "erase": 0.5}),
+     dict(model="best", epochs=80, resize_from=0, augment={"flip": 0.5, "crop": 2}),
+     dict(model="best_slim", epochs=48, resize_from=20, augment={"flip": 0.5, "crop": 2})),
 ])
 def test_amx_rule_changes_only_the_net_and_its_schedule_of_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):
     bf16 = config.make_config(recipe, device="cpu", precision="bf16").to_dict()

@@ -462,7 +462,7 @@ def test_the_per_cpu_table_names_the_net_each_row_trained_where_its_file_says():
 def _best_results(tmp_path, plain, **more):
     import json
     saved = {"hardware": {"cpu": "Some CPU", "cores": 2, "threads": 2, "cpu_kind": "AVX2, fp32"},
-             "recipe": "best", "model": "best_slim", "epochs": 44, "hard_fraction": 0.5,
+             "recipe": "best", "model": "best_slim", "epochs": 44, "hard_fraction": 0.5, "overrides": {},
              "load_average_end": [2.0, 2.0, 2.0], "command": "python benchmarks/best_accuracy.py --seeds 2",
              "plain_epoch_seconds": plain,
              "results": [{"seed": 0, "test_accuracy": 0.9520, "train_seconds": 1800.0},
@@ -490,6 +490,11 @@ def test_the_best_table_states_each_run_in_plain_epochs_timed_between_the_runs(t
     resized = _best_results(tmp_path, [20.0], resize_from=20)
     assert cpu_records.best_row(resized)[3] == ("`best_slim`, 44 epochs, the last 43 on the hardest 50%, "
                                                 "training images from 20 pixels a side")
+    erasing = _best_results(tmp_path, [20.0], augment={"flip": 0.5, "crop": 2, "erase": 0.5})
+    assert cpu_records.best_row(erasing)[3].endswith("50%, random erasing on 50% of the images")
+    # a file written before the augmentation was saved: erasing shows where its command set it
+    older = _best_results(tmp_path, [20.0], overrides={"augment": {"flip": 0.5, "erase": 0.25}})
+    assert cpu_records.best_row(older)[3].endswith("50%, random erasing on 25% of the images")
 
 
 def test_the_tables_go_between_their_own_markers_and_a_page_without_them_is_named(tmp_path):
@@ -526,6 +531,7 @@ def test_best_accuracy_appends_seeds_to_its_file_and_refuses_other_runs(tmp_path
                              cfg0, threads, [21.0, 22.0], [run(1), run(2)], earlier)
     saved = json.loads(path.read_text())
     assert [r["seed"] for r in saved["results"]] == [0, 1, 2] and saved["plain_epoch_seconds"] == [20.0, 21.0, 22.0]
+    assert saved["augment"] == cfg0.augment  # the table names the augmentation the runs trained with
     assert saved["command"] == ("python benchmarks/best_accuracy.py --seeds 1 (seed 0), then python "
                                 "benchmarks/best_accuracy.py --seeds 2 --first-seed 1 --append (seeds 1, 2)")
     with pytest.raises(SystemExit, match=r"already holds seed\(s\) \[2\]"):
