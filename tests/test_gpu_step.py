@@ -102,7 +102,7 @@ def test_amx_rule_changes_only_the_net_and_its_schedule_of_a_bf16_run(recipe, wi
     monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)
     amx = config.make_config(recipe, device="cpu", precision="bf16").to_dict()
     assert {k: amx[k] for k in with_amx} == with_amx
-    assert {**amx, **without} == bf16  # only the net, its epochs and its hard fraction change
+    assert {**amx, **without} == bf16  # only the settings the AMX rule names change (net, schedule, augmentation)
     in_fp32 = config.make_config(recipe, device="cpu", precision="fp32").to_dict()
     assert {k: in_fp32[k] for k in fp32} == fp32  # AMX runs bf16 only: the fp32 rule, if any, alone
 
