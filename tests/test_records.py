@@ -495,6 +495,11 @@ def test_the_best_table_states_each_run_in_plain_epochs_timed_between_the_runs(t
     # a file written before the augmentation was saved: erasing shows where its command set it
     older = _best_results(tmp_path, [20.0], overrides={"augment": {"flip": 0.5, "erase": 0.25}})
     assert cpu_records.best_row(older)[3].endswith("50%, random erasing on 25% of the images")
+    # runs that set their precision: the row names it, not the CPU's own, which the file's cpu_kind holds
+    forced = _best_results(tmp_path, [20.0], overrides={"precision": "fp32"},
+                           hardware={"cpu": "Some CPU", "cores": 2, "threads": 2, "cpu_kind": "AVX-512 BF16, bf16"})
+    assert cpu_records.best_row(forced)[0] == "Some CPU, 2 cores: AVX-512 BF16, fp32 (set by the command)"
+    assert cpu_records.best_row(_best_results(tmp_path, [20.0], overrides={"precision": "auto"}))[0] == row[0]
 
 
 def test_the_tables_go_between_their_own_markers_and_a_page_without_them_is_named(tmp_path):
