@@ -74,9 +74,10 @@ def whole_runs(results: dict, targets: list[float], plain: float) -> str:
     return f"{mean_sd(ratios, 2)} ({mean_sd(seconds, 1)} s), {min(accuracy):.2f} to {max(accuracy):.2f}%"
 
 
-def cpu_label(hw: dict, precision: str | None = None) -> str:
-    """The row's CPU, its kind and the precision its runs trained at: the CPU's own (`--precision auto`,
-    which the file's cpu_kind names) unless the command set another, which is named as set."""
+def cpu_label(saved: dict) -> str:
+    """A results file's CPU, its kind and the precision its runs trained at: the CPU's own (`--precision
+    auto`, which the file's cpu_kind names) unless the command set another (--set), which is named as set."""
+    hw, precision = saved["hardware"], saved.get("overrides", {}).get("precision")  # older files: no overrides
     kind = hw.get("cpu_kind", "?")
     if precision and precision != "auto":
         kind = f"{kind.rsplit(', ', 1)[0]}, {precision} (set by the command)"
@@ -90,7 +91,7 @@ def row(path: Path) -> list[str]:
     if plain is None:
         raise SystemExit(f"{path}: no plain reference in this run, so no unit to state the times in")
     seeds = min(len(runs) for runs in results.values())
-    return [cpu_label(hw), str(hw["threads"]),
+    return [cpu_label(saved), str(hw["threads"]),
             f"{plain:.1f} s", *(schedules(results, t, plain, saved.get("models", {})) for t in TARGETS),
             whole_runs(results, saved.get("targets", list(TARGETS)), plain), str(seeds),
             f"`{saved.get('command', '?')}`; load average {saved['load_average_end'][0]} at the end"]
@@ -114,7 +115,7 @@ def best_row(path: Path) -> list[str]:
     erase = saved.get("augment", saved["overrides"].get("augment", {})).get("erase")
     if erase:
         schedule += f", random erasing on {erase:.0%} of the images"
-    return [cpu_label(hw, saved["overrides"].get("precision")), str(hw["threads"]),
+    return [cpu_label(saved), str(hw["threads"]),
             f"{unit:.1f} s ({min(plain):.1f} to {max(plain):.1f}, {len(plain)} timed)",
             f"`{saved['model']}`, {schedule}",
             f"{mean_sd(accuracy, 2)}% ({', '.join(f'{a:.2f}' for a in accuracy)})",

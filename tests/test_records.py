@@ -500,6 +500,11 @@ def test_the_best_table_states_each_run_in_plain_epochs_timed_between_the_runs(t
                            hardware={"cpu": "Some CPU", "cores": 2, "threads": 2, "cpu_kind": "AVX-512 BF16, bf16"})
     assert cpu_records.best_row(forced)[0] == "Some CPU, 2 cores: AVX-512 BF16, fp32 (set by the command)"
     assert cpu_records.best_row(_best_results(tmp_path, [20.0], overrides={"precision": "auto"}))[0] == row[0]
+    # time_to_accuracy.py's files go through the same label, with or without the overrides they now save
+    bf16_cpu = {"cpu": "Some CPU", "cores": 2, "cpu_kind": "AVX-512 BF16, bf16"}
+    assert cpu_records.cpu_label({"hardware": bf16_cpu}) == "Some CPU, 2 cores: AVX-512 BF16, bf16"
+    assert cpu_records.cpu_label({"hardware": bf16_cpu, "overrides": {"precision": "fp32"}}).endswith(
+        "AVX-512 BF16, fp32 (set by the command)")
 
 
 def test_the_tables_go_between_their_own_markers_and_a_page_without_them_is_named(tmp_path):
