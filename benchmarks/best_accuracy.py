@@ -149,7 +149,8 @@ def main(argv=None) -> int:
     return 0
 
 
-RESOLVED = ("model", "epochs", "hard_fraction", "resize_from")  # the settings a recipe resolves per CPU
+# the settings a recipe resolves per CPU; files written before one was saved lack it
+RESOLVED = ("model", "epochs", "hard_fraction", "resize_from", "augment")
 
 
 def resolved(cfg) -> dict:
@@ -192,7 +193,7 @@ def write_json(path: Path, args, argv, hw: dict, cfg0, overrides: dict, plain: l
         command = f"{earlier['command']}, then {command}"
         plain, results = earlier["plain_epoch_seconds"] + plain, earlier["results"] + results
     atomic.write_text(path, json.dumps(
-        {"hardware": hw, "recipe": args.recipe, **resolved(cfg0), "augment": cfg0.augment, "overrides": overrides,
+        {"hardware": hw, "recipe": args.recipe, **resolved(cfg0), "overrides": overrides,
          "load_average_end": hardware()["load_average"], "command": command,
          "plain_epoch_seconds": plain, "results": results}, indent=1))
 

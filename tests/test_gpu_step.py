@@ -96,7 +96,7 @@ def test_fast_93_trains_the_strided_valid_wide_net_for_two_more_epochs_on_a_cpu_
      dict(model="best", epochs=80, resize_from=0, augment={"flip": 0.5, "crop": 2}),
      dict(model="best_slim", epochs=48, resize_from=20, augment={"flip": 0.5, "crop": 2})),
 ])
-def test_amx_rule_changes_only_the_net_and_its_schedule_of_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):
+def test_amx_rule_changes_only_the_settings_it_names_in_a_bf16_run(recipe, without, with_amx, fp32, monkeypatch):
     bf16 = config.make_config(recipe, device="cpu", precision="bf16").to_dict()
     assert {k: bf16[k] for k in without} == without  # no AMX (conftest): as on AVX-512 BF16
     monkeypatch.setattr(device_mod, "cpu_has_amx", lambda: True)

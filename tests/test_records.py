@@ -548,5 +548,8 @@ def test_best_accuracy_appends_seeds_to_its_file_and_refuses_other_runs(tmp_path
         best_accuracy.earlier_runs(path, "best", cfg0, threads, hw, range(2, 4))
     with pytest.raises(SystemExit, match="differ from these in .*'epochs': \\(2, 3\\)"):
         best_accuracy.earlier_runs(path, "best", config.make_config("best", epochs=3), threads, hw, range(3, 4))
+    flips = config.make_config("best", epochs=2, augment={"flip": 0.5})  # a CPU rule may set it, too
+    with pytest.raises(SystemExit, match="differ from these in .*'augment'"):
+        best_accuracy.earlier_runs(path, "best", flips, threads, hw, range(3, 4))
     with pytest.raises(SystemExit, match="missing.json: no earlier results to append to"):
         best_accuracy.earlier_runs(tmp_path / "missing.json", "best", cfg0, threads, hw, range(3, 4))
